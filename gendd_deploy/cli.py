@@ -1,0 +1,297 @@
+"""The `gendd` command line. Library code raises; this module alone turns errors into exit codes.
+
+Exit codes: 0 ok, 1 unexpected failure, 2 bad input (recipe, flag, missing file), 3 artifact
+missing/corrupt/mismatched, 4 a quality gate failed, 5 a missing dependency or device,
+6 a stage that is not built yet, 130 interrupted (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gendd_deploy import __version__
+from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, section_help
+from gendd_deploy.errors import GenddError, NotBuiltYet
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="gendd",
+    help="Distil a trained teacher into a compiled GenDD student: teacher -> cache -> distill -> calibrate -> export -> build -> serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+artifacts_app = typer.Typer(help="Inspect, verify and clean the artifact store.", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
+
+PipelineOpt = Annotated[
+    Optional[str], typer.Option("--pipeline", "-p", help="TOML recipe [default: pipelines/quickstart.toml]", show_default=False)
+]
+ArtifactsOpt = Annotated[
+    Optional[str], typer.Option("--artifacts", help="artifact root [env GENDD_ARTIFACTS, default ./artifacts]", show_default=False)
+]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="override any recipe field: --set distill.epochs=3 (repeatable)", show_default=False)
+]
+StageCtx = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+_globals: dict[str, Optional[str]] = {"pipeline": None, "artifacts": None}
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        out.print(f"gendd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    pipeline: PipelineOpt = None,
+    artifacts: ArtifactsOpt = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version_cb, is_eager=True, help="print the version")] = False,
+) -> None:
+    _globals.update(pipeline=pipeline, artifacts=artifacts)
+
+
+def _artifact_root(artifacts: Optional[str]) -> str:
+    return artifacts or _globals["artifacts"] or os.environ.get("GENDD_ARTIFACTS") or "artifacts"
+
+
+def _recipe_path(pipeline: Optional[str]) -> str:
+    return pipeline or _globals["pipeline"] or str(DEFAULT_PIPELINE)
+
+
+def guarded(fn: Callable[[], object]) -> object:
+    """Run fn; turn library errors into one red line and the error's exit code."""
+    try:
+        return fn()
+    except GenddError as e:
+        console.print(f"[red]error:[/] {escape(str(e))}")
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]; nothing was published. Run the same command again to resume from the last checkpoint.")
+        raise typer.Exit(130) from None
+
+
+def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: list[str], quiet: bool = False):
+    from gendd_deploy.artifacts import Store
+    from gendd_deploy.stages import Context
+
+    path = _recipe_path(pipeline)
+    recipe = load_recipe(path, overrides)
+    return Context(recipe=recipe, store=Store(_artifact_root(artifacts)), console=console, recipe_path=path, quiet=quiet)
+
+
+def _stage_command(command: str, section: str, ctx: typer.Context, pipeline, artifacts, set_) -> None:
+    from gendd_deploy import stages
+
+    def go():
+        if not stages.available(command):
+            raise NotBuiltYet(f"'gendd {command}' is not available in gendd {__version__} yet; its stage has not been built")
+        overrides = list(set_ or []) + flags_to_overrides(section, ctx.args)
+        c = make_context(pipeline, artifacts, overrides)
+        art = stages.get(command).run(c)
+        out.print(str(art.path))
+
+    guarded(go)
+
+
+def _not_built(command: str) -> None:
+    def go():
+        raise NotBuiltYet(f"'gendd {command}' is not available in gendd {__version__} yet; its stage has not been built")
+
+    guarded(go)
+
+
+def _epilog(section: str) -> str:
+    return f"[bold]Recipe fields of \\[{section}], settable as flags:[/]\n\n" + escape(section_help(section))
+
+
+@app.command(context_settings=StageCtx, epilog=_epilog("teacher"))
+def teacher(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
+    """Train the teacher on the recipe's data, or load it from a checkpoint. Writes: teacher."""
+    _stage_command("teacher", "teacher", ctx, pipeline, artifacts, set_)
+
+
+@app.command(context_settings=StageCtx, epilog=_epilog("cache"))
+def cache(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
+    """Run the frozen teacher once over the training split and store its features per augmented view. Reads: teacher. Writes: teacher_features."""
+    _stage_command("cache", "cache", ctx, pipeline, artifacts, set_)
+
+
+@app.command(context_settings=StageCtx, epilog=_epilog("distill"))
+def distill(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
+    """Train the student with GenDD (or KD / CE for comparison). Reads: teacher, teacher_features. Writes: student."""
+    _stage_command("distill", "distill", ctx, pipeline, artifacts, set_)
+
+
+@app.command(context_settings=StageCtx, epilog=_epilog("calibrate"))
+def calibrate(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
+    """Choose the cheapest sampler that keeps accuracy, on the calibration split. Reads: student. Writes: sampler."""
+    _stage_command("calibrate", "calibrate", ctx, pipeline, artifacts, set_)
+
+
+@app.command(context_settings=StageCtx, epilog=_epilog("export"))
+def export(
+    ctx: typer.Context,
+    pipeline: PipelineOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+    aoti: Annotated[bool, typer.Option("--aoti", help="also write a torch.export + AOTInductor package")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="then build a TensorRT engine (needs TensorRT and an NVIDIA GPU)")] = False,
+    triton: Annotated[Optional[str], typer.Option("--triton", help="write a Triton model repository into DIR", metavar="DIR")] = None,
+) -> None:
+    """Export the deployed student to ONNX with parity gates vs PyTorch. Reads: student, sampler. Writes: onnx."""
+    _stage_command("export", "export", ctx, pipeline, artifacts, set_)
+
+
+@app.command(context_settings=StageCtx, epilog=_epilog("build"))
+def build(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
+    """Build a TensorRT engine from the ONNX artifact (needs TensorRT and an NVIDIA GPU). Reads: onnx. Writes: engine."""
+    _stage_command("build", "build", ctx, pipeline, artifacts, set_)
+
+
+@app.command(context_settings=StageCtx)
+def bench(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
+    """Measure latency, throughput, parity and top-1 of teacher and students on every available runtime."""
+    _not_built("bench")
+
+
+@app.command()
+def serve(pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """Serve the deployed student over HTTP (Open Inference Protocol v2, as KServe and Triton speak)."""
+    _not_built("serve")
+
+
+@app.command()
+def run(
+    pipeline: Annotated[Optional[str], typer.Argument(help="TOML recipe [default: pipelines/quickstart.toml]", show_default=False)] = None,
+    pipeline_opt: PipelineOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run every stage of a recipe in order, reusing each artifact whose fingerprint already exists."""
+    from gendd_deploy import stages
+
+    def go():
+        c = make_context(pipeline or pipeline_opt, artifacts, list(set_ or []))
+        built = {}
+        for command in stages.ORDER:
+            if not stages.available(command):
+                c.log(f"[dim]{command}: stage not built yet, skipped[/]")
+                continue
+            built[command] = stages.get(command).run(c)
+        _summary(built)
+
+    guarded(go)
+
+
+def _summary(built: dict) -> None:
+    table = Table(title="gendd run")
+    for col in ("stage", "artifact", "fingerprint", "key metrics"):
+        table.add_column(col)
+    for command, art in built.items():
+        m = {k: v for k, v in art.metrics.items() if isinstance(v, (int, float)) and ("top1" in k or k.endswith("_s") or "ratio" in k)}
+        table.add_row(command, art.ref, art.short, ", ".join(f"{k}={v}" for k, v in list(m.items())[:6]))
+    out.print(table)
+
+
+# ---- artifacts ---------------------------------------------------------------------------------
+
+
+@artifacts_app.command("ls")
+def artifacts_ls(
+    artifacts: ArtifactsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
+    stage: Annotated[Optional[str], typer.Option(help="only this stage")] = None,
+) -> None:
+    """List published artifacts."""
+    from gendd_deploy.artifacts import Store
+
+    arts = Store(_artifact_root(artifacts)).list(stage=stage)
+    if as_json:
+        print(json.dumps([a.summary() for a in arts], indent=2))
+        return
+    table = Table()
+    for col in ("pipeline", "stage", "version", "fingerprint", "created", "path"):
+        table.add_column(col)
+    for a in arts:
+        table.add_row(a.pipeline, a.stage, a.version, a.short, str(a.manifest.get("created")), str(a.path))
+    out.print(table)
+
+
+@artifacts_app.command("show")
+def artifacts_show(
+    version: Annotated[str, typer.Argument(help="pipeline/stage/vN, stage/vN, vN or a fingerprint prefix")],
+    artifacts: ArtifactsOpt = None,
+) -> None:
+    """Print an artifact's manifest and its lineage back to the first stage."""
+    from gendd_deploy.artifacts import Store
+
+    def go():
+        store = Store(_artifact_root(artifacts))
+        art = store.resolve(version)
+        out.print_json(json.dumps(art.manifest, default=str))
+        out.print("[bold]lineage[/]")
+        for depth, a in enumerate(store.lineage(art)):
+            out.print(f"  {'<- ' if depth else ''}{a.ref}  {a.short}  {a.manifest.get('created')}")
+
+    guarded(go)
+
+
+@artifacts_app.command("verify")
+def artifacts_verify(artifacts: ArtifactsOpt = None) -> None:
+    """Re-hash every file of every artifact; exit 3 naming each mismatch."""
+    from gendd_deploy.artifacts import Store, verify_artifact
+
+    store = Store(_artifact_root(artifacts))
+    arts, problems = store.list(), []
+    for a in arts:
+        problems += verify_artifact(a)
+    for p in problems:
+        console.print(f"[red]mismatch:[/] {escape(p)}")
+    if problems:
+        raise typer.Exit(3)
+    out.print(f"{len(arts)} artifacts verified, all files match their manifests")
+
+
+@artifacts_app.command("gc")
+def artifacts_gc(
+    artifacts: ArtifactsOpt = None,
+    unreachable: Annotated[bool, typer.Option("--unreachable", help="also delete versions not in the lineage of the latest of each stage")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go")] = False,
+) -> None:
+    """Remove unfinished temporary folders (and, with --unreachable, superseded versions)."""
+    from gendd_deploy.artifacts import Store
+
+    store = Store(_artifact_root(artifacts))
+    doomed = [str(p) for p in store.leftovers()]
+    if unreachable:
+        doomed += [str(a.path) for a in store.unreachable()]
+    for p in doomed:
+        out.print(("would remove " if dry_run else "removed ") + p)
+        if not dry_run:
+            shutil.rmtree(p, ignore_errors=True)
+    if not doomed:
+        out.print("nothing to remove")
+
+
+def main() -> None:
+    app(prog_name="gendd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

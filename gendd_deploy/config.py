@@ -1,0 +1,278 @@
+"""Pipeline recipes: one pydantic model per stage section, loaded from TOML.
+
+A recipe is a TOML file in `pipelines/`; every section is optional and falls back to the defaults
+below. Unknown keys and bad values are refused with the key, the file and the fix. A CLI flag with
+the same name as a field overrides it (`--num-steps 4` <-> `num_steps = 4`), and `--set
+section.key=value` reaches any field of any section.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gendd_deploy.errors import UsageError
+
+DEFAULT_PIPELINE = Path("pipelines/quickstart.toml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PipelineConfig(Section):
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under the artifact root")
+    seed: int = Field(0, description="seed for model init, shuffling and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present")
+
+
+class DataConfig(Section):
+    source: Literal["digits", "fashion_mnist", "cifar100", "imagefolder"] = "digits"
+    root: str | None = Field(None, description="data folder; each source has a default")
+    image_size: int | None = Field(None, gt=0, description="resize to this side; imagefolder needs it")
+    calib_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of train held out for calibration")
+    split_seed: int = Field(0, description="seed of the train / calibration split")
+    augment: Literal["none", "crop", "crop_flip", "rrc_flip"] = Field(
+        "none", description="training augmentation: pad+crop, pad+crop+flip, random-resized-crop+flip"
+    )
+    crop_padding: int = Field(2, ge=0, description="padding (pixels) for crop augmentation")
+    train_limit: int | None = Field(None, gt=0, description="use only the first N training images")
+    test_limit: int | None = Field(None, gt=0, description="use only the first N test images")
+    eval_batch_size: int = Field(256, gt=0)
+
+
+class TeacherConfig(Section):
+    mode: Literal["train", "load"] = Field("train", description="train on the data, or load a checkpoint")
+    model: str = Field("resnet18", description="timm model name")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    small_input: bool = Field(False, description="3x3 stride-1 stem, no max-pool: for 8x8 to 32x32 inputs")
+    checkpoint: str | None = Field(None, description="state_dict file for mode = 'load'")
+    pretrained: bool = Field(False, description="timm pretrained weights (must already be in the local cache)")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class CacheConfig(Section):
+    enabled: bool = Field(True, description="distill reads the cache when true, else runs the teacher online")
+    views: int = Field(1, ge=1, description="augmented views per training image (1 when augment = 'none')")
+    batch_size: int = Field(256, gt=0)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class DistillConfig(Section):
+    method: Literal["gendd", "kd", "ce"] = "gendd"
+    labels: bool = Field(True, description="false = unlabelled distillation (gendd with smooth = 0, kd with KL only)")
+    student: str = Field("resnet18", description="timm model name")
+    student_kwargs: dict[str, Any] = Field(default_factory=dict)
+    small_input: bool = False
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    beta1: float = 0.9
+    beta2_start: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 rises on a cosine to beta2_end")
+    beta2_end: float = Field(0.999, gt=0, lt=1)
+    stage1_epochs: int = Field(0, ge=0, description="warm-up through the frozen teacher fc before GenDD")
+    # GenDD head and loss
+    head_width: int = Field(1024, gt=0)
+    head_depth: int = Field(3, ge=1)
+    token_dim: int = Field(64, gt=0)
+    smooth: float = Field(0.9, ge=0, le=1, description="distribution contraction lam")
+    mixup_beta: float = Field(1.0, ge=0, description="feature mixup Beta(beta, beta); 0 = off")
+    cfg_drop: float = Field(0.2, ge=0, lt=1, description="share of rows trained unconditionally")
+    diffusion_batch_mul: int = Field(10, ge=1, description="K: each row repeated with fresh t and noise")
+    train_timesteps: int = Field(1000, ge=10)
+    probe_ce: bool = Field(True, description="detached linear-probe CE on the student's fc")
+    # KD
+    kd_temperature: float = Field(4.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    # evaluation with the published sampler
+    eval_sampler: Literal["ddpm", "ddim"] = "ddpm"
+    eval_steps: int = Field(64, ge=1)
+    eval_draws: int = Field(5, ge=1)
+    eval_guidance: float = Field(2.0, ge=0)
+    eval_temperature: float = Field(1.0, ge=0)
+    eval_limit: int | None = Field(None, gt=0, description="test images for the (costly) published sampler")
+    # runtime
+    use_cache: bool = Field(True, description="read teacher features from the cache artifact")
+    amp: bool = Field(True, description="bf16 autocast on CUDA")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the student on CUDA")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.beta2_end < self.beta2_start:
+            raise ValueError("beta2_end must be >= beta2_start")
+        return self
+
+
+class CalibrateConfig(Section):
+    samplers: list[Literal["ddpm", "ddim"]] = Field(default_factory=lambda: ["ddpm", "ddim"])
+    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    draws: list[int] = Field(default_factory=lambda: [1, 2, 5])
+    guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0])
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    noise_modes: list[Literal["fresh", "fixed", "zero"]] = Field(default_factory=lambda: ["fresh", "fixed", "zero"])
+    t_starts: list[int] = Field(default_factory=lambda: [999, 900, 800], description="first timestep of few-step samplers")
+    tolerance: float = Field(0.1, ge=0, description="top-1 points below the best that still counts as as good")
+    runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    latency_batch: int = Field(32, gt=0)
+    limit: int | None = Field(None, gt=0, description="calibration images to use")
+    max_settings: int = Field(200, gt=0, description="cap on the grid size (cheapest first)")
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=13)
+    atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed vs PyTorch")
+    min_agreement: float = Field(1.0, ge=0, le=1, description="top-1 agreement required vs PyTorch")
+    parity_limit: int | None = Field(512, gt=0, description="calibration images for the parity gate")
+    parity_batch: int = Field(64, gt=0)
+
+
+class BuildConfig(Section):
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    min_batch: int = Field(1, gt=0)
+    opt_batch: int = Field(32, gt=0)
+    max_batch: int = Field(256, gt=0)
+    workspace_mb: int = Field(4096, gt=0)
+    atol: float = Field(5e-2, gt=0, description="max abs logit difference vs ONNX Runtime fp32")
+    min_agreement: float = Field(0.99, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BuildConfig":
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("need min_batch <= opt_batch <= max_batch")
+        return self
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, lt=65536)
+    runtime: Literal["onnxruntime", "aoti", "torch", "tensorrt"] = "onnxruntime"
+    model_name: str | None = Field(None, description="name in URLs; default: the pipeline name")
+    max_batch: int = Field(32, gt=0)
+    max_delay_ms: float = Field(5.0, ge=0)
+    queue_size: int = Field(256, gt=0)
+    max_body_mb: float = Field(16.0, gt=0)
+
+
+class Recipe(Section):
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    source: str | None = Field(None, exclude=True, description="file the recipe came from")
+
+
+SECTIONS = [name for name in Recipe.model_fields if name != "source"]
+
+
+def _describe_error(err: dict, path: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section = str(err["loc"][0]) if len(err["loc"]) > 1 else None
+        known = ", ".join(Recipe.model_fields[section].annotation.model_fields) if section in SECTIONS else ", ".join(SECTIONS)
+        return f"{path}: unknown key '{loc}'; remove it or use one of: {known}"
+    value = err.get("input")
+    return f"{path}: bad value for '{loc}' ({value!r}): {err['msg']}; fix it in the file or with --set {loc}=..."
+
+
+def build_recipe(raw: dict, path: str = "<recipe>") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(_describe_error(e.errors()[0], path)) from None
+    recipe.source = path
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe and apply `section.key=value` overrides (values parsed as TOML)."""
+    p = Path(path)
+    if not p.is_file():
+        hint = "" if p.suffix == ".toml" else " (recipes are .toml files)"
+        raise UsageError(f"recipe {p} not found{hint}; pass an existing file with -p/--pipeline, e.g. pipelines/quickstart.toml")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{p}: not valid TOML ({e}); fix the file") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return build_recipe(raw, str(p))
+
+
+def parse_value(text: str) -> Any:
+    """A flag value as TOML (`3`, `1e-3`, `true`, `[1, 2]`), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, item: str) -> None:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise UsageError(f"--set expects section.key=value, got '{item}'")
+    key, value = item.split("=", 1)
+    section, field = key.split(".", 1)
+    if section not in SECTIONS:
+        raise UsageError(f"--set {item}: unknown section '{section}'; use one of: {', '.join(SECTIONS)}")
+    raw.setdefault(section, {})[field] = parse_value(value)
+
+
+def flags_to_overrides(section: str, args: list[str]) -> list[str]:
+    """Turn `--num-steps 4 --amp/--no-amp` style extra CLI args into `section.num_steps=4` overrides."""
+    model = Recipe.model_fields[section].annotation
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument '{arg}'; stage options are --field-name VALUE")
+        name, value = arg[2:], None
+        if "=" in name:
+            name, value = name.split("=", 1)
+        field = name.replace("-", "_")
+        negated = field.startswith("no_") and field[3:] in model.model_fields
+        if negated:
+            field, value = field[3:], "false"
+        if field not in model.model_fields:
+            known = ", ".join("--" + f.replace("_", "-") for f in model.model_fields)
+            raise UsageError(f"unknown option '{arg}' for [{section}]; known: {known}")
+        if value is None:
+            is_bool = model.model_fields[field].annotation is bool
+            if is_bool and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise UsageError(f"option '{arg}' needs a value")
+        out.append(f"{section}.{field}={value}")
+        i += 1
+    return out
+
+
+def section_help(section: str) -> str:
+    """One line per field of a section, for the CLI's help text."""
+    model = Recipe.model_fields[section].annotation
+    lines = []
+    for name, f in model.model_fields.items():
+        default = f.default_factory() if f.default_factory else f.default
+        desc = f" - {f.description}" if f.description else ""
+        lines.append(f"--{name.replace('_', '-')} (default {default!r}){desc}")
+    return "\n\n".join(lines)

@@ -1,0 +1,123 @@
+"""What every stage shares: the run context, fingerprinting of inputs, reuse, publishing.
+
+A stage declares the upstream stages it reads and the part of the recipe that shapes its result.
+Its fingerprint is computed from the recipe alone (recursively through its inputs), so a stage can
+tell whether its artifact already exists before any input is loaded, and an input is found by the
+fingerprint the current recipe implies, never by "latest".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from gendd_deploy.artifacts import Artifact, Draft, Store, fingerprint
+from gendd_deploy.config import Recipe
+from gendd_deploy.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import torch
+
+    from gendd_deploy.data import DataBundle
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    store: Store
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    recipe_path: str = "pipelines/quickstart.toml"
+    quiet: bool = False
+    _data: Any = None
+    _fps: dict = field(default_factory=dict)
+
+    @property
+    def pipeline(self) -> str:
+        return self.recipe.pipeline.name
+
+    def data(self) -> "DataBundle":
+        if self._data is None:
+            from gendd_deploy.data import load_data
+
+            self._data = load_data(self.recipe.data)
+        return self._data
+
+    def device(self) -> "torch.device":
+        import torch
+
+        want = self.recipe.pipeline.device
+        if want == "cuda" and not torch.cuda.is_available():
+            from gendd_deploy.errors import MissingDependency
+
+            raise MissingDependency("[pipeline] device = 'cuda' but no CUDA GPU is visible; set device = 'auto' or 'cpu'")
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(want)
+
+    def command(self, stage_command: str) -> str:
+        return f"gendd {stage_command} -p {self.recipe_path}"
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            self.console.print(msg)
+
+
+class Stage:
+    """Subclasses set name/command/artifact and implement inputs(), config() and build()."""
+
+    name: str = ""
+    command: str = ""
+    artifact: str = ""
+    uses_data: bool = True
+
+    def inputs(self, ctx: Context) -> dict[str, "Stage"]:
+        return {}
+
+    def config(self, ctx: Context) -> dict:
+        raise NotImplementedError
+
+    def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self, ctx: Context) -> str:
+        key = self.artifact
+        if key not in ctx._fps:
+            ins = {name: stage.fingerprint(ctx) for name, stage in self.inputs(ctx).items()}
+            if self.uses_data:
+                ins["data"] = ctx.data().fingerprint
+            ctx._fps[key] = fingerprint(self.artifact, self.config(ctx), ins)
+        return ctx._fps[key]
+
+    def existing(self, ctx: Context) -> Artifact | None:
+        return ctx.store.find(ctx.pipeline, self.artifact, self.fingerprint(ctx))
+
+    def require(self, ctx: Context) -> Artifact:
+        """The artifact this recipe implies, verified; or an error naming the command that makes it."""
+        fp = self.fingerprint(ctx)
+        art = ctx.store.find(ctx.pipeline, self.artifact, fp)
+        if art is None:
+            raise ArtifactError(
+                f"no {self.artifact} artifact for this recipe (fingerprint {fp[:8]}) under {ctx.store.root}; run '{ctx.command(self.command)}'"
+            )
+        return ctx.store.check_input(art, f"delete {art.path} and run '{ctx.command(self.command)}'")
+
+    def run(self, ctx: Context) -> Artifact:
+        fp = self.fingerprint(ctx)
+        found = ctx.store.find(ctx.pipeline, self.artifact, fp)
+        if found is not None:
+            ctx.log(f"[bold]{self.name}[/]: reused {found.ref} (fingerprint {fp[:8]}), nothing to do")
+            return found
+        inputs = {name: stage.require(ctx) for name, stage in self.inputs(ctx).items()}
+        extra = {"data": ctx.data().fingerprint} if self.uses_data else {}
+        with ctx.store.draft(ctx.pipeline, self.artifact, fp, self.config(ctx), list(inputs.values()), extra) as draft:
+            self.build(ctx, draft, inputs)
+            art = draft.publish()
+        ctx.log(f"[bold]{self.name}[/]: published {art.ref} (fingerprint {fp[:8]})")
+        return art
+
+    def work_dir(self, ctx: Context):
+        d = ctx.store.work_dir(ctx.pipeline, self.artifact, self.fingerprint(ctx))
+        d.mkdir(parents=True, exist_ok=True)
+        return d

@@ -1,0 +1,142 @@
+"""Cache teacher features. Reads: teacher. Writes: teacher_features. Example: gendd cache -p pipelines/quickstart.toml
+
+For every training image and each of V augmented views, the frozen teacher's pooled feature is
+stored with the augmentation parameters that made the view, so distill can rebuild the exact
+input image of a cached feature (`data.augment.apply(images, params[v, idx], ...)`).
+
+Files (numpy .npy, memory-mappable, never loaded whole):
+  features.npy  (V, N, D_t) float16   teacher pooled features
+  params.npy    (V, N, 5)   int32     (top, left, height, width, flip) of each view
+  labels.npy    (N,)        int64     training labels, in training-split order
+The work is written into memory maps in the stage's work folder with a progress marker, so a
+killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gendd_deploy.artifacts import Artifact, Draft
+from gendd_deploy.data import augment as aug
+from gendd_deploy.errors import ArtifactError
+from gendd_deploy.models import backbone as bb
+from gendd_deploy.stages.base import Context, Stage
+from gendd_deploy.stages.teacher import TeacherStage, load_teacher
+from gendd_deploy.training import Timer, progress_bar
+
+
+def transform_of(ctx: Context) -> dict:
+    """What makes a cached view: compared by distill before it trusts a cache."""
+    d = ctx.data()
+    dc = ctx.recipe.data
+    return {"augment": dc.augment, "crop_padding": dc.crop_padding, "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std)}
+
+
+def num_views(ctx: Context) -> int:
+    return 1 if ctx.recipe.data.augment == "none" else ctx.recipe.cache.views
+
+
+def view_params(ctx: Context, view: int, n: int) -> torch.Tensor:
+    """Augmentation parameters of one view for all n training images; a function of (seed, view)."""
+    d, dc = ctx.data(), ctx.recipe.data
+    g = torch.Generator().manual_seed(ctx.recipe.pipeline.seed * 1000 + view)
+    return aug.sample_params(n, d.image_size, dc.augment, dc.crop_padding, g)
+
+
+class CachedFeatures:
+    """Read side of a teacher_features artifact (memory-mapped)."""
+
+    def __init__(self, art: Artifact):
+        self.art = art
+        self.features = np.load(art.file("features.npy"), mmap_mode="r")  # (V, N, D_t)
+        self.params = np.load(art.file("params.npy"), mmap_mode="r")  # (V, N, 5)
+        self.views, self.n, self.dim = self.features.shape
+
+    def batch(self, view: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (n, D_t) float32 and params (n, 5) for images idx, each at its own view."""
+        v, i = view.numpy(), idx.numpy()
+        return torch.from_numpy(np.asarray(self.features[v, i], dtype=np.float32)), torch.from_numpy(np.asarray(self.params[v, i]))
+
+
+def check_lineage(cache: Artifact, teacher: Artifact, ctx: Context) -> None:
+    """Refuse a cache made from another teacher, other data or another transform."""
+    info, rebuild = cache.manifest.get("info", {}), ctx.command("cache")
+    checks = [
+        ("teacher", info.get("teacher_fingerprint"), teacher.fingerprint),
+        ("data", info.get("data_fingerprint"), ctx.data().fingerprint),
+        ("transform", info.get("transform"), transform_of(ctx)),
+    ]
+    for what, cached, wanted in checks:
+        if cached != wanted:
+            c = cached[:8] if isinstance(cached, str) else json.dumps(cached)
+            w = wanted[:8] if isinstance(wanted, str) else json.dumps(wanted)
+            raise ArtifactError(f"cache {cache.ref} was built for another {what} ({c}, this recipe needs {w}); run '{rebuild}'")
+
+
+class CacheStage(Stage):
+    name = command = "cache"
+    artifact = "teacher_features"
+
+    def inputs(self, ctx: Context) -> dict[str, Stage]:
+        return {"teacher": TeacherStage()}
+
+    def config(self, ctx: Context) -> dict:
+        cfg = ctx.recipe.cache.model_dump(exclude={"enabled", "batch_size"})
+        cfg["views"] = num_views(ctx)
+        return {"cache": cfg, "seed": ctx.recipe.pipeline.seed, "transform": transform_of(ctx)}
+
+    def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
+        data, device, cc = ctx.data(), ctx.device(), ctx.recipe.cache
+        teacher_art = inputs["teacher"]
+        teacher = load_teacher(teacher_art, device)
+        train, V, N = data.train, num_views(ctx), len(data.train)
+        D = teacher_art.manifest["info"]["feature_dim"]
+        dtype = np.float16 if cc.dtype == "float16" else np.float32
+        work = self.work_dir(ctx)
+        marker = work / "progress.json"
+        done = json.loads(marker.read_text())["done"] if marker.is_file() else 0
+        if done and not ((work / "features.npy").is_file() and (work / "params.npy").is_file()):
+            done = 0  # the maps were already moved out by a run that died before publishing
+        mode = "r+" if done else "w+"
+        feats = np.lib.format.open_memmap(work / "features.npy", mode=mode, dtype=dtype, shape=(V, N, D))
+        params = np.lib.format.open_memmap(work / "params.npy", mode=mode, dtype=np.int32, shape=(V, N, 5))
+        if done:
+            ctx.log(f"cache: resuming after {done} of {V * N} views")
+        timer = Timer()
+        chunks = [(v, s) for v in range(V) for s in range(0, N, cc.batch_size)]
+        with progress_bar(ctx.console, ctx.quiet) as bar, torch.no_grad():
+            task = bar.add_task("cache", total=V * N, completed=done, info=f"{V} view(s) x {N} images")
+            for v, start in chunks:
+                stop = min(N, start + cc.batch_size)
+                if v * N + stop <= done:
+                    continue
+                p = view_params(ctx, v, N)[start:stop]
+                idx = torch.arange(start, stop)
+                x = aug.apply(train.get_batch(idx), p, ctx.recipe.data.augment, ctx.recipe.data.crop_padding, data.image_size)
+                x = aug.normalize(x, data.mean, data.std).to(device)
+                feats[v, start:stop] = bb.pooled_features(teacher, x).float().cpu().numpy().astype(dtype)
+                params[v, start:stop] = p.numpy()
+                if (stop == N) or (start // cc.batch_size) % 20 == 19:
+                    feats.flush(), params.flush()
+                    marker.write_text(json.dumps({"done": v * N + stop}))
+                bar.update(task, completed=v * N + stop)
+        feats.flush(), params.flush()
+        del feats, params
+        for name in ("features.npy", "params.npy"):
+            Path(work / name).replace(draft.path(name))
+        np.save(draft.path("labels.npy"), train.labels.numpy().astype(np.int64))
+        wall = timer()
+        draft.info.update(
+            teacher_fingerprint=teacher_art.fingerprint,
+            data_fingerprint=data.fingerprint,
+            transform=transform_of(ctx),
+            views=V,
+            images=N,
+            feature_dim=D,
+            dtype=cc.dtype,
+        )
+        draft.metrics.update(wall_s=round(wall, 2), images_per_s=round((V * N - done) / max(wall, 1e-9), 1), device=str(device))

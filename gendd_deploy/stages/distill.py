@@ -1,0 +1,307 @@
+"""Distil the student. Reads: teacher, teacher_features. Writes: student. Example: gendd distill -p pipelines/quickstart.toml
+
+method = "gendd": GenDD (gendd-method.md); "kd": Hinton KD (CE + T^2 KL); "ce": the student alone.
+All three share data order, augmentation, optimiser and schedule, so they are comparable.
+labels = false: unlabelled distillation (gendd with smooth = 0 and no CE; kd with the KL term only).
+Teacher features come from the cache (replaying the cached views) or from the teacher run online.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gendd_deploy.artifacts import Artifact, Draft
+from gendd_deploy.data import augment as aug
+from gendd_deploy.errors import UsageError
+from gendd_deploy.models import backbone as bb
+from gendd_deploy.models.diffusion import SamplingSchedule
+from gendd_deploy.models.student import GenDDStudent, stage1_projector
+from gendd_deploy.stages.base import Context, Stage
+from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
+from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups
+from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, epoch_order, lr_at, progress_bar, top1
+
+# Deviations from the authors' code, recorded in every student manifest.
+DEVIATIONS = [
+    "stage-1 warm-up trains a Linear(D_s, D_t) projection with the backbone; both classifiers stay frozen",
+    "the x0 estimate is clipped to the per-feature range of the training targets while sampling",
+    "unconditional branch uses z = 0 (as the method page states) rather than a learned null condition",
+]
+
+
+def uses_cache(ctx: Context) -> bool:
+    return ctx.recipe.cache.enabled and ctx.recipe.distill.use_cache
+
+
+def build_student(ctx: Context, teacher: nn.Module) -> nn.Module:
+    dc, data = ctx.recipe.distill, ctx.data()
+    backbone = bb.create_backbone(dc.student, data.num_classes, data.in_chans, dc.small_input, dc.student_kwargs)
+    if dc.method != "gendd":
+        return backbone
+    fc = bb.classifier(teacher)
+    d_t = fc.in_features
+    if d_t % dc.token_dim:
+        raise UsageError(f"teacher feature dim {d_t} is not a multiple of [distill] token_dim {dc.token_dim}; pick a divisor of {d_t}")
+    return GenDDStudent(backbone, fc, dc.head_width, dc.head_depth, dc.token_dim, dc.train_timesteps)
+
+
+def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a student (GenDDStudent or bare backbone) from its artifact, in eval mode."""
+    info = art.manifest["info"]
+    backbone = bb.build_from_architecture(info["architecture"])
+    if info["method"] == "gendd":
+        h = info["head"]
+        fc = nn.Linear(h["teacher_dim"], info["architecture"]["num_classes"])
+        model = GenDDStudent(backbone, fc, h["width"], h["depth"], h["token_dim"], h["train_timesteps"])
+    else:
+        model = backbone
+    model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False).to(device)
+
+
+class DistillStage(Stage):
+    name = command = "distill"
+    artifact = "student"
+
+    def inputs(self, ctx: Context) -> dict[str, Stage]:
+        ins: dict[str, Stage] = {"teacher": TeacherStage()}
+        if uses_cache(ctx):
+            ins["cache"] = CacheStage()
+        return ins
+
+    def config(self, ctx: Context) -> dict:
+        dc = ctx.recipe.distill
+        if dc.method == "ce" and not dc.labels:
+            raise UsageError(f"{ctx.recipe.source}: [distill] method = 'ce' needs labels; set labels = true or method = 'gendd' / 'kd'")
+        cfg = dc.model_dump(exclude={"use_cache"})
+        if dc.method != "gendd":  # head / sampler fields do not shape a kd or ce student
+            for k in list(cfg):
+                if k.startswith(("head_", "eval_")) or k in ("token_dim", "smooth", "mixup_beta", "cfg_drop", "diffusion_batch_mul", "train_timesteps", "probe_ce", "stage1_epochs"):
+                    cfg.pop(k)
+        return {"distill": cfg, "seed": ctx.recipe.pipeline.seed, "augment": ctx.recipe.data.augment}
+
+    # ---- training --------------------------------------------------------------------------
+
+    def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
+        dc, data, device = ctx.recipe.distill, ctx.data(), ctx.device()
+        seed = ctx.recipe.pipeline.seed
+        torch.manual_seed(seed)
+        teacher = load_teacher(inputs["teacher"], device)
+        cache = None
+        if "cache" in inputs:
+            check_lineage(inputs["cache"], inputs["teacher"], ctx)
+            cache = CachedFeatures(inputs["cache"])
+        student = build_student(ctx, teacher).to(device)
+        if device.type == "cuda" and dc.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        trainable = student.backbone if isinstance(student, GenDDStudent) else student
+        fwd = torch.compile(trainable) if (dc.compile and device.type == "cuda") else trainable
+        timer = Timer()
+        stats = self._stage1(ctx, student, teacher, cache, device) if (dc.method == "gendd" and dc.stage1_epochs and dc.labels) else {}
+        stats.update(self._train(ctx, student, fwd, teacher, cache, device))
+        stats.update(self._evaluate(ctx, student, teacher, device))
+        stats["teacher_top1"] = inputs["teacher"].metrics.get("test_top1")
+        stats["wall_s"] = round(timer(), 2)
+        torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, draft.path("model.pt"))
+        arch = bb.architecture(dc.student, data.num_classes, data.in_chans, dc.small_input, dc.student_kwargs)
+        info = {
+            "method": dc.method,
+            "labels": dc.labels,
+            "architecture": arch,
+            "student_feature_dim": bb.feature_dim(trainable),
+            "params_backbone": bb.count_params(trainable),
+            "preprocess": data.preprocess,
+            "class_names": data.class_names,
+            "teacher_source": "cache" if cache else "online",
+        }
+        if isinstance(student, GenDDStudent):
+            info["head"] = {
+                "width": dc.head_width,
+                "depth": dc.head_depth,
+                "token_dim": dc.token_dim,
+                "teacher_dim": student.feature_dim_teacher,
+                "num_tokens": student.head.num_tokens,
+                "train_timesteps": dc.train_timesteps,
+                "params": bb.count_params(student.head),
+            }
+            info["deviations"] = DEVIATIONS
+        draft.info.update(info)
+        draft.metrics.update(stats)
+        self._report(ctx, stats)
+
+    def _views(self, cache, n: int, seed: int, epoch: int) -> torch.Tensor:
+        if cache is None or cache.views == 1:
+            return torch.zeros(n, dtype=torch.long)
+        g = torch.Generator().manual_seed(seed * 31337 + epoch)
+        return torch.randint(0, cache.views, (n,), generator=g)
+
+    def _batch(self, ctx, idx, views, gen, cache, teacher, device):
+        """Inputs x (n, C, H, W), teacher features f_t (n, D_t), labels y (n,) for one batch."""
+        data, dcfg = ctx.data(), ctx.recipe.data
+        if cache is not None:
+            f_t, params = cache.batch(views[idx], idx)
+            f_t = f_t.to(device)
+        else:
+            params = aug.sample_params(len(idx), data.image_size, dcfg.augment, dcfg.crop_padding, gen)
+        x = aug.apply(data.train.get_batch(idx), params, dcfg.augment, dcfg.crop_padding, data.image_size)
+        x = aug.normalize(x, data.mean, data.std).to(device)
+        if cache is None:
+            with torch.no_grad():
+                f_t = bb.pooled_features(teacher, x).float()
+        return x, f_t, data.train.labels[idx].to(device)
+
+    def _loop(self, ctx, label, epochs, opt, base_lr, step_fn, teacher, cache, device, ckpt_name, modules: dict, beta2=None):
+        """Shared epoch loop with LR schedule, checkpoint per epoch and resume."""
+        dc, data, seed = ctx.recipe.distill, ctx.data(), ctx.recipe.pipeline.seed
+        n = len(data.train)
+        steps_per_epoch = len(batches(torch.arange(n), dc.batch_size))
+        if steps_per_epoch == 0:
+            raise UsageError(f"[distill] batch_size {dc.batch_size} is larger than the {n} training images; lower it")
+        total = steps_per_epoch * epochs
+        ckpt = Checkpointer(self.work_dir(ctx), ckpt_name)
+        start, train_s, images = 0, 0.0, 0
+        state = ckpt.load()
+        if state is not None:
+            for k, m in modules.items():
+                m.load_state_dict(state[k])
+            opt.load_state_dict(state["opt"])
+            start, train_s, images = state["epoch"] + 1, state["train_s"], state["images"]
+            ctx.log(f"distill: {label} resuming after epoch {start}/{epochs}")
+        use_amp = dc.amp and device.type == "cuda"
+        with progress_bar(ctx.console, ctx.quiet) as bar:
+            task = bar.add_task(label, total=total, completed=start * steps_per_epoch, info="")
+            for epoch in range(start, epochs):
+                timer = Timer()
+                for m in modules.values():
+                    m.train()
+                gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+                views = self._views(cache, n, seed, epoch)
+                for i, idx in enumerate(batches(epoch_order(n, seed, epoch), dc.batch_size)):
+                    step = epoch * steps_per_epoch + i
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(step, total, dc.warmup_epochs * steps_per_epoch, base_lr)
+                        if beta2 is not None:
+                            g["betas"] = (dc.beta1, beta2(step, total))
+                    x, f_t, y = self._batch(ctx, idx, views, gen, cache, teacher, device)
+                    if device.type == "cuda" and dc.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        loss, parts = step_fn(x, f_t, y, gen)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    images += len(idx)
+                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                train_s += timer()
+                state = {k: m.state_dict() for k, m in modules.items()}
+                state.update(opt=opt.state_dict(), epoch=epoch, train_s=train_s, images=images)
+                ckpt.save(state)
+        return {"train_s": round(train_s, 2), "images_per_s": round(images / max(train_s, 1e-9), 1), "epochs": epochs}
+
+    def _stage1(self, ctx, student: GenDDStudent, teacher, cache, device) -> dict:
+        dc = ctx.recipe.distill
+        proj = stage1_projector(student.backbone.num_features, student.feature_dim_teacher).to(device)
+        frozen = {id(p) for p in bb.classifier(student.backbone).parameters()}
+        params = [p for p in student.backbone.parameters() if id(p) not in frozen]
+        opt = torch.optim.AdamW([{"params": params, "weight_decay": dc.weight_decay}, {"params": proj.parameters(), "weight_decay": 0.0}], lr=dc.lr)
+
+        def step_fn(x, f_t, y, gen):
+            logits = student.teacher_fc(proj(student.features(x)))
+            loss = F.cross_entropy(logits, y)
+            return loss, {"ce": loss.detach()}
+
+        stats = self._loop(ctx, "distill stage 1", dc.stage1_epochs, opt, dc.lr, step_fn, teacher, cache, device, "stage1.pt", {"student": student, "proj": proj})
+        return {f"stage1_{k}": v for k, v in stats.items()}
+
+    def _train(self, ctx, student, fwd, teacher, cache, device) -> dict:
+        dc = ctx.recipe.distill
+        beta2 = lambda s, t: cosine_ramp(s, t, dc.beta2_start, dc.beta2_end)  # noqa: E731
+        if isinstance(student, GenDDStudent):
+            # no weight decay on the head and on norm layers (1-d params)
+            groups = param_groups(student.backbone, dc.weight_decay)
+            groups[1]["params"] += list(student.norm.parameters()) + list(student.head.parameters())
+            opt = torch.optim.AdamW(groups, lr=dc.lr, betas=(dc.beta1, dc.beta2_start))
+            lam = dc.smooth if dc.labels else 0.0
+            student.clip_lo.fill_(float("inf"))
+            student.clip_hi.fill_(-float("inf"))
+
+            def step_fn(x, f_t, y, gen):
+                with torch.no_grad():  # the sampling range: per-feature extremes of the contracted targets
+                    from gendd_deploy.models.student import contract
+
+                    tgt = contract(f_t.float(), y, student.teacher_fc.weight, lam) if dc.labels else f_t.float()
+                    torch.minimum(student.clip_lo, tgt.min(0).values, out=student.clip_lo)
+                    torch.maximum(student.clip_hi, tgt.max(0).values, out=student.clip_hi)
+                return student.gendd_loss(
+                    x, f_t, y if dc.labels else None, lam, dc.mixup_beta, dc.diffusion_batch_mul, dc.cfg_drop, dc.probe_ce, gen
+                )
+        else:
+            opt = torch.optim.AdamW(param_groups(student, dc.weight_decay), lr=dc.lr, betas=(dc.beta1, dc.beta2_start))
+            t_fc = bb.classifier(teacher)
+
+            def step_fn(x, f_t, y, gen):
+                logits = fwd(x)
+                parts = {}
+                loss = logits.new_zeros(())
+                if dc.labels and dc.ce_weight > 0:
+                    ce = F.cross_entropy(logits, y)
+                    loss, parts["ce"] = loss + dc.ce_weight * ce, ce.detach()
+                if dc.method == "kd":
+                    T = dc.kd_temperature
+                    with torch.no_grad():
+                        t_logits = t_fc(f_t.float())
+                    kl = F.kl_div(F.log_softmax(logits.float() / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean", log_target=True) * T * T
+                    loss, parts["kl"] = loss + (dc.kd_weight if dc.labels else 1.0) * kl, kl.detach()
+                return loss, parts
+
+        return self._loop(ctx, f"distill {dc.method}", dc.epochs, opt, dc.lr, step_fn, teacher, cache, device, "train.pt", {"student": student}, beta2)
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _evaluate(self, ctx, student, teacher, device) -> dict:
+        dc, data = ctx.recipe.distill, ctx.data()
+        student.eval()
+        test, bs = data.test, ctx.recipe.data.eval_batch_size
+        n = len(test)
+        out: dict = {"test_images": n}
+        probe_pred = []
+        for i in range(0, n, bs):
+            x = model_input(ctx, test.get_batch(torch.arange(i, min(n, i + bs))), device)
+            logits = student.probe_logits(student.features(x)) if isinstance(student, GenDDStudent) else student(x)
+            probe_pred.append(logits.argmax(1).cpu())
+        key = "probe_top1" if isinstance(student, GenDDStudent) else "test_top1"
+        out[key] = round(top1(torch.cat(probe_pred), test.labels), 3)
+        if isinstance(student, GenDDStudent):
+            m = min(n, dc.eval_limit or n)
+            sched = SamplingSchedule(student.head.train_schedule, dc.eval_steps)
+            out["published_top1"] = round(self._sampled_top1(ctx, student, device, m, sched, dc.eval_sampler, dc.eval_draws, dc.eval_guidance, dc.eval_temperature), 3)
+            out["published_images"] = m
+            out["published_sampler"] = f"{dc.eval_sampler}-{dc.eval_steps} x{dc.eval_draws} cfg{dc.eval_guidance} T{dc.eval_temperature}"
+            # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
+            out["ddim0_top1"] = round(self._sampled_top1(ctx, student, device, n, SamplingSchedule(student.head.train_schedule, 8, t_start=900), "ddim", 1, 1.0, 0.0), 3)
+            out["test_top1"] = out["published_top1"]
+        return out
+
+    def _sampled_top1(self, ctx, student, device, n, sched, sampler, draws, guidance, temperature) -> float:
+        data, bs = ctx.data(), ctx.recipe.data.eval_batch_size
+        g = torch.Generator().manual_seed(ctx.recipe.pipeline.seed + 12345)
+        h = student.head
+        preds = []
+        with progress_bar(ctx.console, ctx.quiet) as bar:
+            task = bar.add_task(f"eval {sampler}-{len(sched.timesteps)}", total=n, info="")
+            for i in range(0, n, bs):
+                idx = torch.arange(i, min(n, i + bs))
+                x = model_input(ctx, data.test.get_batch(idx), device)
+                noise = torch.randn(h.noise_shape(len(idx), draws, len(sched.timesteps), h.num_tokens, h.token_dim), generator=g).to(device)
+                preds.append(student.sample_logits(x, sched, sampler, draws, guidance, temperature, noise=noise).argmax(1).cpu())
+                bar.update(task, advance=len(idx))
+        return top1(torch.cat(preds), data.test.labels[:n])
+
+    def _report(self, ctx, stats: dict) -> None:
+        shown = {k: v for k, v in stats.items() if "top1" in k}
+        ctx.log("distill: " + ", ".join(f"{k} {v}" for k, v in shown.items()))

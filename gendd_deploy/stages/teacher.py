@@ -1,0 +1,151 @@
+"""Train or load the teacher. Reads: data. Writes: teacher. Example: gendd teacher -p pipelines/quickstart.toml
+
+The artifact holds `model.pt` (state_dict) and, in the manifest, the architecture needed to rebuild
+it, its feature dim D_t, the preprocessing, class names and its test top-1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gendd_deploy.artifacts import Artifact, Draft, sha256_file
+from gendd_deploy.data import augment as aug
+from gendd_deploy.errors import UsageError
+from gendd_deploy.models import backbone as bb
+from gendd_deploy.stages.base import Context, Stage
+from gendd_deploy.training import Checkpointer, Timer, batches, epoch_order, lr_at, predict, progress_bar, top1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (1-d parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_state_dict_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"teacher checkpoint {p} not found; set [teacher] checkpoint to a state_dict file (torch.save(model.state_dict(), ...))")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"teacher checkpoint {p} is not a loadable torch state_dict ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise UsageError(f"teacher checkpoint {p} holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def load_teacher(art: Artifact, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild the frozen teacher from its artifact (eval mode, no grad)."""
+    model = bb.build_from_architecture(art.manifest["info"]["architecture"])
+    model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def model_input(ctx: Context, images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    data = ctx.data()
+    return aug.to_model_input(images_u8, data.mean, data.std).to(device)
+
+
+class TeacherStage(Stage):
+    name = command = artifact = "teacher"
+
+    def config(self, ctx: Context) -> dict:
+        cfg = ctx.recipe.teacher.model_dump()
+        out = {"teacher": cfg, "seed": ctx.recipe.pipeline.seed}
+        if cfg["mode"] == "load":
+            if not cfg["checkpoint"] and not cfg["pretrained"]:
+                raise UsageError(f"{ctx.recipe.source}: [teacher] mode = 'load' needs checkpoint = 'FILE' or pretrained = true")
+            if cfg["checkpoint"]:
+                if not Path(cfg["checkpoint"]).is_file():
+                    load_state_dict_file(cfg["checkpoint"])  # raises the helpful error
+                out["checkpoint_sha256"] = sha256_file(Path(cfg["checkpoint"]))
+            # training knobs do not shape a loaded teacher
+            for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing"):
+                cfg.pop(k)
+        return out
+
+    def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
+        tc, data, device = ctx.recipe.teacher, ctx.data(), ctx.device()
+        torch.manual_seed(ctx.recipe.pipeline.seed)
+        model = bb.create_backbone(tc.model, data.num_classes, data.in_chans, tc.small_input, tc.model_kwargs, tc.pretrained)
+        timer = Timer()
+        if tc.mode == "load":
+            if tc.checkpoint:
+                try:
+                    model.load_state_dict(load_state_dict_file(tc.checkpoint))
+                except RuntimeError as e:
+                    first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+                    raise UsageError(f"checkpoint {tc.checkpoint} does not fit timm '{tc.model}' with this data's {data.num_classes} classes / {data.in_chans} channels: {first}") from None
+            model = model.to(device)
+            train_metrics = {}
+        else:
+            model = model.to(device)
+            train_metrics = self._train(ctx, model, device)
+        model.eval()
+        test = data.test
+        pred = predict(model, test.get_batch, len(test), ctx.recipe.data.eval_batch_size, lambda u8: model_input(ctx, u8, device))
+        acc = top1(pred, test.labels)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, draft.path("model.pt"))
+        arch = bb.architecture(tc.model, data.num_classes, data.in_chans, tc.small_input, tc.model_kwargs)
+        draft.info.update(
+            architecture=arch,
+            feature_dim=bb.feature_dim(model),
+            params=bb.count_params(model),
+            preprocess=data.preprocess,
+            class_names=data.class_names,
+            data=data.describe(),
+        )
+        draft.metrics.update(test_top1=round(acc, 3), test_images=len(test), wall_s=round(timer(), 2), device=str(device), **train_metrics)
+        ctx.log(f"teacher: {tc.model} test top-1 {acc:.2f}% on {len(test)} images")
+
+    def _train(self, ctx: Context, model: torch.nn.Module, device: torch.device) -> dict:
+        tc, dc, data = ctx.recipe.teacher, ctx.recipe.data, ctx.data()
+        seed = ctx.recipe.pipeline.seed
+        train = data.train
+        opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
+        steps_per_epoch = len(batches(torch.arange(len(train)), tc.batch_size))
+        if steps_per_epoch == 0:
+            raise UsageError(f"[teacher] batch_size {tc.batch_size} is larger than the {len(train)} training images; lower it")
+        total = steps_per_epoch * tc.epochs
+        ckpt = Checkpointer(self.work_dir(ctx))
+        start_epoch, train_s = 0, 0.0
+        state = ckpt.load()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            start_epoch, train_s = state["epoch"] + 1, state["train_s"]
+            ctx.log(f"teacher: resuming from the checkpoint after epoch {start_epoch}/{tc.epochs}")
+        images = 0
+        with progress_bar(ctx.console, ctx.quiet) as bar:
+            task = bar.add_task("teacher", total=total, completed=start_epoch * steps_per_epoch, info="")
+            for epoch in range(start_epoch, tc.epochs):
+                timer, model = Timer(), model.train()
+                gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+                for i, idx in enumerate(batches(epoch_order(len(train), seed, epoch), tc.batch_size)):
+                    step = epoch * steps_per_epoch + i
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(step, total, tc.warmup_epochs * steps_per_epoch, tc.lr)
+                    params = aug.sample_params(len(idx), data.image_size, dc.augment, dc.crop_padding, gen)
+                    x = aug.apply(train.get_batch(idx), params, dc.augment, dc.crop_padding, data.image_size)
+                    x = aug.normalize(x, data.mean, data.std).to(device)
+                    y = train.labels[idx].to(device)
+                    loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    images += len(idx)
+                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
+                train_s += timer()
+                ckpt.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "train_s": train_s})
+        return {"train_s": round(train_s, 2), "epochs": tc.epochs, "train_images": len(train)}

@@ -1,0 +1,99 @@
+"""Training helpers shared by the teacher and distill stages: schedules, checkpoints, batches, eval."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from gendd_deploy.errors import ArtifactError
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay to zero."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
+    """Rises from start to end on a half cosine (GenDD's beta2 schedule)."""
+    progress = min(1.0, step / max(1, total))
+    return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled index order of one epoch; a function of (seed, epoch) so resume replays it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batches(order: torch.Tensor, batch_size: int, drop_last: bool = True) -> list[torch.Tensor]:
+    n = len(order)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+class Checkpointer:
+    """One checkpoint file in a stage's work folder, replaced atomically after each epoch."""
+
+    def __init__(self, work_dir: Path, name: str = "checkpoint.pt"):
+        self.path = Path(work_dir) / name
+
+    def save(self, state: dict) -> None:
+        tmp = self.path.with_suffix(".part")
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a checkpoint cut short by a kill during save cannot exist (atomic replace), but a corrupt disk can
+            raise ArtifactError(f"checkpoint {self.path} is unreadable ({e}); delete it to start this stage over") from None
+
+
+@contextmanager
+def progress_bar(console: Console, quiet: bool = False) -> Iterator[Progress]:
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*cols, console=console, disable=quiet, transient=False) as p:
+        yield p
+
+
+@torch.no_grad()
+def predict(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    images_u8_fn: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    batch_size: int,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Run `logits_fn` over n images in order; returns the predicted class (n,)."""
+    preds = []
+    for i in range(0, n, batch_size):
+        idx = torch.arange(i, min(n, i + batch_size))
+        preds.append(logits_fn(to_input(images_u8_fn(idx))).argmax(1).cpu())
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def top1(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (pred == labels).float().mean().item() if len(labels) else float("nan")
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
