@@ -35,4 +35,11 @@ def get(command: str) -> Stage:
     return _INSTANCES[command]
 
 
-__all__ = ["Context", "Stage", "ORDER", "available", "get"]
+def run_chain(stage: Stage, ctx: Context):
+    """Run a stage after (re)using every input it needs, depth first."""
+    for upstream in stage.inputs(ctx).values():
+        run_chain(upstream, ctx)
+    return stage.run(ctx)
+
+
+__all__ = ["Context", "Stage", "ORDER", "available", "get", "run_chain"]

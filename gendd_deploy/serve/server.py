@@ -1,0 +1,571 @@
+"""`gendd serve`: the Open Inference Protocol v2 over HTTP/1.1, on the standard library's threading server.
+
+Endpoints (KServe v2 / Triton REST; `/versions/<v>` may follow the model name):
+
+    GET  /v2/health/live             200 {"live": true}
+    GET  /v2/health/ready            200 {"ready": true} | 503 while warming up or shutting down
+    GET  /v2                         server metadata (name, version, extensions)
+    GET  /v2/models/<name>           model metadata (see protocol.ServedModel.metadata)
+    GET  /v2/models/<name>/ready     200 | 503
+    POST /v2/models/<name>/infer     inference (see protocol.py for inputs, outputs, top_k, seed)
+    GET  /metrics                    Prometheus text format
+
+Errors are JSON `{"error": "..."}`: 400 bad request (shape, datatype, missing input, undecodable
+image, malformed JSON), 404 unknown model or path, 405 wrong method, 411 no Content-Length,
+413 body over `max_body_mb` (refused before reading it), 503 not ready / queue full / shutting
+down / timed out waiting, 500 the runner failed. Any of them leaves the server serving.
+
+Each connection gets a thread that parses, decodes and preprocesses its requests; one batcher
+thread runs the model (batcher.py). Shutdown (SIGTERM / SIGINT, or `InferenceServer.stop`):
+readiness goes to 503, the listener closes, queued requests run and are answered, idle
+keep-alive connections close, then `serve` returns.
+
+Example: gendd serve -p pipelines/quickstart.toml --port 8000
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from dataclasses import replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from gendd_deploy import __version__
+from gendd_deploy.config import ServeConfig
+from gendd_deploy.errors import ArtifactError, NotBuiltYet, UsageError
+from gendd_deploy.runtime.base import Runner
+from gendd_deploy.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
+from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gendd_deploy.serve.metrics import ServerMetrics
+from gendd_deploy.serve.protocol import ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
+
+if TYPE_CHECKING:
+    from gendd_deploy.artifacts import Artifact
+    from gendd_deploy.stages.base import Context
+
+SERVER_NAME = "gendd"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$")
+_LINGER_BYTES = 1 << 20  # after refusing an oversized body, read at most this much of it before closing
+
+
+class _Response:
+    __slots__ = ("status", "body", "content_type", "headers", "close")
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None, close: bool = False):
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers, self.close = headers or {}, close
+
+
+def _json(status: int, obj: dict) -> _Response:
+    return _Response(status, json.dumps(obj).encode())
+
+
+def _error(status: int, message: str, **extra) -> _Response:
+    return _Response(status, error_body(message, **extra))
+
+
+def _endpoint(path: str) -> str:
+    """Label for the request counter."""
+    if path.startswith("/v2/health"):
+        return "health"
+    if path == "/metrics":
+        return "metrics"
+    if path.startswith("/v2/models/") and path.rstrip("/").endswith("/infer"):
+        return "infer"
+    if path.startswith("/v2"):
+        return "metadata"
+    return "other"
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # stop() waits for connections itself, with a bound
+    request_queue_size = 512  # listen backlog: bursts of new connections must not be dropped
+    app: "InferenceServer"
+
+    def __init__(self, address: tuple[str, int], app: "InferenceServer"):
+        self.app = app
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN (a DNS query); the name is not needed
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients such as tritonclient reuse connections
+    server_version = f"{SERVER_NAME}/{__version__}"
+    timeout = 60  # seconds an idle keep-alive connection is kept
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.app._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.server.app._track(self.connection, add=False)
+
+    def log_message(self, format: str, *args) -> None:  # no access log on stderr
+        pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol-level errors of http.server (bad request line, unknown method) as JSON."""
+        body = error_body(message or HTTPStatus(code).phrase)
+        self.request_version = "HTTP/1.1"  # an unparsable request line leaves 0.9, which has no status line
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        app = self.server.app
+        path = unquote(urlsplit(self.path).path)
+        endpoint = _endpoint(path)
+        t0 = time.perf_counter()
+        app._enter()
+        try:
+            try:
+                resp = self._body_then_route(app, method, path)
+            except Exception as e:  # a bug must not take the server down
+                resp = _error(500, f"internal error: {type(e).__name__}: {e}")
+            self._send(resp, close=resp.close or app.stopping)
+            app.metrics.requests.inc(endpoint=endpoint, code=str(resp.status))
+            if endpoint == "infer":
+                app.metrics.latency.observe(time.perf_counter() - t0)
+        finally:
+            app._leave()
+
+    def _body_then_route(self, app: "InferenceServer", method: str, path: str) -> _Response:
+        body = b""
+        if method in ("POST", "PUT"):
+            if self.headers.get("Transfer-Encoding"):
+                return self._refuse(411, "chunked request bodies are not supported; send Content-Length")
+            length_text = self.headers.get("Content-Length")
+            if length_text is None:
+                return self._refuse(411, "missing Content-Length header")
+            try:
+                length = int(length_text)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                return self._refuse(400, f"bad Content-Length {length_text!r}")
+            limit = int(app.cfg.max_body_mb * 1024 * 1024)
+            if length > limit:
+                self._linger(length)
+                return self._refuse(413, f"request body of {length} bytes is over the limit of {limit} bytes (max_body_mb = {app.cfg.max_body_mb:g})")
+            body = self.rfile.read(length)
+            if len(body) != length:
+                return self._refuse(400, f"request body ended after {len(body)} of {length} bytes")
+        return app.route(method, path, self.headers, body)
+
+    def _refuse(self, status: int, message: str) -> _Response:
+        """An error after which the connection cannot be reused (the body was not read)."""
+        return _Response(status, error_body(message), close=True)
+
+    def _linger(self, length: int) -> None:
+        """Read (bounded) what the client is already sending, so it sees our answer, not a reset."""
+        self.connection.settimeout(0.2)
+        left = min(length, _LINGER_BYTES)
+        try:
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+    def _send(self, resp: _Response, close: bool) -> None:
+        try:
+            self.send_response(resp.status)
+            self.send_header("Content-Type", resp.content_type)
+            self.send_header("Content-Length", str(len(resp.body)))
+            for k, v in resp.headers.items():
+                self.send_header(k, str(v))
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(resp.body)
+            self.wfile.flush()
+        except OSError:  # the client went away
+            self.close_connection = True
+
+
+class InferenceServer:
+    """One model behind the protocol: `start()` binds and warms up, `stop()` drains and closes."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        model: ServedModel | dict,
+        cfg: ServeConfig,
+        *,
+        request_timeout_s: float = 30.0,
+        log: Callable[[str], None] | None = None,
+    ):
+        model = ServedModel.from_meta(model)
+        if model.needs_noise != runner.needs_noise:
+            # the description must match the runner, or seeds would be echoed for nothing (or missing)
+            model = replace(model, needs_noise=runner.needs_noise)
+        self.runner, self.model, self.cfg = runner, model, cfg
+        self.request_timeout_s = request_timeout_s
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.metrics = ServerMetrics()
+        self.batcher = DynamicBatcher(runner, cfg.max_batch, cfg.max_delay_ms, cfg.queue_size, self.metrics)
+        self._ready = threading.Event()
+        self.stopping = False
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._active = 0  # requests being handled right now
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1] if self._httpd else self.cfg.port
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> "InferenceServer":
+        try:
+            self._httpd = _HTTPServer((self.cfg.host, self.cfg.port), self)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {self.cfg.host}:{self.cfg.port} ({e.strerror or e}); pick another --port") from None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="gendd-http", daemon=True)
+        self._thread.start()  # live from here; ready after the warm-up
+        try:
+            self._warm_up()
+        except Exception:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            raise
+        self.batcher.start()
+        self._ready.set()
+        return self
+
+    def _warm_up(self) -> None:
+        """Run the model at batch 1 and max_batch: the first runs are slow, and a bad model fails here."""
+        C, H, W = self.model.input_shape
+        for n in sorted({1, self.cfg.max_batch}):
+            out = np.asarray(self.runner.run(np.zeros((n, C, H, W), np.float32), self.runner.noise(n, 0)))
+            if out.ndim != 2 or out.shape[0] != n:
+                raise ArtifactError(f"the model returned shape {out.shape} for {n} images; expected (n, num_classes)")
+        if self.model.num_classes is None or self.model.num_classes != out.shape[1]:
+            if self.model.num_classes is not None:
+                raise ArtifactError(f"the model returns {out.shape[1]} logits, its description says {self.model.num_classes}")
+            self.model = self.model.with_classes(int(out.shape[1]))
+
+    def stop(self, drain_timeout_s: float = 30.0) -> bool:
+        """Stop accepting, answer every queued request, close connections. True if all drained in time."""
+        if self._httpd is None:
+            return True
+        self._ready.clear()
+        self.stopping = True
+        self._httpd.shutdown()  # the accept loop ends; open connections still get answers
+        deadline = time.monotonic() + drain_timeout_s
+        drained = self.batcher.close(drain_timeout_s)
+        while self._active > 0 and time.monotonic() < deadline:  # responses being written
+            time.sleep(0.01)
+        with self._lock:
+            idle = list(self._conns)
+        for sock in idle:  # wakes threads waiting on idle keep-alive connections
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._httpd.server_close()
+        end = time.monotonic() + 2.0
+        while self._conns and time.monotonic() < end:
+            time.sleep(0.01)
+        self._httpd = None
+        return drained and self._active == 0
+
+    def __enter__(self) -> "InferenceServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _track(self, sock: socket.socket, add: bool) -> None:
+        with self._lock:
+            (self._conns.add if add else self._conns.discard)(sock)
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    # ---- routes ------------------------------------------------------------------------------
+
+    def route(self, method: str, path: str, headers, body: bytes) -> _Response:
+        if path == "/metrics":
+            return self._only(method, "GET") or _Response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
+        if path in ("/v2", "/v2/"):
+            return self._only(method, "GET") or _json(200, {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+        if path == "/v2/health/live":
+            return self._only(method, "GET") or _json(200, {"live": True})
+        if path == "/v2/health/ready":
+            return self._only(method, "GET") or self._readiness({"ready": self.ready})
+        m = _MODEL_PATH.match(path)
+        if not m:
+            return _error(404, f"no route {path}; see GET /v2 and /v2/models/{self.model.name}")
+        if m["name"] != self.model.name or not self.model.has_version(m["version"]):
+            want = f"'{m['name']}'" + (f" version '{m['version']}'" if m["version"] else "")
+            return _error(404, f"unknown model {want}; this server serves '{self.model.name}' version '{self.model.version}'")
+        action = m["action"]
+        if action == "/infer":
+            return self._only(method, "POST") or self._infer(headers, body)
+        if action == "/ready":
+            return self._only(method, "GET") or self._readiness({"name": self.model.name, "ready": self.ready})
+        return self._only(method, "GET") or _json(200, self.model.metadata())
+
+    @staticmethod
+    def _only(method: str, allowed: str) -> _Response | None:
+        if method == allowed:
+            return None
+        return _Response(405, error_body(f"method {method} not allowed here; use {allowed}"), headers={"Allow": allowed})
+
+    def _readiness(self, obj: dict) -> _Response:
+        if self.ready:
+            return _json(200, obj)
+        why = "shutting down" if self.stopping else "warming up"
+        return _json(503, {**obj, "error": f"not ready: {why}"})
+
+    def _infer(self, headers, body: bytes) -> _Response:
+        if not self.ready:
+            return _error(503, "not ready: " + ("shutting down" if self.stopping else "warming up") + "; retry later")
+        encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            return _error(400, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+        header_text = headers.get("Inference-Header-Content-Length")
+        try:
+            header_length = None if header_text is None else int(header_text)
+            req = parse_infer_request(self.model, body, header_length)
+        except ValueError:
+            return _error(400, f"bad Inference-Header-Content-Length {header_text!r}")
+        except ProtocolError as e:
+            return _error(e.status, e.message)
+        try:
+            future = self.batcher.submit(req.images, req.seed)
+        except (QueueFull, ShuttingDown) as e:
+            return _error(503, str(e), **({"id": req.id} if req.id is not None else {}))
+        try:
+            logits = future.result(timeout=self.request_timeout_s)
+        except TimeoutError:
+            future.cancel()
+            return _error(503, f"timed out after {self.request_timeout_s:g} s waiting for the model; the server is overloaded")
+        except ShuttingDown as e:
+            return _error(503, str(e))
+        except Exception as e:
+            return _error(500, f"the model failed on this batch: {type(e).__name__}: {e}")
+        payload, json_length = build_infer_response(self.model, req, logits)
+        extra = {"Inference-Header-Content-Length": json_length} if json_length is not None else {}
+        ctype = "application/json" if json_length is None else "application/octet-stream"
+        return _Response(200, payload, ctype, extra)
+
+
+def serve(
+    runner: Runner,
+    model_meta: ServedModel | dict,
+    cfg: ServeConfig,
+    ready_event: threading.Event | None = None,
+    stop_event: threading.Event | None = None,
+    *,
+    drain_timeout_s: float = 30.0,
+    request_timeout_s: float = 30.0,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM / SIGINT (or `stop_event`), then drain and return.
+
+    `ready_event` is set once the model is warmed up and the port answers (the bound port is in the
+    log line, useful with port 0). Signal handlers are installed only from the main thread and put
+    back on return.
+    """
+    server = InferenceServer(runner, model_meta, cfg, request_timeout_s=request_timeout_s, log=log)
+    stop = stop_event or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        server.start()
+        m = server.model
+        server.log(
+            f"gendd serve: model '{m.name}' version {m.version} ({runner.describe().get('runtime') or type(runner).__name__}, "
+            f"max_batch {cfg.max_batch}, max_delay {cfg.max_delay_ms:g} ms) on {server.url}"
+        )
+        if ready_event is not None:
+            ready_event.set()
+        while not stop.wait(0.5):
+            pass
+        server.log("gendd serve: shutting down, draining queued requests")
+        drained = server.stop(drain_timeout_s)
+        server.log("gendd serve: stopped" + ("" if drained else f" (some requests were cut off after {drain_timeout_s:g} s)"))
+    finally:
+        if server._httpd is not None:
+            server.stop(drain_timeout_s=1.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- from the artifact store -------------------------------------------------------------------
+
+
+def _io_name(io: dict, kind: str, default: str) -> str:
+    """The graph's input / output name from the export manifest's io description, in any of its shapes."""
+    for key in (kind + "s", kind):
+        v = io.get(key)
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and v:
+            first = v[0]
+            return first.get("name", default) if isinstance(first, dict) else str(first)
+        if isinstance(v, dict) and v:
+            return v["name"] if isinstance(v.get("name"), str) else next(iter(v))
+    return default
+
+
+def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> ServedModel:
+    info = art.manifest.get("info", {})
+    spec = info.get("preprocess")
+    if not spec:
+        raise ArtifactError(f"{art.ref} has no info.preprocess in its manifest; re-export it with 'gendd export'")
+    io = info.get("io") or {}
+    return ServedModel.from_meta(
+        {
+            "name": name,
+            "version": art.version,
+            "input_name": _io_name(io, "input", "images"),
+            "output_name": _io_name(io, "output", "logits"),
+            "preprocess": spec,
+            "class_names": info.get("class_names"),
+            "needs_noise": runner.needs_noise,
+            "platform": runner.describe().get("runtime") or runner.name or "onnxruntime",
+            "extra": {"artifact": art.ref, "fingerprint": art.fingerprint},
+        }
+    )
+
+
+def _find_file(art: "Artifact", suffix: str) -> Path | None:
+    for f in art.manifest.get("files", []):
+        if f["path"].endswith(suffix):
+            return art.path / f["path"]
+    return None
+
+
+def _make_runner(ctx: "Context", runtime: str, art: "Artifact") -> Runner:
+    """A runner of the chosen runtime for the exported model `art` (the onnx artifact)."""
+    if runtime == "onnxruntime":
+        try:
+            from gendd_deploy.stages.export import load_onnx_runner
+        except ImportError:
+            raise NotBuiltYet("the export stage (gendd_deploy.stages.export) is not available in this build") from None
+        return load_onnx_runner(art)
+    try:
+        from gendd_deploy.runtime import make_runner
+    except ImportError:
+        raise NotBuiltYet(f"runtime '{runtime}' is not available in this build (gendd_deploy.runtime.make_runner)") from None
+    noise_tail = art.manifest.get("info", {}).get("noise_shape_tail")
+    if runtime == "aoti":
+        path = _find_file(art, ".pt2")
+        aoti = None if path else ctx.store.latest(ctx.pipeline, "aoti")
+        path = path or (aoti and _find_file(aoti, ".pt2"))
+        if path is None:
+            raise ArtifactError(f"no AOTInductor package for {art.ref}; run '{ctx.command('export')} --aoti'")
+        return make_runner("aoti", path=path, noise_shape_tail=noise_tail)
+    if runtime == "tensorrt":
+        engine = ctx.store.latest(ctx.pipeline, "engine")
+        path = engine and (_find_file(engine, ".engine") or _find_file(engine, ".plan"))
+        if path is None:
+            raise ArtifactError(f"no TensorRT engine for pipeline '{ctx.pipeline}'; run '{ctx.command('build')}'")
+        return make_runner("tensorrt", path=path, noise_shape_tail=noise_tail)
+    if runtime == "torch":
+        return make_runner("torch", artifact=art, ctx=ctx)
+    raise UsageError(f"unknown runtime '{runtime}'; use onnxruntime, aoti, torch or tensorrt")
+
+
+def load_artifact_model(ctx: "Context", runtime: str, version: str | None = None) -> tuple[Runner, ServedModel]:
+    """The deployed model: the latest onnx artifact of the pipeline, or `version` (any `artifacts show` handle)."""
+    store = ctx.store
+    if version:
+        art = store.resolve(version)
+        if art.stage != "onnx":
+            raise UsageError(f"{art.ref} is a {art.stage} artifact; serve an onnx artifact (made by '{ctx.command('export')}')")
+    else:
+        art = store.latest(ctx.pipeline, "onnx")
+        if art is None:
+            raise ArtifactError(f"no onnx artifact for pipeline '{ctx.pipeline}' under {store.root}; run '{ctx.command('export')}'")
+    store.check_input(art, f"delete {art.path} and run '{ctx.command('export')}'")
+    runner = _make_runner(ctx, runtime, art)
+    name = ctx.recipe.serve.model_name or ctx.pipeline
+    return runner, served_model_from_manifest(art, name, runner)
+
+
+def serve_artifacts(
+    ctx: "Context",
+    runtime: str | None = None,
+    version: str | None = None,
+    ready_event: threading.Event | None = None,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """`gendd serve`: the recipe's [serve] section, with `runtime` overriding its runtime."""
+    cfg = ctx.recipe.serve
+    if runtime is not None and runtime != cfg.runtime:
+        try:
+            cfg = ServeConfig.model_validate({**cfg.model_dump(), "runtime": runtime})
+        except Exception:
+            raise UsageError(f"unknown runtime '{runtime}'; use onnxruntime, aoti, torch or tensorrt") from None
+    runner, model = load_artifact_model(ctx, cfg.runtime, version)
+    serve(runner, model, cfg, ready_event, stop_event, log=lambda msg: ctx.console.print(msg, markup=False, highlight=False))

@@ -1,0 +1,374 @@
+"""Calibrate the sampler. Reads: student. Writes: sampler. Example: gendd calibrate -p pipelines/quickstart.toml
+
+GenDD's published read-out (64-step DDPM, 5 draws, guidance 2) costs ~640 head passes per token;
+gendd-method.md reports that a deterministic few-step DDIM can match or beat it. This stage
+measures that on the calibration split (never the test split) for a grid of `SamplerSetting`s
+plus the linear probe, and picks the cheapest setting within `tolerance` top-1 points of the best.
+
+- Accuracy runs in PyTorch through `DeployedModel` (the export stage later proves ORT == torch).
+  The backbone is the same for every setting, so it runs once per batch and its features are
+  fed through each setting's `DeployedModel` (see `_headless`).
+- Noise: batch b of every setting uses `make_noise(shape, noise_seed + b)`; "fixed" settings
+  freeze `fixed_noise_seed` into the model, as the deployed model will.
+- Latency is measured on the runtime the recipe targets, once per graph structure (sampler,
+  steps, draws, guidance, noise input), and shared by the settings that have that structure.
+
+The artifact holds `table.json` (every setting) and `accuracy_vs_latency.png`; the manifest's
+info carries the chosen `setting`, `fixed_noise_seed`, the `reason` and the `reference`.
+A kd / ce student has no sampler: the artifact says so (setting null) so later stages are uniform.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gendd_deploy.artifacts import Artifact, Draft
+from gendd_deploy.config import CalibrateConfig
+from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
+from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.stages.base import Context, Stage
+from gendd_deploy.stages.distill import DistillStage, load_student
+from gendd_deploy.stages.teacher import model_input
+from gendd_deploy.training import Timer, progress_bar, top1
+
+REFERENCE = SamplerSetting.published()
+PROBE = SamplerSetting.probe()
+FEW_STEPS = 8  # t_start candidates apply to samplers with at most this many steps
+NO_SAMPLER = "kd/ce student: no sampler"
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def canonical(s: SamplerSetting, num_timesteps: int) -> SamplerSetting:
+    """The cheapest equivalent spelling of a setting, so equivalent settings collapse to one.
+
+    - zero noise: the output ignores temperature (x_T = 0 and every step's noise is 0) and
+      draws are identical, so temperature 0 and one draw;
+    - ddim at temperature 0: x_T = 0 * noise and ddim adds no noise later, so the noise mode is
+      irrelevant: the same as zero noise;
+    - t_start = T - 1 is the default (None).
+    """
+    if s.kind == "probe":
+        return PROBE
+    if s.sampler == "ddim" and s.temperature == 0.0:
+        s = replace(s, noise="zero")
+    if s.noise == "zero":
+        s = replace(s, temperature=0.0, draws=1)
+    if s.t_start == num_timesteps - 1:
+        s = replace(s, t_start=None)
+    return s
+
+
+def build_grid(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]:
+    """Probe first, then distinct sampler settings cheapest first (head passes), capped at
+    `cfg.max_settings`; the published reference is always in (it may make the list one longer
+    than the cap only when the cap is below 2)."""
+    seen: dict[SamplerSetting, None] = {}
+    for sampler in cfg.samplers:
+        for steps in cfg.steps:
+            # t_start only shapes few-step chains; longer ones start at the default T - 1
+            t_starts = cfg.t_starts if steps <= FEW_STEPS else [None]
+            for t_start in t_starts or [None]:
+                if t_start is not None and not (steps - 1 <= t_start < num_timesteps):
+                    continue
+                if steps > num_timesteps:
+                    continue
+                for draws in cfg.draws:
+                    for guidance in cfg.guidance:
+                        for temperature in cfg.temperatures:
+                            for noise in cfg.noise_modes:
+                                s = SamplerSetting(
+                                    sampler=sampler, steps=steps, draws=draws, guidance=float(guidance),
+                                    temperature=float(temperature), noise=noise, t_start=t_start,
+                                )
+                                seen.setdefault(canonical(s, num_timesteps), None)
+    seen.pop(REFERENCE, None)
+    # cheapest first; at equal cost deterministic settings first (gendd-method.md: they read out
+    # best), then the grid order, so the cap is reproducible
+    ranked = sorted(seen, key=lambda s: (s.head_passes(), not s.deterministic))
+    keep = max(cfg.max_settings - 2, 0)  # the probe and the reference count towards the cap
+    grid = [PROBE] + ranked[:keep]
+    at = next((i for i, s in enumerate(grid) if s.head_passes() > REFERENCE.head_passes()), len(grid))
+    grid.insert(at, REFERENCE)
+    return grid
+
+
+def structure(s: SamplerSetting) -> tuple:
+    """What the exported graph depends on; latency is measured once per structure."""
+    if s.kind == "probe":
+        return ("probe",)
+    needs_noise = not s.deterministic
+    return (s.sampler, s.steps, s.draws, s.guidance != 1.0, needs_noise)
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+@dataclass
+class Result:
+    setting: SamplerSetting
+    top1: float
+    agreement: float = float("nan")  # with the reference's predictions, in [0, 1]
+    latency_ms: float = float("nan")  # per batch of latency_batch images
+    chosen: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {
+            "label": self.setting.label(),
+            "setting": self.setting.to_dict(),
+            "top1": round(self.top1, 3),
+            "agreement": round(self.agreement, 4),
+            "latency_ms": round(self.latency_ms, 4),
+            "head_passes": self.setting.head_passes(),
+            "chosen": self.chosen,
+        }
+
+
+def choose(results: list[Result], tolerance: float) -> tuple[Result, Result]:
+    """(chosen, best): the lowest-latency result whose top-1 is within `tolerance` points of the
+    best top-1; ties on latency go to fewer head passes, then higher top-1, then list order."""
+    if not results:
+        raise ValueError("no calibration results to choose from")
+    best = max(results, key=lambda r: r.top1)  # first of equals: the cheaper, grid is cheapest first
+    ok = [(i, r) for i, r in enumerate(results) if r.top1 >= best.top1 - tolerance - 1e-9]
+    _, chosen = min(ok, key=lambda ir: (ir[1].latency_ms, ir[1].setting.head_passes(), -ir[1].top1, ir[0]))
+    return chosen, best
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _headless(student: GenDDStudent) -> GenDDStudent:
+    """A shallow view of the student whose `features` is the identity: DeployedModel(view, s)
+    takes pooled features (B, D_s) in place of images, so the backbone runs once for all settings
+    while the sampler code run is exactly DeployedModel's."""
+    view = copy.copy(student)
+    view.features = lambda f_s: f_s  # instance attribute on the copy; the student is untouched
+    return view
+
+
+@torch.no_grad()
+def calib_features(ctx: Context, student: GenDDStudent, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled student features per eval batch [(b, D_s)] and labels (n,) of the first n calibration images."""
+    calib, bs = ctx.data().calib, ctx.recipe.data.eval_batch_size
+    feats = []
+    for i in range(0, n, bs):
+        x = model_input(ctx, calib.get_batch(torch.arange(i, min(n, i + bs))), device)
+        feats.append(student.features(x))
+    return feats, calib.labels[:n]
+
+
+@torch.no_grad()
+def predict_setting(student: GenDDStudent, setting: SamplerSetting, feats: list[torch.Tensor], noise_seed: int, fixed_noise_seed: int) -> torch.Tensor:
+    """Predicted classes (n,) of one setting; batch b gets noise from seed noise_seed + b."""
+    from gendd_deploy.runtime.base import make_noise
+
+    model = DeployedModel(_headless(student), setting, fixed_noise_seed).to(feats[0].device)
+    preds = []
+    for b, f_s in enumerate(feats):
+        noise = None
+        if model.needs_noise:
+            noise = torch.from_numpy(make_noise(model.noise_shape(f_s.shape[0]), noise_seed + b)).to(f_s.device)
+        preds.append(model(f_s, noise).argmax(1).cpu())
+    return torch.cat(preds)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def make_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp: Path, device: torch.device):
+    """A runner for `model` on the target runtime (onnxruntime: exported to a temp .onnx)."""
+    if runtime == "torch":
+        from gendd_deploy.runtime.torch_runner import TorchRunner
+
+        return TorchRunner(model, device)
+    from gendd_deploy.runtime.onnx_export import export_onnx
+    from gendd_deploy.runtime.ort import OrtRunner
+
+    path = tmp / "model.onnx"
+    export_onnx(model.cpu(), path, example.cpu())
+    return OrtRunner(path)
+
+
+def time_runner(runner, images: np.ndarray, seed: int, repeats: int = 5, budget_s: float = 1.0) -> float:
+    """Median wall time (ms) of runner.run on one batch, after one warm-up run. Stops after
+    `budget_s` of timed runs once it has 3, so slow settings do not dominate calibration."""
+    noise = runner.noise(images.shape[0], seed)
+    runner.run(images, noise)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        runner.run(images, noise)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class CalibrateStage(Stage):
+    name = command = "calibrate"
+    artifact = "sampler"
+
+    def inputs(self, ctx: Context) -> dict[str, Stage]:
+        return {"student": DistillStage()}
+
+    def config(self, ctx: Context) -> dict:
+        # eval_batch_size shapes the fresh noise each batch gets, hence the sampled predictions
+        return {"calibrate": ctx.recipe.calibrate.model_dump(), "seed": ctx.recipe.pipeline.seed, "eval_batch_size": ctx.recipe.data.eval_batch_size}
+
+    def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
+        cc, seed = ctx.recipe.calibrate, ctx.recipe.pipeline.seed
+        student_art = inputs["student"]
+        if student_art.manifest["info"]["method"] != "gendd":
+            self._no_sampler(ctx, draft, student_art)
+            return
+        device = ctx.device()
+        student = load_student(student_art, device)
+        timer = Timer()
+        fixed_noise_seed = seed
+        noise_seed = 1_000_003 * (seed + 1)  # eval noise, apart from the fixed-noise seed
+        calib = ctx.data().calib
+        n = min(len(calib), cc.limit or len(calib))
+        grid = build_grid(cc, student.head.train_schedule.num_timesteps)
+
+        feats, labels = calib_features(ctx, student, n, device)
+        example = model_input(ctx, calib.get_batch(torch.arange(cc.latency_batch) % len(calib)), torch.device("cpu"))
+        results, latency, preds = [], {}, {}
+        with progress_bar(ctx.console, ctx.quiet) as bar, tempfile.TemporaryDirectory(prefix="gendd-calibrate-") as tmp:
+            task = bar.add_task("calibrate", total=len(grid), info="")
+            for s in grid:
+                bar.update(task, info=s.label())
+                p = predict_setting(student, s, feats, noise_seed, fixed_noise_seed)
+                preds[s] = p
+                key = structure(s)
+                if key not in latency:
+                    model = DeployedModel(student, s, fixed_noise_seed).eval()
+                    runner = make_runner(cc.runtime, model, example, Path(tmp), device)
+                    latency[key] = time_runner(runner, example.numpy(), noise_seed)
+                    del runner
+                results.append(Result(s, top1(p, labels), latency_ms=latency[key]))
+                bar.advance(task)
+        ref_pred = preds[REFERENCE]
+        for r in results:
+            r.agreement = (preds[r.setting] == ref_pred).float().mean().item()
+        chosen, best = choose(results, cc.tolerance)
+        chosen.chosen = True
+        by = {r.setting: r for r in results}
+        ref, probe = by[REFERENCE], by[PROBE]
+
+        reason = (
+            f"{chosen.setting.label()}: the lowest latency ({chosen.latency_ms:.3g} ms per {cc.latency_batch} images on {cc.runtime}) "
+            f"among {len(results)} settings within {cc.tolerance:g} top-1 points of the best ({best.setting.label()}, "
+            f"{best.top1:.2f}%); it scores {chosen.top1:.2f}% on {n} calibration images, "
+            f"{chosen.latency_ms / ref.latency_ms:.3g}x the reference's latency and {chosen.latency_ms / probe.latency_ms:.3g}x the probe's"
+        )
+        rows = [r.row() for r in results]
+        draft.path("table.json").write_text(json.dumps({"runtime": cc.runtime, "latency_batch": cc.latency_batch, "calib_images": n, "settings": rows}, indent=1))
+        plot(results, chosen, draft.path("accuracy_vs_latency.png"), f"{ctx.pipeline}: {n} calibration images, {cc.runtime}, batch {cc.latency_batch}")
+        draft.info.update(
+            {
+                "setting": chosen.setting.to_dict(),
+                "label": chosen.setting.label(),
+                "fixed_noise_seed": fixed_noise_seed,
+                "eval_noise_seed": noise_seed,
+                "reason": reason,
+                "reference": REFERENCE.to_dict(),
+                "choice": {
+                    "best": {"setting": best.setting.to_dict(), "label": best.setting.label(), "top1": round(best.top1, 3)},
+                    "chosen": {"label": chosen.setting.label(), "top1": round(chosen.top1, 3), "latency_ms": round(chosen.latency_ms, 4)},
+                    "tolerance": cc.tolerance,
+                    "latency_vs_probe": round(chosen.latency_ms / probe.latency_ms, 4),
+                    "latency_vs_reference": round(chosen.latency_ms / ref.latency_ms, 4),
+                },
+                "latency": {"runtime": cc.runtime, "batch": cc.latency_batch, "structures": len(latency), "statistic": "median after one warm-up"},
+            }
+        )
+        draft.metrics.update(
+            {
+                "calib_top1": round(chosen.top1, 3),
+                "reference_top1": round(ref.top1, 3),
+                "probe_top1": round(probe.top1, 3),
+                "best_top1": round(best.top1, 3),
+                "latency_ms": round(chosen.latency_ms, 4),
+                "reference_latency_ms": round(ref.latency_ms, 4),
+                "probe_latency_ms": round(probe.latency_ms, 4),
+                "n_settings": len(results),
+                "calib_images": n,
+                "runtime": cc.runtime,
+                "wall_s": round(timer(), 2),
+            }
+        )
+        if not ctx.quiet:
+            ctx.console.print(table(results, chosen, best, cc.latency_batch, cc.runtime))
+        ctx.log(f"calibrate: {reason}")
+
+    def _no_sampler(self, ctx: Context, draft: Draft, student_art: Artifact) -> None:
+        method = student_art.manifest["info"]["method"]
+        draft.path("table.json").write_text(json.dumps({"settings": []}))
+        draft.info.update({"setting": None, "fixed_noise_seed": None, "reason": NO_SAMPLER, "reference": REFERENCE.to_dict(), "method": method})
+        draft.metrics.update({"n_settings": 0, "runtime": ctx.recipe.calibrate.runtime})
+        ctx.log(f"calibrate: {NO_SAMPLER} ({method}); publishing an empty sampler artifact")
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _tag(r: Result, chosen: Result, best: Result) -> str:
+    tags = [t for t, hit in (("chosen", r is chosen), ("best", r is best), ("reference", r.setting == REFERENCE), ("probe", r.setting == PROBE)) if hit]
+    return ", ".join(tags)
+
+
+def table(results: list[Result], chosen: Result, best: Result, batch: int, runtime: str, top: int = 25):
+    """A rich table sorted by latency: the `top` fastest plus the reference, probe, best and chosen."""
+    from rich.table import Table
+
+    ranked = sorted(results, key=lambda r: (r.latency_ms, r.setting.head_passes()))
+    marked = {id(chosen), id(best)} | {id(r) for r in results if r.setting in (REFERENCE, PROBE)}
+    shown = [r for i, r in enumerate(ranked) if i < top or id(r) in marked]
+    t = Table(title=f"calibration: {len(results)} settings, latency per {batch} images on {runtime} (showing {len(shown)})")
+    for col, just in (("setting", "left"), ("top-1 %", "right"), ("agree", "right"), ("ms", "right"), ("passes", "right"), ("", "left")):
+        t.add_column(col, justify=just)
+    for r in shown:
+        style = "bold green" if r is chosen else None
+        t.add_row(r.setting.label(), f"{r.top1:.2f}", f"{r.agreement:.3f}", f"{r.latency_ms:.3g}", str(r.setting.head_passes()), _tag(r, chosen, best), style=style)
+    return t
+
+
+def plot(results: list[Result], chosen: Result, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.scatter([r.latency_ms for r in results], [r.top1 for r in results], s=12, alpha=0.6, color="tab:blue", label="setting")
+    for r in results:
+        name = "reference" if r.setting == REFERENCE else "probe" if r.setting == PROBE else None
+        if name:
+            ax.scatter([r.latency_ms], [r.top1], s=40, color="tab:orange" if name == "reference" else "tab:gray", zorder=3)
+            ax.annotate(name, (r.latency_ms, r.top1), textcoords="offset points", xytext=(5, -10))
+    ax.scatter([chosen.latency_ms], [chosen.top1], s=140, facecolors="none", edgecolors="tab:red", linewidths=2, zorder=4, label=f"chosen: {chosen.setting.label()}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per batch (ms, log scale)")
+    ax.set_ylabel("top-1 on the calibration split (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

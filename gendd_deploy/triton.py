@@ -1,0 +1,207 @@
+"""Write a Triton Inference Server model repository for the deployed model (`gendd export --triton DIR`).
+
+    DIR/<model>/config.pbtxt        platform, max batch size, inputs / outputs, dynamic batching
+    DIR/<model>/<N>/model.onnx      platform onnxruntime_onnx, or
+    DIR/<model>/<N>/model.plan      platform tensorrt_plan, when an engine artifact is given
+    DIR/<model>/versions.json       N -> the artifact (ref, fingerprint, sha256) it was copied from
+
+Each export to the same DIR adds version N+1 and points config.pbtxt at the newest model (Triton
+serves the latest version only). Inputs and outputs are read from the graph itself; dims exclude
+the batch dim. A noise input, when the sampler needs one, is documented in the config for clients.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from gendd_deploy.artifacts import Artifact, sha256_file
+from gendd_deploy.errors import UsageError
+from gendd_deploy.trt.plan import read_io
+
+VERSIONS_FILE = "versions.json"
+TRITON_TYPES = {
+    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
+    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _dims(shape: list) -> list[int]:
+    """Dims after the batch dim; a symbolic dim is -1 (variable) for Triton."""
+    return [d if isinstance(d, int) and d > 0 else -1 for d in shape[1:]]
+
+
+def _tensor_block(t: dict, comment: str | None = None) -> str:
+    dtype = TRITON_TYPES.get(t["dtype"])
+    if dtype is None:
+        raise UsageError(f"tensor '{t['name']}' has dtype {t['dtype']}, which has no Triton type")
+    dims = ", ".join(str(d) for d in _dims(t["shape"]))
+    head = "".join(f"  # {line}\n" for line in (comment or "").splitlines())
+    return f'{head}  {{\n    name: "{t["name"]}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n  }}'
+
+
+def _noise_comment(noise: dict, tail: list[int]) -> str:
+    shape = ", ".join(str(d) for d in tail)
+    return (
+        f"{noise['name']}: the sampler's noise, standard normal float32 of shape [{shape}] per image\n"
+        f"(request shape [batch, {shape}]). Draw it fresh for every request, e.g.\n"
+        f"numpy.random.default_rng().standard_normal((batch, {shape}), dtype=numpy.float32);\n"
+        "gendd's runners draw it with torch.randn from a seed (gendd_deploy.runtime.base.make_noise)."
+    )
+
+
+def render_config(
+    model_name: str,
+    platform: str,
+    io: dict,
+    max_batch: int,
+    preferred: list[int],
+    max_delay_us: int,
+    noise_tail: list[int] | None = None,
+    header: str = "",
+) -> str:
+    """config.pbtxt text (protobuf text format of Triton's ModelConfig) with explanatory comments."""
+    inputs = io["inputs"]
+    blocks = []
+    for k, t in enumerate(inputs):
+        is_noise = noise_tail is not None and k == 1
+        blocks.append(_tensor_block(t, _noise_comment(t, noise_tail) if is_noise else None))
+    outs = [_tensor_block(t) for t in io["outputs"]]
+    pref = ", ".join(str(b) for b in preferred)
+    lines = [header.rstrip("\n")] if header else []
+    lines += [
+        f'name: "{model_name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch}",
+        "# serve only the newest version; older ones stay on disk for rollback (versions.json maps them)",
+        "version_policy: { latest: { num_versions: 1 } }",
+        "input [\n" + ",\n".join(blocks) + "\n]",
+        "output [\n" + ",\n".join(outs) + "\n]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {pref} ]",
+        f"  max_queue_delay_microseconds: {max_delay_us}",
+        "}",
+    ]
+    if platform == "tensorrt_plan":
+        lines += ["# a TensorRT plan runs on the GPU model it was built for", "instance_group [ { kind: KIND_GPU, count: 1 } ]"]
+    return "\n".join(lines) + "\n"
+
+
+def _next_version(model_dir: Path, versions: dict) -> int:
+    nums = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    nums += [int(k) for k in versions]
+    return max(nums, default=0) + 1
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _field(cfg: Any, name: str, default):
+    return getattr(cfg, name, default) if cfg is not None else default
+
+
+def write_triton_repo(
+    onnx_art: Artifact,
+    engine_art: Artifact | None,
+    out_dir: str | Path,
+    model_name: str,
+    serve_cfg: Any = None,
+    build_cfg: Any = None,
+) -> Path:
+    """Add one version of the model to the Triton repository `out_dir`; return the version folder."""
+    if not _NAME_RE.match(model_name):
+        raise UsageError(f"Triton model name '{model_name}' may use only letters, digits, '_', '.', '-'; set [serve] model_name")
+    onnx_path = onnx_art.file("model.onnx")
+    onnx_info = onnx_art.manifest.get("info", {})
+    io = read_io(onnx_path)
+    if engine_art is not None:
+        info = engine_art.manifest.get("info", {})
+        if info.get("onnx", {}).get("fingerprint") not in (None, onnx_art.fingerprint):
+            raise UsageError(f"engine {engine_art.ref} was built from another ONNX artifact than {onnx_art.ref}; rebuild it with 'gendd build'")
+        prof = info["profile"][io["inputs"][0]["name"]]
+        lo, opt, hi = prof["min"][0], prof["opt"][0], prof["max"][0]
+        if lo > 1:
+            raise UsageError(f"engine {engine_art.ref} has min batch {lo}; Triton sends batches from 1, so rebuild with --set build.min_batch=1")
+        platform, src, filename, source = "tensorrt_plan", engine_art.file("model.plan"), "model.plan", engine_art
+        io = info.get("io", io)
+    else:
+        opt, hi = _field(build_cfg, "opt_batch", 32), _field(build_cfg, "max_batch", 256)
+        platform, src, filename, source = "onnxruntime_onnx", onnx_path, "model.onnx", onnx_art
+    max_delay_us = int(round(float(_field(serve_cfg, "max_delay_ms", 5.0)) * 1000))
+    preferred = sorted({b for b in (opt, hi) if 1 <= b <= hi})
+
+    needs_noise = onnx_info.get("needs_noise", len(io["inputs"]) > 1)
+    tail = onnx_info.get("noise_shape_tail") if needs_noise else None
+    if needs_noise and not tail:
+        tail = _dims(io["inputs"][1]["shape"])
+    if needs_noise and len(io["inputs"]) < 2:
+        raise UsageError(f"{onnx_art.ref} says it needs noise but its graph has one input; re-export with 'gendd export'")
+
+    root = Path(out_dir)
+    model_dir = root / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    vfile = model_dir / VERSIONS_FILE
+    versions = json.loads(vfile.read_text()).get("versions", {}) if vfile.is_file() else {}
+
+    # stage the version folder beside its final name, then rename: Triton never sees half a model
+    staging = model_dir / f".tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        shutil.copyfile(src, staging / filename)
+        for _ in range(100):
+            n = _next_version(model_dir, versions)
+            try:
+                os.rename(staging, model_dir / str(n))
+                break
+            except OSError:
+                if (model_dir / str(n)).exists():  # another export took this number; take the next
+                    continue
+                raise
+        else:
+            raise UsageError(f"could not allocate a version folder in {model_dir}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    from gendd_deploy import __version__
+
+    refs = f"{onnx_art.ref}" + (f" + {engine_art.ref}" if engine_art is not None else "")
+    header = f"# Triton model configuration for '{model_name}', written by gendd {__version__} from {refs}.\n"
+    if engine_art is not None:
+        info = engine_art.manifest["info"]
+        header += (
+            f"# Engine built with TensorRT {info.get('tensorrt')} (CUDA {info.get('cuda')}) on {info.get('gpu')} "
+            f"(compute capability {info.get('gpu_capability')}), precision {info.get('precision')}:\n"
+            "# serve it with a tritonserver container that ships the same TensorRT version, on the same GPU model.\n"
+        )
+    header += "# Inputs are float32 NCHW images normalized as in training (see versions.json 'preprocess'); output: logits.\n"
+    text = render_config(model_name, platform, io, hi, preferred, max_delay_us, list(tail) if tail else None, header)
+    _write_atomic(model_dir / "config.pbtxt", text)
+
+    versions[str(n)] = {
+        "platform": platform,
+        "file": filename,
+        "artifact": source.ref,
+        "fingerprint": source.fingerprint,
+        "sha256": sha256_file(model_dir / str(n) / filename),
+        "onnx": {"ref": onnx_art.ref, "fingerprint": onnx_art.fingerprint},
+        "engine": ({"ref": engine_art.ref, "fingerprint": engine_art.fingerprint,
+                    **{k: engine_art.manifest["info"].get(k) for k in ("tensorrt", "cuda", "gpu", "gpu_capability", "precision")}}
+                   if engine_art is not None else None),
+        "needs_noise": bool(needs_noise),
+        "noise_shape_tail": list(tail) if tail else None,
+        "preprocess": onnx_info.get("preprocess"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    doc = {"model": model_name, "latest": n, "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0])))}
+    _write_atomic(vfile, json.dumps(doc, indent=2))
+    return model_dir / str(n)

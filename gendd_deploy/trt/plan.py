@@ -1,0 +1,232 @@
+"""What an engine build will do, decided without TensorRT: precision plan, profile, compatibility.
+
+Everything here is pure (numpy and onnx at most) so it is tested on any machine:
+
+- `precision_plan(trt_major, precision)`: TensorRT 10 reaches fp16 / bf16 through builder flags on
+  a weakly typed network; TensorRT 11 removed those flags and every network is strongly typed, so
+  the precision is written into the ONNX graph first (trt/precision.py) and the builder is told
+  nothing about it.
+- `read_io(onnx_path)` / `profile_shapes(io, build_cfg)`: one (min, opt, max) shape per graph
+  input, the batch dim from the recipe, every other dim fixed by the graph.
+- `check_compatible(engine_info, here)`: an engine runs only with the TensorRT version and the GPU
+  model it was built with; anything else is refused with both sides named.
+- `parity` / `check_parity`: the logit gate shared by the conversion and the engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from gendd_deploy.errors import ArtifactError, GateError, UsageError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def trt_major(version: str) -> int:
+    """'10.9.0.34' -> 10."""
+    m = re.match(r"^\s*(\d+)", str(version))
+    if not m:
+        raise UsageError(f"cannot read a TensorRT major version from '{version}'")
+    return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    precision: str  # what the recipe asked for: fp32 | fp16 | bf16
+    trt_major: int
+    builder_flags: tuple[str, ...]  # trt.BuilderFlag members to set (TensorRT 10 only)
+    onnx_conversion: str | None  # fp16 | bf16: rewrite the ONNX graph before parsing (TensorRT 11)
+    strongly_typed: bool  # tensor types come from the graph, not from the builder
+    network_flags: tuple[str, ...]  # trt.NetworkDefinitionCreationFlag members to set
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.onnx_conversion:
+            how = f"ONNX graph converted to {self.onnx_conversion} (inputs/outputs stay float32), strongly typed network"
+        elif self.builder_flags:
+            how = f"builder flag {', '.join(self.builder_flags)} on a weakly typed network"
+        else:
+            how = "float32 graph" + (", strongly typed network" if self.strongly_typed else "")
+        return f"{self.precision} on TensorRT {self.trt_major}: {how}"
+
+
+def precision_plan(trt_major: int, precision: str) -> PrecisionPlan:
+    """How `precision` is reached on this TensorRT major version (10 or 11; later majors as 11)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"[build] precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if trt_major < 10:
+        raise UsageError(f"TensorRT {trt_major} is not supported; gendd builds with TensorRT 10.x or 11.x")
+    if trt_major == 10:
+        flags = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}[precision]
+        return PrecisionPlan(precision, trt_major, flags, None, False, ())
+    # 11+: the precision flags are gone; the graph carries its types. STRONGLY_TYPED is accepted
+    # (and ignored, strong typing being always on) by 11.x, so it is set only where it still exists.
+    conversion = None if precision == "fp32" else precision
+    return PrecisionPlan(precision, trt_major, (), conversion, True, ("STRONGLY_TYPED",))
+
+
+# ---- graph inputs and the optimization profile ------------------------------------------------
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32", 7: "int64", 9: "bool", 2: "uint8", 3: "int8"}
+
+
+def read_io(onnx_path: str | Path) -> dict:
+    """{'inputs': [...], 'outputs': [...]} of an ONNX graph, each {'name', 'dtype', 'shape'}.
+
+    A dim is an int when fixed, else the name of its symbol (e.g. 'batch') or None.
+    Initializers listed as graph inputs (old exporters) are not inputs.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+
+    def entry(v) -> dict:
+        tt = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        return {"name": v.name, "dtype": _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), "shape": dims}
+
+    return {
+        "inputs": [entry(v) for v in model.graph.input if v.name not in inits],
+        "outputs": [entry(v) for v in model.graph.output],
+    }
+
+
+def _inputs_of(io: Any) -> list[dict]:
+    """Accept read_io()'s dict, a list of input entries, or a {name: shape} mapping."""
+    if isinstance(io, Mapping) and "inputs" in io:
+        return list(io["inputs"])
+    if isinstance(io, Mapping):
+        return [{"name": k, "shape": list(v)} for k, v in io.items()]
+    return list(io)
+
+
+def _is_fixed(dim: Any) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim > 0
+
+
+def profile_shapes(io: Any, build_cfg: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """One optimization-profile entry per graph input (images and noise alike): name -> (min, opt, max).
+
+    Dim 0 is the batch and takes the recipe's min / opt / max batch; every other dim must be fixed
+    in the graph (an image size or a noise shape), else the input cannot be profiled from a recipe.
+    """
+    out = {}
+    for inp in _inputs_of(io):
+        name, shape = inp["name"], list(inp["shape"])
+        if not shape:
+            raise UsageError(f"graph input '{name}' is a scalar; a profile needs a leading batch dim")
+        if _is_fixed(shape[0]):
+            raise UsageError(
+                f"graph input '{name}' has a fixed batch dim {shape[0]} ({shape}); re-export with a dynamic batch dim ('gendd export')"
+            )
+        rest = shape[1:]
+        if not all(_is_fixed(d) for d in rest):
+            raise UsageError(f"graph input '{name}' has a dynamic non-batch dim ({shape}); only the batch dim may vary")
+        rest_t = tuple(int(d) for d in rest)
+        b = (build_cfg.min_batch, build_cfg.opt_batch, build_cfg.max_batch)
+        out[name] = tuple((n,) + rest_t for n in b)
+    if not out:
+        raise UsageError("the ONNX graph has no inputs to profile")
+    return out
+
+
+def profile_to_json(shapes: Mapping) -> dict:
+    return {name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for name, s in shapes.items()}
+
+
+# ---- engine identity and compatibility -------------------------------------------------------
+
+IDENTITY_KEYS = ("tensorrt", "gpu", "gpu_capability")
+
+
+def timing_cache_key(here: Mapping) -> dict:
+    """What a timing cache is valid for: GPU model, compute capability and exact TensorRT version."""
+    return {"gpu": here.get("gpu"), "gpu_capability": here.get("gpu_capability"), "tensorrt": here.get("tensorrt")}
+
+
+def _side(d: Mapping) -> str:
+    gpu = d.get("gpu") or "no GPU"
+    cap = f" (compute capability {d['gpu_capability']})" if d.get("gpu_capability") else ""
+    trt = f"TensorRT {d['tensorrt']}" if d.get("tensorrt") else "no TensorRT"
+    cuda = f", CUDA {d['cuda']}" if d.get("cuda") else ""
+    return f"{trt}{cuda} on {gpu}{cap}"
+
+
+def check_compatible(engine_info: Mapping, here: Mapping, rebuild_hint: str = "gendd build") -> None:
+    """Refuse an engine built for another TensorRT version or GPU, naming both sides.
+
+    Plans are tied to the exact TensorRT version and to the device they were tuned on; CUDA minor
+    versions are recorded but not compared (TensorRT's own compatibility rules cover them).
+    """
+    missing = [k for k in IDENTITY_KEYS if not engine_info.get(k)]
+    if missing:
+        raise ArtifactError(f"engine manifest lacks {', '.join(missing)}; it cannot be checked against this machine; rebuild it: {rebuild_hint}")
+    differ = [k for k in IDENTITY_KEYS if str(engine_info.get(k)) != str(here.get(k))]
+    if differ:
+        what = {"tensorrt": "TensorRT version", "gpu": "GPU", "gpu_capability": "compute capability"}
+        raise ArtifactError(
+            f"engine built with {_side(engine_info)} cannot run with {_side(here)} "
+            f"(different {', '.join(what[k] for k in differ)}); rebuild it on this machine: {rebuild_hint}"
+        )
+
+
+# ---- parity gate -----------------------------------------------------------------------------
+
+
+def parity(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Max abs logit difference and top-1 agreement of `got` vs `ref`, both (N, K)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    if ref.shape != got.shape:
+        raise GateError(f"output shapes differ: reference {ref.shape}, candidate {got.shape}")
+    finite = bool(np.isfinite(got).all())
+    diff = float(np.abs(ref - got).max()) if ref.size and finite else (float("inf") if not finite else 0.0)
+    agree = float((ref.argmax(1) == got.argmax(1)).mean()) if ref.size else 1.0
+    return {"max_abs_diff": diff, "top1_agreement": agree, "n": int(ref.shape[0]), "finite": finite}
+
+
+def check_parity(report: Mapping, atol: float, min_agreement: float, what: str) -> None:
+    """GateError naming the measured numbers when `report` (from parity()) misses either bound."""
+    bad = []
+    if not report["finite"]:
+        bad.append("non-finite logits (overflow in reduced precision?)")
+    elif report["max_abs_diff"] > atol:
+        bad.append(f"max |diff| {report['max_abs_diff']:.3g} > atol {atol:g}")
+    if report["top1_agreement"] < min_agreement:
+        bad.append(f"top-1 agreement {report['top1_agreement']:.4f} < {min_agreement:g}")
+    if bad:
+        raise GateError(
+            f"{what} parity gate failed on {report['n']} calibration images: {'; '.join(bad)}; "
+            "loosen [build] atol / min_agreement only if this is acceptable, or use precision = 'fp32'"
+        )
+
+
+# ---- parser errors ---------------------------------------------------------------------------
+
+
+def format_parser_error(i: int, err: Mapping) -> str:
+    """One line per ONNX parser error: index, node (number, name, op), description, code."""
+    where = []
+    if err.get("node", -1) is not None and err.get("node", -1) >= 0:
+        where.append(f"node {err['node']}")
+    if err.get("node_name"):
+        where.append(f"'{err['node_name']}'")
+    if err.get("node_operator"):
+        where.append(f"({err['node_operator']})")
+    loc = " ".join(where) or "graph"
+    code = f" [{err['code']}]" if err.get("code") else ""
+    return f"{i}. {loc}: {err.get('desc', '?')}{code}"
+
+
+def format_parser_errors(path: str | Path, errors: Iterable[Mapping]) -> str:
+    errors = list(errors)
+    lines = [format_parser_error(i + 1, e) for i, e in enumerate(errors)]
+    return f"TensorRT's ONNX parser rejected {path} with {len(lines)} error(s):\n  " + "\n  ".join(lines)

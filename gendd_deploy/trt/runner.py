@@ -1,0 +1,155 @@
+"""Run a TensorRT engine: a `Runner` over execute_async_v3 on torch CUDA tensors (TensorRT 10 / 11).
+
+    runner = TrtRunner(engine_artifact)          # or a model.plan path (its manifest.json is read if beside it)
+    logits = runner.run(images, runner.noise(len(images), seed=0))
+
+An engine from an artifact (or a plan with its manifest beside it) is checked against this machine
+first: another TensorRT version or GPU is refused with both sides named. Batches larger than the
+profile's max are split; smaller than its min are zero-padded and trimmed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from gendd_deploy.artifacts import MANIFEST, Artifact
+from gendd_deploy.errors import ArtifactError, UsageError
+from gendd_deploy.runtime.base import Runner
+from gendd_deploy.trt import import_tensorrt, require_tensorrt
+from gendd_deploy.trt.plan import check_compatible
+
+ENGINE_FILE = "model.plan"
+
+
+def _torch_dtype(trt, dt):
+    import torch
+
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+             "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool, "UINT8": torch.uint8}
+    name = getattr(dt, "name", str(dt).split(".")[-1])
+    if name not in table:
+        raise UsageError(f"engine tensor type {name} is not supported by the runner")
+    return table[name]
+
+
+def _engine_source(engine) -> tuple[Path, dict | None, str]:
+    """(plan path, engine manifest info or None, rebuild hint)."""
+    if isinstance(engine, Artifact):
+        return engine.file(ENGINE_FILE), engine.manifest.get("info", {}), f"delete {engine.path} and run 'gendd build'"
+    path = Path(engine)
+    if path.is_dir():
+        path = path / ENGINE_FILE
+    if not path.is_file():
+        raise UsageError(f"engine file {path} not found; build one with 'gendd build'")
+    manifest = path.parent / MANIFEST
+    info = json.loads(manifest.read_text()).get("info", {}) if manifest.is_file() else None
+    return path, info, "gendd build"
+
+
+class TrtRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, engine, noise_shape_tail: tuple | None = None, check: bool = True, device: int = 0):
+        require_tensorrt("the TensorRT runner")
+        import torch
+
+        trt = import_tensorrt()
+        self.trt = trt
+        path, info, hint = _engine_source(engine)
+        self.info = info or {}
+        if check and info is not None:
+            here = {"tensorrt": trt.__version__, "cuda": torch.version.cuda,
+                    "gpu": torch.cuda.get_device_name(device),
+                    "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}
+            check_compatible(info, here, hint)
+        if noise_shape_tail is None and self.info.get("needs_noise"):
+            noise_shape_tail = tuple(self.info["noise_shape_tail"])
+        super().__init__(noise_shape_tail)
+
+        self.device = torch.device("cuda", device)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {path}; it was built by another TensorRT version or is corrupt: rebuild with 'gendd build'")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
+        if len(self.outputs) != 1:
+            raise ArtifactError(f"engine {path} has outputs {self.outputs}; expected one (logits)")
+        if (len(self.inputs) > 1) != self.needs_noise:
+            raise UsageError(f"engine inputs are {self.inputs} but noise_shape_tail is {self.noise_shape_tail}")
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.inputs[0], 0)
+        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        self._lock = threading.Lock()  # one execution context: one batch at a time
+        self._stream = torch.cuda.Stream(device=self.device)
+
+    def providers(self) -> list[str]:
+        import torch
+
+        return [f"TensorRT {self.trt.__version__} on {torch.cuda.get_device_name(self.device)}"]
+
+    def run_torch(self, images, noise=None):
+        """CUDA tensors in, CUDA float32 logits out; no host copies (for latency and serving on GPU)."""
+        import torch
+
+        n = images.shape[0]
+        if n > self.max_batch:
+            parts = [self.run_torch(images[s : s + self.max_batch], None if noise is None else noise[s : s + self.max_batch])
+                     for s in range(0, n, self.max_batch)]
+            return torch.cat(parts)
+        pad = max(0, self.min_batch - n)
+        feeds = [images] + ([noise] if self.needs_noise else [])
+        if self.needs_noise and noise is None:
+            raise UsageError(f"this engine needs a noise input of shape {(n,) + self.noise_shape_tail}")
+        with self._lock, torch.cuda.stream(self._stream):
+            bufs = []
+            for name, x in zip(self.inputs, feeds):
+                want = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+                x = x.to(self.device, want).contiguous()
+                if pad:
+                    x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
+                self.context.set_input_shape(name, tuple(x.shape))
+                self.context.set_tensor_address(name, x.data_ptr())
+                bufs.append(x)  # keep alive until the stream is done
+            out_name = self.outputs[0]
+            out = torch.empty(tuple(self.context.get_tensor_shape(out_name)),
+                              dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(out_name)), device=self.device)
+            self.context.set_tensor_address(out_name, out.data_ptr())
+            if not self.context.execute_async_v3(self._stream.cuda_stream):
+                raise ArtifactError("TensorRT execute_async_v3 failed; see the TensorRT log above")
+            self._stream.synchronize()
+        return out[:n].float()
+
+    def run(self, images: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        z = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32)) if noise is not None else None
+        return self.run_torch(x, z).cpu().numpy()
+
+    def latency_ms(self, batch: int, iters: int = 50, warmup: int = 10, seed: int = 0) -> dict:
+        """Median / p90 milliseconds per batch of random inputs, timed with CUDA events on device tensors."""
+        import torch
+
+        shape = tuple(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[1])[1:]
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((batch,) + shape, generator=g).to(self.device)
+        z = torch.randn((batch,) + self.noise_shape_tail, generator=g).to(self.device) if self.needs_noise else None
+        for _ in range(warmup):
+            self.run_torch(x, z)
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self._stream)
+            self.run_torch(x, z)
+            end.record(self._stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        t = np.array(times)
+        return {"batch": batch, "median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "iters": iters}

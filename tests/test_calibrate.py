@@ -1,0 +1,217 @@
+"""Calibrate: the sampler grid, the choice, the calibration-only data access, one stage run."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gendd_deploy.artifacts import verify_artifact
+from gendd_deploy.config import CalibrateConfig
+from gendd_deploy.models import backbone as bb
+from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
+from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.stages.calibrate import (
+    NO_SAMPLER,
+    PROBE,
+    REFERENCE,
+    CalibrateStage,
+    Result,
+    build_grid,
+    calib_features,
+    canonical,
+    choose,
+    predict_setting,
+    structure,
+)
+from gendd_deploy.stages.distill import DistillStage
+
+TINY_BACKBONE = {"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 16)}
+
+
+def tiny_student(num_classes=10, teacher_dim=32, token_dim=16, seed=0) -> GenDDStudent:
+    torch.manual_seed(seed)
+    backbone = bb.create_backbone("resnet18", num_classes, 1, True, TINY_BACKBONE)
+    student = GenDDStudent(backbone, nn.Linear(teacher_dim, num_classes), width=32, depth=1, token_dim=token_dim, train_timesteps=1000)
+    # an untrained head outputs zeros; give it weights so samplers differ
+    with torch.no_grad():
+        for p in student.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return student.eval().requires_grad_(False)
+
+
+# ---- grid -----------------------------------------------------------------------------------
+
+
+def test_canonical_collapses_equivalent_settings():
+    ddim0 = SamplerSetting(sampler="ddim", steps=4, draws=5, guidance=1.0, temperature=0.0, noise="fresh")
+    assert canonical(ddim0, 1000) == SamplerSetting(sampler="ddim", steps=4, draws=1, guidance=1.0, temperature=0.0, noise="zero")
+    zero = SamplerSetting(sampler="ddpm", steps=4, draws=2, temperature=0.5, noise="zero", t_start=999)
+    assert canonical(zero, 1000) == SamplerSetting(sampler="ddpm", steps=4, draws=1, temperature=0.0, noise="zero")
+    fixed = SamplerSetting(sampler="ddpm", steps=4, draws=2, temperature=0.5, noise="fixed")
+    assert canonical(fixed, 1000) == fixed  # fixed noise: draws still differ from each other
+    assert canonical(REFERENCE, 1000) == REFERENCE
+
+
+def test_grid_prunes_equivalents_and_keeps_reference_and_probe():
+    cfg = CalibrateConfig(steps=[1, 4, 16], draws=[1, 3], guidance=[1.0], temperatures=[0.0, 1.0], t_starts=[999, 800])
+    grid = build_grid(cfg, 1000)
+    assert grid[0] == PROBE and REFERENCE in grid
+    assert len(set(grid)) == len(grid)
+    for s in grid[1:]:
+        if s.deterministic and s.noise != "fixed":
+            assert s.draws == 1, s  # no draws > 1 for zero noise / ddim T0
+        if s.sampler == "ddim" and s.temperature == 0.0:
+            assert s.noise == "zero", s  # noise mode irrelevant
+        if s != REFERENCE and s.steps > 8:
+            assert s.t_start is None, s  # t_start only for few-step samplers
+    assert {s.t_start for s in grid if s.kind == "sampler" and s.steps <= 8} == {None, 800}
+    # ddim T0: one setting per (steps, t_start), whatever the noise modes and draws
+    ddim0 = [s for s in grid if s.sampler == "ddim" and s.temperature == 0.0 and s.kind == "sampler"]
+    assert len(ddim0) == 2 + 2 + 1
+    # cheapest first, except the reference which sits where its cost puts it
+    costs = [s.head_passes() for s in grid]
+    assert costs == sorted(costs)
+
+
+@pytest.mark.parametrize("cap", [2, 5, 40])
+def test_grid_cap_keeps_cheapest_and_reference(cap):
+    full = build_grid(CalibrateConfig(max_settings=10_000), 1000)
+    grid = build_grid(CalibrateConfig(max_settings=cap), 1000)
+    assert len(grid) == cap and grid[0] == PROBE and grid[-1] == REFERENCE
+    others = [s for s in full if s not in (PROBE, REFERENCE)]
+    assert grid[1:-1] == others[: cap - 2]
+    assert max((s.head_passes() for s in grid[1:-1]), default=0) <= min(s.head_passes() for s in others[cap - 2 :])
+
+
+def test_grid_skips_invalid_t_start():
+    grid = build_grid(CalibrateConfig(steps=[1, 8], t_starts=[5], samplers=["ddim"], temperatures=[0.0], guidance=[1.0]), 10)
+    assert [s for s in grid if s.kind == "sampler" and s != REFERENCE] == [SamplerSetting(sampler="ddim", steps=1, draws=1, guidance=1.0, temperature=0.0, noise="zero", t_start=5)]
+
+
+def test_structure_ignores_temperature_and_t_start():
+    a = SamplerSetting(sampler="ddpm", steps=4, draws=2, temperature=0.5, noise="fresh", t_start=800)
+    assert structure(a) == structure(SamplerSetting(sampler="ddpm", steps=4, draws=2, temperature=1.0, noise="fresh"))
+    assert structure(a) != structure(SamplerSetting(sampler="ddpm", steps=4, draws=2, temperature=1.0, noise="fixed"))
+    assert structure(PROBE) == ("probe",)
+
+
+# ---- choice ---------------------------------------------------------------------------------
+
+
+def R(label_steps, top1, ms, draws=1, guidance=1.0):
+    return Result(SamplerSetting(sampler="ddim", steps=label_steps, draws=draws, guidance=guidance, temperature=0.0, noise="zero"), top1, latency_ms=ms)
+
+
+def test_choose_cheapest_within_tolerance():
+    rs = [R(1, 80.0, 1.0), R(2, 89.95, 2.0), R(4, 90.0, 4.0), R(8, 89.0, 0.5)]
+    chosen, best = choose(rs, tolerance=0.1)
+    assert best is rs[2] and chosen is rs[1]
+    chosen, _ = choose(rs, tolerance=0.0)
+    assert chosen is rs[2]
+    chosen, _ = choose(rs, tolerance=10.0)
+    assert chosen is rs[3]
+
+
+def test_choose_ties_go_to_fewer_head_passes_then_top1():
+    a, b = R(4, 90.0, 3.0, guidance=2.0), R(4, 90.0, 3.0)  # same latency: b has half the passes
+    assert choose([a, b], 0.1)[0] is b
+    c, d = R(4, 89.95, 3.0), R(4, 90.0, 3.0)  # same latency and passes (e.g. t_start variants)
+    assert choose([c, d], 0.1)[0] is d
+    probe = Result(PROBE, 90.0, latency_ms=0.2)
+    assert choose([a, b, probe], 0.1)[0] is probe
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [PROBE, SamplerSetting(sampler="ddim", steps=2, draws=1, guidance=2.0, temperature=0.0, noise="zero", t_start=800),
+     SamplerSetting(sampler="ddpm", steps=2, draws=2, guidance=2.0, temperature=1.0, noise="fresh"),
+     SamplerSetting(sampler="ddpm", steps=3, draws=2, guidance=1.0, temperature=0.5, noise="fixed")],
+    ids=lambda s: s.label(),
+)
+def test_feature_reuse_matches_deployed_model(setting):
+    """Calibrate feeds cached backbone features through DeployedModel: same logits as from images."""
+    from gendd_deploy.runtime.base import make_noise
+
+    student = tiny_student()
+    x = torch.randn(6, 1, 8, 8)
+    deployed = DeployedModel(student, setting, fixed_noise_seed=3)
+    noise = torch.from_numpy(make_noise(deployed.noise_shape(6), 11)) if deployed.needs_noise else None
+    expect = deployed(x, noise).argmax(1)
+    got = predict_setting(student, setting, [student.features(x)], noise_seed=11, fixed_noise_seed=3)
+    assert torch.equal(got, expect)
+    assert "features" not in vars(student)  # the student itself is untouched
+
+
+# ---- the stage ------------------------------------------------------------------------------
+
+
+def publish_student(ctx, method="gendd"):
+    """A tiny untrained student artifact under the fingerprint the recipe implies (no training)."""
+    data = ctx.data()
+    dc = ctx.recipe.distill
+    arch = bb.architecture("resnet18", data.num_classes, data.in_chans, True, TINY_BACKBONE)
+    if method == "gendd":
+        model = tiny_student(data.num_classes, teacher_dim=32, token_dim=dc.token_dim)
+        head = {"width": 32, "depth": 1, "token_dim": dc.token_dim, "teacher_dim": 32, "num_tokens": 32 // dc.token_dim, "train_timesteps": 1000}
+    else:
+        model, head = bb.build_from_architecture(arch), None
+    stage = DistillStage()
+    with ctx.store.draft(ctx.pipeline, "student", stage.fingerprint(ctx), stage.config(ctx), []) as d:
+        torch.save(model.state_dict(), d.path("model.pt"))
+        d.info.update({"method": method, "architecture": arch, **({"head": head} if head else {})})
+        return d.publish()
+
+
+class _NoTest:
+    def __getattr__(self, name):
+        raise AssertionError("calibrate touched the test split")
+
+    def __len__(self):
+        raise AssertionError("calibrate touched the test split")
+
+
+def guard_test_split(ctx):
+    data = ctx.data()
+    data.test = _NoTest()
+    return data
+
+
+def test_calib_features_read_only_calibration_images(tiny_context):
+    ctx = tiny_context()
+    data = guard_test_split(ctx)
+    feats, labels = calib_features(ctx, tiny_student(), 20, torch.device("cpu"))
+    assert sum(len(f) for f in feats) == 20 and torch.equal(labels, data.calib.labels[:20])
+
+
+def test_stage_end_to_end_on_calibration_split_only(tiny_context):
+    ctx = tiny_context("calibrate.runtime='torch'", "calibrate.limit=24", "calibrate.max_settings=12", "calibrate.latency_batch=4", "data.eval_batch_size=16")
+    guard_test_split(ctx)
+    publish_student(ctx)
+    art = CalibrateStage().run(ctx)
+    assert verify_artifact(art) == []
+    info, m = art.manifest["info"], art.metrics
+    chosen = SamplerSetting.from_dict(info["setting"])
+    assert info["reference"] == REFERENCE.to_dict() and isinstance(info["fixed_noise_seed"], int) and chosen.label() in info["reason"]
+    assert m["n_settings"] == 12 and m["calib_images"] == 24 and m["runtime"] == "torch"
+    assert m["best_top1"] - m["calib_top1"] <= ctx.recipe.calibrate.tolerance + 1e-6
+    table = json.loads(art.file("table.json").read_text())["settings"]
+    assert len(table) == 12 and sum(r["chosen"] for r in table) == 1
+    row = next(r for r in table if r["chosen"])
+    assert row["setting"] == info["setting"] and row["latency_ms"] == m["latency_ms"]
+    assert next(r for r in table if r["label"] == REFERENCE.label())["agreement"] == 1.0
+    assert art.file("accuracy_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
+    # the same recipe reuses the artifact
+    assert CalibrateStage().run(ctx).path == art.path
+
+
+def test_kd_student_gets_an_empty_sampler(tiny_context):
+    ctx = tiny_context("distill.method='kd'")
+    guard_test_split(ctx)
+    publish_student(ctx, method="kd")
+    art = CalibrateStage().run(ctx)
+    assert art.manifest["info"]["setting"] is None and art.manifest["info"]["reason"] == NO_SAMPLER
+    assert art.metrics["n_settings"] == 0

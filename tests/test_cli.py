@@ -1,0 +1,73 @@
+"""The command line: help for every command, exit codes and one-line errors without tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from gendd_deploy.cli import app
+
+COMMANDS = [
+    ["run"], ["teacher"], ["cache"], ["distill"], ["calibrate"], ["export"], ["build"], ["bench"], ["serve"],
+    ["artifacts"], ["artifacts", "ls"], ["artifacts", "show"], ["artifacts", "verify"], ["artifacts", "gc"],
+]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_help_for_every_command(cmd):
+    result = CliRunner().invoke(app, cmd + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and len(result.output) > 200
+
+
+def gendd(*args, env=None, cwd=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "gendd_deploy", *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=300)
+
+
+def test_malformed_recipe_exit_2_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[teacher]\nepochz = 1\n")
+    r = gendd("teacher", "-p", str(bad), "--artifacts", str(tmp_path / "a"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "teacher.epochz" in r.stderr and str(bad) in r.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_wrong_type_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[distill]\nepochs = 'ten'\n")
+    r = gendd("distill", "-p", str(bad), "--artifacts", str(tmp_path / "a"))
+    assert r.returncode == 2 and "distill.epochs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_data_folder_exit_2(tmp_path):
+    p = tmp_path / "fm.toml"
+    p.write_text(f"[data]\nsource = 'fashion_mnist'\nroot = '{tmp_path / 'nowhere'}'\n")
+    r = gendd("teacher", "-p", str(p), "--artifacts", str(tmp_path / "a"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "nowhere" in r.stderr and "dataset-fashion-mnist" in r.stderr
+
+
+def test_unknown_stage_flag_exit_2(tmp_path, tiny_recipe):
+    r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "a"), "--epochz", "3")
+    assert r.returncode == 2 and "--epochz" in r.stderr and "--epochs" in r.stderr
+
+
+def test_missing_recipe_file(tmp_path):
+    r = gendd("teacher", "-p", str(tmp_path / "none.toml"))
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_artifacts_ls_json_on_empty_store(tmp_path):
+    r = gendd("artifacts", "ls", "--json", "--artifacts", str(tmp_path))
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+def test_artifacts_root_from_env(tmp_path):
+    r = gendd("artifacts", "verify", env={"GENDD_ARTIFACTS": str(tmp_path / "envroot")})
+    assert r.returncode == 0 and "0 artifacts verified" in r.stdout
