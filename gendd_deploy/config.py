@@ -72,6 +72,7 @@ class DistillConfig(Section):
     student: str = Field("resnet18", description="timm model name")
     student_kwargs: dict[str, Any] = Field(default_factory=dict)
     small_input: bool = False
+    seed: int | None = Field(None, description="student seed (init, order, augmentation); default: [pipeline] seed")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)

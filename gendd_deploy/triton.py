@@ -117,8 +117,13 @@ def write_triton_repo(
     model_name: str,
     serve_cfg: Any = None,
     build_cfg: Any = None,
+    preprocess: dict | None = None,
 ) -> Path:
-    """Add one version of the model to the Triton repository `out_dir`; return the version folder."""
+    """Add one version of the model to the Triton repository `out_dir`; return the version folder.
+
+    `preprocess` (e.g. DataBundle.preprocess: size, mean, std) is recorded in versions.json for
+    clients; by default it is taken from the onnx artifact's manifest when recorded there.
+    """
     if not _NAME_RE.match(model_name):
         raise UsageError(f"Triton model name '{model_name}' may use only letters, digits, '_', '.', '-'; set [serve] model_name")
     onnx_path = onnx_art.file("model.onnx")
@@ -183,7 +188,9 @@ def write_triton_repo(
             f"(compute capability {info.get('gpu_capability')}), precision {info.get('precision')}:\n"
             "# serve it with a tritonserver container that ships the same TensorRT version, on the same GPU model.\n"
         )
-    header += "# Inputs are float32 NCHW images normalized as in training (see versions.json 'preprocess'); output: logits.\n"
+    preprocess = preprocess if preprocess is not None else onnx_info.get("preprocess")
+    see = " (versions.json 'preprocess' has the recipe)" if preprocess else ""
+    header += f"# Inputs are float32 NCHW images normalized as in training{see}; output: logits.\n"
     text = render_config(model_name, platform, io, hi, preferred, max_delay_us, list(tail) if tail else None, header)
     _write_atomic(model_dir / "config.pbtxt", text)
 
@@ -199,7 +206,7 @@ def write_triton_repo(
                    if engine_art is not None else None),
         "needs_noise": bool(needs_noise),
         "noise_shape_tail": list(tail) if tail else None,
-        "preprocess": onnx_info.get("preprocess"),
+        "preprocess": preprocess,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     doc = {"model": model_name, "latest": n, "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0])))}

@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import os
+import queue
 import re
 import socket
 import struct
@@ -78,17 +79,16 @@ def ort_runner(path: Path) -> Runner:
 
 
 class SlowRunner(Runner):
-    """Wraps a runner: sleeps `delay` per call (after the warm-up) and records batch sizes."""
+    """Wraps a runner: once armed (after the server's warm-up), sleeps `delay` per call and records batch sizes."""
 
     name = "slow"
 
-    def __init__(self, inner: Runner, delay: float):
+    def __init__(self, inner: Runner, delay: float, armed: bool = False):
         super().__init__(inner.noise_shape_tail)
-        self.inner, self.delay, self.batches, self.calls = inner, delay, [], 0
+        self.inner, self.delay, self.batches, self.armed = inner, delay, [], armed
 
     def run(self, images, noise=None):
-        self.calls += 1
-        if self.calls > 2:  # the warm-up makes two calls
+        if self.armed:
             self.batches.append(images.shape[0])
             time.sleep(self.delay)
         return self.inner.run(images, noise)
@@ -139,6 +139,8 @@ META = {"name": "tiny", "version": "3", "preprocess": SPEC, "class_names": CLASS
 def running(runner: Runner, meta: dict | None = None, **cfg):
     cfg = ServeConfig(**{"host": "127.0.0.1", "port": 0, "max_batch": 8, "max_delay_ms": 2.0, **cfg})
     server = InferenceServer(runner, meta or META, cfg, request_timeout_s=TIMEOUT, log=lambda msg: None).start()
+    if isinstance(runner, SlowRunner):
+        runner.armed = True
     try:
         yield server
     finally:
@@ -400,7 +402,7 @@ BAD_REQUESTS = [
     ("ragged data", {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [[0.0] * 32, [0.0] * 31]}]}, 400, "regular array"),
     ("strings as FP32", {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": ["a"] * 64}]}, 400, "must be numbers"),
     ("no data", {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8]}]}, 400, "neither 'data'"),
-    ("image not base64", image_request([PNG]) | {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, 400, "not valid base64"),
+    ("image not base64", {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, 400, "not valid base64"),
     ("undecodable image", image_request([b"this is no image"]), 400, "undecodable image"),
     ("truncated image", image_request([PNG[: len(PNG) // 2]]), 400, "undecodable image"),
     ("image as FP32", {"inputs": [{"name": "image_bytes", "datatype": "FP32", "shape": [1], "data": [_b64(PNG)]}]}, 400, "BYTES"),
@@ -606,6 +608,7 @@ def test_stop_drains_queued_requests(runner):
     slow = SlowRunner(runner, delay=0.1)
     xs = [np.full((1, 1, 8, 8), i, np.float32) for i in range(6)]
     srv = InferenceServer(slow, META, ServeConfig(host="127.0.0.1", port=0, max_batch=1), log=lambda m: None).start()
+    slow.armed = True
     port = srv.port
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(infer, port, tensor_request(x)) for x in xs]
@@ -626,7 +629,7 @@ from test_serve import ort_runner, SlowRunner, META
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.serve import serve
 from pathlib import Path
-serve(SlowRunner(ort_runner(Path({onnx!r})), 0.2), META, ServeConfig(host="127.0.0.1", port=0, max_batch=1))
+serve(SlowRunner(ort_runner(Path({onnx!r})), 0.2, armed=True), META, ServeConfig(host="127.0.0.1", port=0, max_batch=1))
 print("serve returned", flush=True)
 """
 
@@ -636,27 +639,37 @@ def test_sigterm_drains_then_exits_zero(onnx_path, runner, tmp_path):
     script.write_text(SERVE_SCRIPT.format(tests=str(REPO / "tests"), onnx=str(onnx_path)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
+    seen: list[str] = []
     try:
-        port, lines, end = None, [], time.monotonic() + 60
+        port, end = None, time.monotonic() + 60
         while port is None and time.monotonic() < end:
-            line = proc.stderr.readline()
-            if not line:
+            try:
+                line = lines.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
                 break
-            lines.append(line)
+            if line is None:
+                break
+            seen.append(line)
             if m := re.search(r"on http://127\.0\.0\.1:(\d+)", line):
                 port = int(m.group(1))
-        assert port, "".join(lines)
+        assert port, "".join(seen)
         xs = [np.full((1, 1, 8, 8), i, np.float32) for i in range(4)]
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(infer, port, tensor_request(x)) for x in xs]
             time.sleep(0.3)  # the requests are queued or running
             proc.send_signal(15)
             results = [f.result(timeout=TIMEOUT) for f in futures]
-        out, err = proc.communicate(timeout=TIMEOUT)
+        proc.wait(TIMEOUT)
+        out = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+    while (line := lines.get(timeout=5)) is not None:
+        seen.append(line)
+    err = "".join(seen)
     assert proc.returncode == 0, err
     assert "serve returned" in out and "draining" in err
     for x, (status, _, resp) in zip(xs, results):

@@ -304,6 +304,113 @@ def test_cli_build_exits_5_with_the_install_hint(tiny_recipe, tmp_path, monkeypa
     assert not root.exists()
 
 
+def _fake_machine(monkeypatch, version):
+    import gendd_deploy.trt as trt_pkg
+
+    monkeypatch.setattr(trt_pkg, "import_tensorrt", lambda: type("T", (), {"__version__": version}))
+    monkeypatch.setattr(trt_pkg, "_gpu", lambda: ("NVIDIA H100 80GB HBM3", "9.0", "12.8"))
+
+
+@pytest.mark.parametrize("version", ["10.9.0.34", "11.0.0.7"])
+def test_build_config_carries_tensorrt_gpu_and_the_precision_plan(tiny_context, monkeypatch, version):
+    from gendd_deploy.stages.build import BuildStage
+    from gendd_deploy.trt.precision import CONVERSION_VERSION
+
+    _fake_machine(monkeypatch, version)
+    cfg = BuildStage().config(tiny_context("build.precision='fp16'"))
+    assert cfg["tensorrt"] == version and cfg["gpu"] == "NVIDIA H100 80GB HBM3" and cfg["gpu_capability"] == "9.0"
+    assert cfg["precision"] == "fp16" and cfg["max_batch"] == BuildConfig().max_batch
+    if version.startswith("10"):
+        assert tuple(cfg["precision_plan"]["builder_flags"]) == ("FP16",)
+        assert "conversion" not in cfg
+    else:  # the versioned ONNX conversion step is part of the engine's fingerprint
+        assert cfg["precision_plan"]["onnx_conversion"] == "fp16" and cfg["precision_plan"]["strongly_typed"]
+        assert cfg["conversion"]["version"] == CONVERSION_VERSION and cfg["conversion"]["tool"] in ("onnxconverter-common", "builtin")
+
+
+def test_timing_cache_artifact_is_keyed_reused_and_grown(tiny_context):
+    from gendd_deploy.artifacts import verify_artifact
+    from gendd_deploy.stages.build import TIMING_CACHE, TIMING_FILE, find_timing_cache, save_timing_cache
+
+    ctx = tiny_context()
+    key = P.timing_cache_key(BUILT)
+    assert find_timing_cache(ctx, key) is None
+    first = save_timing_cache(ctx, key, b"tactics-1", None)
+    assert first.stage == TIMING_CACHE and first.file(TIMING_FILE).read_bytes() == b"tactics-1" and verify_artifact(first) == []
+    assert find_timing_cache(ctx, key).path == first.path
+    assert save_timing_cache(ctx, key, b"tactics-1", first).path == first.path  # unchanged: no new version
+    grown = save_timing_cache(ctx, key, b"tactics-1+2", first)
+    assert grown.version == "v002" and grown.manifest["info"]["grown_from"] == first.ref
+    assert find_timing_cache(ctx, key).path == grown.path  # the next build starts from the grown cache
+    assert find_timing_cache(ctx, P.timing_cache_key(dict(BUILT, tensorrt="11.0.0"))) is None  # another TensorRT: its own cache
+
+
+@pytest.mark.parametrize("version", ["10.9.0.34", "11.0.0.7"])
+def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, onnx_models, monkeypatch, version):
+    """BuildStage.build end to end on a CPU: TensorRT's builder and runner are replaced by fakes that run
+    the graph they were given on ORT, so the conversion, gates, timing cache and manifest are real."""
+    import gendd_deploy.trt.builder as builder_mod
+    import gendd_deploy.trt.runner as runner_mod
+    from gendd_deploy.artifacts import verify_artifact
+    from gendd_deploy.stages.build import BuildStage, find_timing_cache
+    from gendd_deploy.trt.builder import BuiltEngine
+
+    _fake_machine(monkeypatch, version)
+    seen = {}
+
+    class FakeBuilder:
+        def __init__(self, workspace_mb):
+            seen["workspace_mb"] = workspace_mb
+
+        def build(self, onnx_path, plan, shapes, timing_cache=None):
+            seen.update(graph=onnx_path, plan=plan, shapes=shapes, cache_in=timing_cache)
+            return BuiltEngine(plan=str(onnx_path).encode(), timing_cache=(timing_cache or b"") + b"+tactics", build_s=0.01)
+
+    class FakeRunner:
+        def __init__(self, path, noise_shape_tail=None, check=True):
+            self.graph = open(path, "rb").read().decode()  # the fake plan is the path of the graph it was built from
+
+        def run(self, images, noise=None):
+            return ort_logits(self.graph, images, noise)
+
+        def latency_ms(self, batch):
+            return {"batch": batch, "median_ms": 0.1, "p90_ms": 0.2, "iters": 1}
+
+    monkeypatch.setattr(builder_mod, "EngineBuilder", FakeBuilder)
+    monkeypatch.setattr(runner_mod, "TrtRunner", FakeRunner)
+    ctx = tiny_context("build.precision='fp16'", "build.opt_batch=8", "build.max_batch=16", "export.parity_limit=40")
+    with ctx.store.draft(ctx.pipeline, "onnx", "f" * 64, {}, []) as d:  # stands in for ExportStage's artifact
+        d.path("model.onnx").write_bytes(open(onnx_models["noise"], "rb").read())
+        d.info = {"needs_noise": True, "noise_shape_tail": list(NOISE_TAIL)}
+        onnx_art = d.publish()
+
+    def build_once():
+        with ctx.store.draft(ctx.pipeline, "engine", "9" * 64, {}, [onnx_art]) as draft:
+            BuildStage().build(ctx, draft, {"onnx": onnx_art})
+            return draft.publish()
+
+    engine = build_once()
+    info, m = engine.manifest["info"], engine.metrics
+    assert verify_artifact(engine) == [] and engine.file("model.plan")
+    assert info["tensorrt"] == version and info["gpu"] == "NVIDIA H100 80GB HBM3" and info["gpu_capability"] == "9.0" and info["cuda"] == "12.8"
+    assert info["onnx"]["fingerprint"] == onnx_art.fingerprint and len(info["onnx"]["sha256"]) == 64
+    assert info["profile"]["noise"]["max"] == [16, *NOISE_TAIL] and seen["shapes"]["images"][1] == (8, 1, 8, 8)
+    assert info["needs_noise"] and info["noise_shape_tail"] == list(NOISE_TAIL)
+    assert m["parity_n"] == 40 and m["parity_top1_agreement"] >= 0.99 and m["atol"] == BuildConfig().atol
+    if version.startswith("11"):  # the graph handed to TensorRT is the converted, separately gated one
+        assert str(seen["graph"]).endswith("model.fp16.onnx") and engine.file("model.fp16.onnx")
+        assert info["conversion"]["gate"]["gate"] == "full" and m["conversion_gate"] == "full"
+        assert 0 < m["parity_max_abs_diff"] <= BuildConfig().atol
+    else:  # builder flags: the fp32 graph goes to TensorRT unchanged
+        assert seen["plan"].builder_flags == ("FP16",) and info["conversion"] is None
+        assert m["parity_max_abs_diff"] == 0.0
+    assert seen["cache_in"] is None and info["timing_cache"]["used"] is None
+    again = build_once()
+    assert seen["cache_in"] == b"+tactics"  # the second build starts from the first one's cache
+    assert again.manifest["info"]["timing_cache"]["used"] == info["timing_cache"]["saved"]
+    assert find_timing_cache(ctx, P.timing_cache_key(info)).file("timing.cache").read_bytes() == b"+tactics+tactics"
+
+
 # ---- with TensorRT and a GPU ----------------------------------------------------------------
 
 

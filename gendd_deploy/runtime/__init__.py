@@ -1,0 +1,125 @@
+"""Inference runtimes behind one small interface (`runtime.base.Runner`).
+
+    runner = make_runner("onnxruntime", onnx_path="model.onnx")
+    logits = runner.run(images, runner.noise(len(images), seed=0))
+
+`RUNTIMES` is the registry: name -> (factory, availability check). A new runtime registers itself
+with `register_runtime` (TensorRT: `register_runtime("tensorrt", make_trt_runner, trt_unavailable)`,
+its factory reading e.g. `engine_path=` from the keyword arguments of `make_runner`); tests and
+`gendd bench` are parametrized over `available_runtimes()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from gendd_deploy.runtime.base import Runner, make_noise
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    factory: Callable[..., Runner]  # keyword arguments: model, onnx_path, aoti_path, device, ...
+    unavailable: Callable[[], str | None]  # None when usable here, else the reason it is not
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {}
+
+
+def register_runtime(name: str, factory: Callable[..., Runner], unavailable: Callable[[], str | None]) -> None:
+    RUNTIMES[name] = RuntimeSpec(factory, unavailable)
+
+
+def _need(kind: str, what: str, value):
+    if value is None:
+        raise ValueError(f"runtime '{kind}' needs {what}=...")
+    return value
+
+
+# ---- torch
+
+def _torch_runner(model=None, device="cpu", artifact=None, ctx=None, **_):
+    """From a DeployedModel, or from an onnx / aoti artifact (the model it was exported from)."""
+    from gendd_deploy.runtime.torch_runner import TorchRunner
+
+    if model is None and artifact is not None:
+        from gendd_deploy.stages.export import deployed_from_export
+
+        model = deployed_from_export(artifact, ctx.store if ctx is not None else None, device)
+    return TorchRunner(_need("torch", "model", model), device=device)
+
+
+def _torch_unavailable() -> str | None:
+    return None
+
+
+# ---- onnxruntime
+
+def _ort_runner(onnx_path=None, device="cpu", providers=None, noise_shape_tail=None, path=None, **_):
+    from gendd_deploy.runtime.ort import OrtRunner
+
+    if providers is None and str(device) == "cpu":
+        providers = ["CPUExecutionProvider"]  # an explicit cpu request must not land on a GPU provider
+    return OrtRunner(_need("onnxruntime", "onnx_path", onnx_path or path), providers=providers, noise_shape_tail=noise_shape_tail)
+
+
+def _ort_unavailable() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed (pip install onnxruntime)"
+    return None
+
+
+# ---- AOTInductor
+
+def _aoti_runner(aoti_path=None, device="cpu", noise_shape_tail=None, path=None, **_):
+    from gendd_deploy.runtime.aoti import AotiRunner
+
+    return AotiRunner(_need("aoti", "aoti_path", aoti_path or path), noise_shape_tail=noise_shape_tail, device=device)
+
+
+def _aoti_unavailable() -> str | None:
+    import torch
+
+    if not hasattr(torch._inductor, "aoti_load_package"):
+        return f"torch {torch.__version__} has no AOTInductor packages"
+    from gendd_deploy.runtime.aoti import cxx_compiler
+
+    if cxx_compiler() is None:
+        return "AOTInductor needs a C++ compiler (g++ / clang++) to build packages"
+    return None
+
+
+register_runtime("torch", _torch_runner, _torch_unavailable)
+register_runtime("onnxruntime", _ort_runner, _ort_unavailable)
+register_runtime("aoti", _aoti_runner, _aoti_unavailable)
+
+
+def runtime_status() -> dict[str, str | None]:
+    """Every registered runtime -> None if usable here, else why not (for skip reasons and `bench`)."""
+    return {name: spec.unavailable() for name, spec in RUNTIMES.items()}
+
+
+def available_runtimes() -> list[str]:
+    return [name for name, why in runtime_status().items() if why is None]
+
+
+def make_runner(kind: str, *, model=None, onnx_path=None, aoti_path=None, device: str = "cpu", **kwargs) -> Runner:
+    """A runner of `kind` ("torch", "onnxruntime", "aoti", or any registered runtime).
+
+    torch takes `model` (or `artifact=` an onnx / aoti artifact); onnxruntime `onnx_path` (or `path`;
+    device "cpu" pins the CPU provider, else TensorRT > CUDA > CPU as available, or `providers=`);
+    aoti `aoti_path` (or `path`). `noise_shape_tail=` overrides what the file says.
+    """
+    from gendd_deploy.errors import MissingDependency, UsageError
+
+    if kind not in RUNTIMES:
+        raise UsageError(f"unknown runtime '{kind}'; choose one of: {', '.join(RUNTIMES)}")
+    why = RUNTIMES[kind].unavailable()
+    if why is not None:
+        raise MissingDependency(f"runtime '{kind}' is not available here: {why}")
+    return RUNTIMES[kind].factory(model=model, onnx_path=onnx_path, aoti_path=aoti_path, device=device, **kwargs)
+
+
+__all__ = ["RUNTIMES", "Runner", "available_runtimes", "make_noise", "make_runner", "register_runtime", "runtime_status"]

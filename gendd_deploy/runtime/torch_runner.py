@@ -31,4 +31,4 @@ class TorchRunner(Runner):
         return self.model(x, nz).float().cpu().numpy()
 
     def providers(self) -> list[str]:
-        return [str(self.device).upper() if self.device.type == "cpu" else str(self.device)]
+        return [self.device.type.upper()]

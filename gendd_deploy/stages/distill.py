@@ -31,6 +31,11 @@ DEVIATIONS = [
 ]
 
 
+def student_seed(ctx: Context) -> int:
+    s = ctx.recipe.distill.seed
+    return ctx.recipe.pipeline.seed if s is None else s
+
+
 def uses_cache(ctx: Context) -> bool:
     return ctx.recipe.cache.enabled and ctx.recipe.distill.use_cache
 
@@ -80,14 +85,13 @@ class DistillStage(Stage):
             for k in list(cfg):
                 if k.startswith(("head_", "eval_")) or k in ("token_dim", "smooth", "mixup_beta", "cfg_drop", "diffusion_batch_mul", "train_timesteps", "probe_ce", "stage1_epochs"):
                     cfg.pop(k)
-        return {"distill": cfg, "seed": ctx.recipe.pipeline.seed, "augment": ctx.recipe.data.augment}
+        return {"distill": cfg, "seed": student_seed(ctx), "augment": ctx.recipe.data.augment}
 
     # ---- training --------------------------------------------------------------------------
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
         dc, data, device = ctx.recipe.distill, ctx.data(), ctx.device()
-        seed = ctx.recipe.pipeline.seed
-        torch.manual_seed(seed)
+        torch.manual_seed(student_seed(ctx))
         teacher = load_teacher(inputs["teacher"], device)
         cache = None
         if "cache" in inputs:
@@ -154,7 +158,7 @@ class DistillStage(Stage):
 
     def _loop(self, ctx, label, epochs, opt, base_lr, step_fn, teacher, cache, device, ckpt_name, modules: dict, beta2=None):
         """Shared epoch loop with LR schedule, checkpoint per epoch and resume."""
-        dc, data, seed = ctx.recipe.distill, ctx.data(), ctx.recipe.pipeline.seed
+        dc, data, seed = ctx.recipe.distill, ctx.data(), student_seed(ctx)
         n = len(data.train)
         steps_per_epoch = len(batches(torch.arange(n), dc.batch_size))
         if steps_per_epoch == 0:
@@ -289,7 +293,7 @@ class DistillStage(Stage):
 
     def _sampled_top1(self, ctx, student, device, n, sched, sampler, draws, guidance, temperature) -> float:
         data, bs = ctx.data(), ctx.recipe.data.eval_batch_size
-        g = torch.Generator().manual_seed(ctx.recipe.pipeline.seed + 12345)
+        g = torch.Generator().manual_seed(student_seed(ctx) + 12345)
         h = student.head
         preds = []
         with progress_bar(ctx.console, ctx.quiet) as bar:

@@ -1,0 +1,213 @@
+"""Export the deployed student. Reads: student, sampler. Writes: onnx. Example: gendd export -p pipelines/quickstart.toml
+
+The student (a GenDD student with the calibrated sampler baked in, or a kd / ce student) becomes
+one ONNX graph images [, noise] -> logits with a dynamic batch dim. Before anything is published
+the graph is run in ONNX Runtime (CPU) against PyTorch on the calibration split, with the same
+noise, and must agree within [export] atol (max abs logit difference) and min_agreement (top-1).
+`gendd export --aoti` also writes an AOTInductor package (artifact "aoti") under the same gate.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gendd_deploy.artifacts import Artifact, Draft, Store
+from gendd_deploy.errors import ArtifactError
+from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
+from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.runtime.parity import gate, parity
+from gendd_deploy.stages.base import Context, Stage
+from gendd_deploy.stages.distill import DistillStage, load_student
+
+ONNX_FILE = "model.onnx"
+AOTI_FILE = "model.pt2"
+
+
+# ---- library: the deployed model and its runners, from artifacts ---------------------------------
+
+
+def deployed_from_artifacts(student_art: Artifact, sampler_art: Artifact | None = None, device: str | torch.device = "cpu") -> DeployedModel:
+    """The shipped module: a GenDD student with its calibrated sampler, or a kd / ce student as is."""
+    student = load_student(student_art, device)
+    if not isinstance(student, GenDDStudent):
+        return DeployedModel(student).eval()
+    if sampler_art is None:
+        raise ArtifactError(f"{student_art.ref} is a GenDD student and needs a sampler artifact; run 'gendd calibrate'")
+    parents = {i.get("fingerprint") for i in sampler_art.manifest.get("inputs", []) if i.get("stage") == "student"}
+    if student_art.fingerprint not in parents:
+        raise ArtifactError(
+            f"sampler {sampler_art.ref} was calibrated for another student than {student_art.ref} ({student_art.short}); "
+            "run 'gendd calibrate' for this student"
+        )
+    info = sampler_art.manifest.get("info", {})
+    if not info.get("setting"):
+        raise ArtifactError(f"sampler {sampler_art.ref} holds no sampler setting; run 'gendd calibrate' for {student_art.ref}")
+    setting = SamplerSetting.from_dict(info["setting"])
+    return DeployedModel(student, setting, int(info.get("fixed_noise_seed") or 0)).eval().to(device)
+
+
+def _input(store: Store, art: Artifact, stage: str) -> Artifact | None:
+    for i in art.manifest.get("inputs", []):
+        if i.get("stage") == stage and "version" in i:
+            found = store.find(i.get("pipeline", art.pipeline), stage, i["fingerprint"])
+            if found is None:
+                raise ArtifactError(f"{art.ref} was made from {stage} {i['fingerprint'][:8]}, which is no longer in {store.root}")
+            return found
+    return None
+
+
+def deployed_from_export(art: Artifact, store: Store | None = None, device: str | torch.device = "cpu") -> DeployedModel:
+    """The PyTorch model an onnx / aoti artifact was exported from (from its student and sampler inputs)."""
+    store = store or Store(art.path.parents[2])  # <root>/<pipeline>/<stage>/<version>
+    student = _input(store, art, "student")
+    if student is None:
+        raise ArtifactError(f"{art.ref} records no student input; re-export it with 'gendd export'")
+    return deployed_from_artifacts(student, _input(store, art, "sampler"), device)
+
+
+def _noise_tail(art: Artifact) -> tuple | None:
+    info = art.manifest.get("info", {})
+    return tuple(info["noise_shape_tail"]) if info.get("needs_noise") else None
+
+
+def load_onnx_runner(onnx_art: Artifact, providers: list[str] | None = None):
+    """An OrtRunner for the artifact's model.onnx, its noise shape taken from the manifest."""
+    from gendd_deploy.runtime.ort import OrtRunner
+
+    return OrtRunner(onnx_art.file(ONNX_FILE), providers=providers, noise_shape_tail=_noise_tail(onnx_art))
+
+
+def load_aoti_runner(aoti_art: Artifact, device: str = "cpu"):
+    from gendd_deploy.runtime.aoti import AotiRunner
+
+    return AotiRunner(aoti_art.file(AOTI_FILE), noise_shape_tail=_noise_tail(aoti_art), device=device)
+
+
+def calibration_images(ctx: Context, limit: int | None) -> np.ndarray:
+    """The first `limit` calibration images, preprocessed as at evaluation: float32 (N, C, H, W)."""
+    from gendd_deploy.data.augment import to_model_input
+
+    data = ctx.data()
+    n = min(len(data.calib), limit or len(data.calib))
+    if n == 0:
+        raise ArtifactError(f"the calibration split of {ctx.recipe.source} is empty; raise [data] calib_fraction")
+    u8 = data.calib.get_batch(torch.arange(n))
+    return to_model_input(u8, data.mean, data.std).numpy()
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+class _DeployStage(Stage):
+    """Shared by onnx and aoti: inputs (student [+ sampler]), the model, the parity gate, the manifest."""
+
+    def inputs(self, ctx: Context) -> dict[str, Stage]:
+        ins: dict[str, Stage] = {"student": DistillStage()}
+        if ctx.recipe.distill.method == "gendd":
+            from gendd_deploy.stages.calibrate import CalibrateStage
+
+            ins["sampler"] = CalibrateStage()
+        return ins
+
+    def _gate(self, ctx: Context, model: DeployedModel, candidate, images: np.ndarray, what: str) -> dict:
+        from gendd_deploy.runtime.torch_runner import TorchRunner
+
+        ec = ctx.recipe.export
+        result = parity(TorchRunner(model), candidate, images, ec.parity_batch, ctx.recipe.pipeline.seed)
+        gate(result, ec.atol, ec.min_agreement, what)
+        return result
+
+    def _record(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact], model: DeployedModel, io: dict, result: dict, file: str, export_s: float) -> None:
+        ec, s = ctx.recipe.export, model.setting
+        student_info = inputs["student"].manifest["info"]
+        tail = list(model.noise_shape(1)[1:]) if model.needs_noise else None
+        draft.info.update(
+            {
+                "io": {"inputs": io["inputs"], "outputs": io["outputs"]},
+                "method": student_info["method"],
+                "setting": s.to_dict() if s is not None else None,
+                "setting_label": s.label() if s is not None else None,
+                "fixed_noise_seed": int(inputs["sampler"].manifest["info"].get("fixed_noise_seed") or 0) if s is not None and s.noise == "fixed" else None,
+                "needs_noise": model.needs_noise,
+                "noise_shape_tail": tail,
+                "noise": "standard normal from torch.Generator().manual_seed(seed), shape (batch, *noise_shape_tail)" if tail else None,
+                "preprocess": student_info.get("preprocess"),
+                "class_names": student_info.get("class_names"),
+                "parity_reference": "PyTorch eager (CPU), same images and noise, calibration split",
+                **{k: io[k] for k in ("exporter", "opset", "nodes", "max_batch", "torch") if k in io},
+            }
+        )
+        draft.metrics.update(
+            {
+                "max_abs_diff": result["max_abs_diff"],
+                "mean_abs_diff": result["mean_abs_diff"],
+                "top1_agreement": result["top1_agreement"],
+                "n": result["n"],
+                "atol": ec.atol,
+                "min_agreement": ec.min_agreement,
+                f"{Path(file).suffix.lstrip('.')}_bytes": draft.path(file).stat().st_size,
+                "export_s": round(export_s, 2),
+            }
+        )
+        ctx.log(
+            f"[bold]{self.name}[/]: {s.label() if s else student_info['method']} -> {file}; parity on {result['n']} calibration images: "
+            f"max abs diff {result['max_abs_diff']:.2g} (atol {ec.atol:g}), top-1 agreement {result['top1_agreement']:.4f}"
+        )
+
+
+class ExportStage(_DeployStage):
+    name = command = "export"
+    artifact = "onnx"
+
+    def config(self, ctx: Context) -> dict:
+        return ctx.recipe.export.model_dump()
+
+    def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
+        from gendd_deploy.runtime.onnx_export import export_onnx
+        from gendd_deploy.runtime.ort import OrtRunner
+
+        ec = ctx.recipe.export
+        model = deployed_from_artifacts(inputs["student"], inputs.get("sampler"))
+        images = calibration_images(ctx, ec.parity_limit)
+        t0 = time.perf_counter()
+        io = export_onnx(model, draft.path(ONNX_FILE), torch.from_numpy(images[:2]), opset=ec.opset)
+        export_s = time.perf_counter() - t0
+        ort = OrtRunner(draft.path(ONNX_FILE), providers=["CPUExecutionProvider"])
+        result = self._gate(ctx, model, ort, images, "ONNX Runtime (CPU) vs PyTorch")
+        self._record(ctx, draft, inputs, model, io, result, ONNX_FILE, export_s)
+        draft.info["providers"] = ort.providers()
+
+
+class AotiStage(_DeployStage):
+    name = "aoti"
+    command = "export --aoti"
+    artifact = "aoti"
+
+    def config(self, ctx: Context) -> dict:
+        from gendd_deploy.runtime.aoti import MAX_BATCH
+
+        cfg = ctx.recipe.export.model_dump(exclude={"opset"})  # opset shapes the ONNX graph only
+        return {**cfg, "max_batch": MAX_BATCH, "device": "cpu", "torch": torch.__version__}
+
+    def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
+        from gendd_deploy.runtime.aoti import AotiRunner, export_aoti
+
+        ec = ctx.recipe.export
+        model = deployed_from_artifacts(inputs["student"], inputs.get("sampler"))
+        images = calibration_images(ctx, ec.parity_limit)
+        t0 = time.perf_counter()
+        io = export_aoti(model, draft.path(AOTI_FILE), torch.from_numpy(images[:2]))
+        export_s = time.perf_counter() - t0
+        runner = AotiRunner(draft.path(AOTI_FILE))
+        result = self._gate(ctx, model, runner, images, "AOTInductor (CPU) vs PyTorch")
+        self._record(ctx, draft, inputs, model, io, result, AOTI_FILE, export_s)
+        draft.info["exporter"] = "torch.export + aoti_compile_and_package"
+
+
+def export_aoti_artifact(ctx: Context) -> Artifact:
+    """`gendd export --aoti`: the AOTInductor package of the deployed student (reused when it exists)."""
+    return AotiStage().run(ctx)

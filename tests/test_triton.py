@@ -1,0 +1,169 @@
+"""`gendd export --triton DIR`: the model repository parses with Triton's own ModelConfig protobuf
+and matches the ONNX graph; versions increase with each export and map back to artifacts."""
+
+import json
+import string
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from gendd_deploy.artifacts import Store
+from gendd_deploy.config import BuildConfig, ServeConfig
+from gendd_deploy.errors import UsageError
+from gendd_deploy.triton import write_triton_repo
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="Triton's model-config protobuf: pip install 'tritonclient[grpc]'"
+)
+from google.protobuf import text_format  # noqa: E402  (after the skip: protobuf comes with tritonclient[grpc])
+
+REPO = Path(__file__).resolve().parents[1]
+NOISE_TAIL = [3, 2, 1, 16]
+
+
+def tiny_graph(noise: bool) -> onnx.ModelProto:
+    """images (batch, 1, 8, 8) [+ noise (batch, 3, 2, 1, 16)] -> logits (batch, 10)."""
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits" if not noise else "pre"]),
+    ]
+    inits = [
+        helper.make_tensor("w", TensorProto.FLOAT, [64, 10], [0.01] * 640),
+        helper.make_tensor("b", TensorProto.FLOAT, [10], [0.0] * 10),
+    ]
+    inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 8, 8])]
+    if noise:
+        inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch"] + NOISE_TAIL))
+        nodes += [
+            helper.make_node("ReduceMean", ["noise", "axes"], ["eps"], keepdims=0),  # (batch,)
+            helper.make_node("Unsqueeze", ["eps", "one"], ["eps2"]),  # (batch, 1)
+            helper.make_node("Add", ["pre", "eps2"], ["logits"]),
+        ]
+        inits += [helper.make_tensor("axes", TensorProto.INT64, [4], [1, 2, 3, 4]), helper.make_tensor("one", TensorProto.INT64, [1], [1])]
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, [out], inits), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def publish(store: Store, stage: str, files: dict, info: dict, fp: str):
+    with store.draft("tiny", stage, fp, {}, []) as d:
+        for name, data in files.items():
+            d.path(name).write_bytes(data)
+        d.info = info
+        return d.publish()
+
+
+@pytest.fixture
+def arts(tmp_path):
+    store = Store(tmp_path / "artifacts")
+
+    def onnx_art(noise: bool, fp: str = "a" * 64):
+        info = {"needs_noise": noise, "noise_shape_tail": NOISE_TAIL if noise else None}
+        return publish(store, "onnx", {"model.onnx": tiny_graph(noise).SerializeToString()}, info, fp)
+
+    def engine_art(onnx_a, min_batch=1, max_batch=64):
+        io = {"inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", 1, 8, 8]}],
+              "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]}
+        info = {
+            "tensorrt": "10.9.0.34", "cuda": "12.8", "gpu": "NVIDIA H100 80GB HBM3", "gpu_capability": "9.0", "precision": "fp16",
+            "profile": {"images": {"min": [min_batch, 1, 8, 8], "opt": [16, 1, 8, 8], "max": [max_batch, 1, 8, 8]}},
+            "io": io, "onnx": {"ref": onnx_a.ref, "fingerprint": onnx_a.fingerprint},
+        }
+        return publish(store, "engine", {"model.plan": b"not a real plan"}, info, "e" * 64)
+
+    return onnx_art, engine_art
+
+
+def parse(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def assert_matches_graph(cfg, onnx_path: Path):
+    """config.pbtxt inputs / outputs == the ONNX graph's, dims without the batch dim, TYPE_FP32."""
+    g = onnx.load(onnx_path).graph
+
+    def dims(v):
+        return [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim][1:]
+
+    fp32 = model_config_pb2.DataType.Value("TYPE_FP32")
+    assert [(t.name, list(t.dims), t.data_type) for t in cfg.input] == [(v.name, dims(v), fp32) for v in g.input]
+    assert [(t.name, list(t.dims), t.data_type) for t in cfg.output] == [(v.name, dims(v), fp32) for v in g.output]
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["plain", "noise"])
+def test_onnx_repository_parses_and_matches_the_graph(arts, tmp_path, noise):
+    onnx_art, _ = arts
+    art = onnx_art(noise)
+    build, serve = BuildConfig(opt_batch=16, max_batch=128), ServeConfig(max_delay_ms=2.5)
+    vdir = write_triton_repo(art, None, tmp_path / "repo", "tiny", serve, build)
+    assert vdir == tmp_path / "repo" / "tiny" / "1"
+    assert (vdir / "model.onnx").read_bytes() == art.file("model.onnx").read_bytes()
+
+    cfg = parse(tmp_path / "repo" / "tiny" / "config.pbtxt")
+    assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx"
+    assert cfg.max_batch_size == 128  # the profile's max batch
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [16, 128]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2500
+    assert cfg.version_policy.latest.num_versions == 1
+    assert_matches_graph(cfg, vdir / "model.onnx")
+    text = (tmp_path / "repo" / "tiny" / "config.pbtxt").read_text()
+    if noise:
+        assert [t.name for t in cfg.input] == ["images", "noise"] and list(cfg.input[1].dims) == NOISE_TAIL
+        assert "standard normal float32 of shape [3, 2, 1, 16] per image" in text
+    else:
+        assert "noise" not in text
+
+
+def test_engine_repository_uses_the_plan_and_its_profile(arts, tmp_path):
+    onnx_art, engine_art = arts
+    o = onnx_art(False)
+    e = engine_art(o, max_batch=64)
+    vdir = write_triton_repo(o, e, tmp_path / "repo", "tiny", ServeConfig(), BuildConfig())
+    assert (vdir / "model.plan").read_bytes() == b"not a real plan" and not (vdir / "model.onnx").exists()
+    cfg = parse(vdir.parent / "config.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 64  # from the engine's profile, not the recipe
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [16, 64]
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
+    assert_matches_graph(cfg, o.file("model.onnx"))
+    text = (vdir.parent / "config.pbtxt").read_text()
+    assert "TensorRT 10.9.0.34" in text and "NVIDIA H100 80GB HBM3" in text
+
+
+def test_versions_increase_and_map_to_artifacts(arts, tmp_path):
+    onnx_art, engine_art = arts
+    first = onnx_art(False, fp="1" * 64)
+    second = onnx_art(True, fp="2" * 64)
+    repo = tmp_path / "repo"
+    v1 = write_triton_repo(first, None, repo, "tiny")
+    v2 = write_triton_repo(second, None, repo, "tiny")
+    v3 = write_triton_repo(first, engine_art(first), repo, "tiny")
+    assert [v.name for v in (v1, v2, v3)] == ["1", "2", "3"]
+    doc = json.loads((repo / "tiny" / "versions.json").read_text())
+    assert doc["latest"] == 3 and list(doc["versions"]) == ["1", "2", "3"]
+    assert doc["versions"]["1"]["artifact"] == first.ref and doc["versions"]["1"]["fingerprint"] == first.fingerprint
+    assert doc["versions"]["2"]["fingerprint"] == second.fingerprint and doc["versions"]["2"]["needs_noise"]
+    assert doc["versions"]["3"]["platform"] == "tensorrt_plan" and doc["versions"]["3"]["engine"]["tensorrt"] == "10.9.0.34"
+    assert parse(repo / "tiny" / "config.pbtxt").platform == "tensorrt_plan"  # config follows the newest version
+    assert not list((repo / "tiny").glob(".tmp-*"))
+
+
+def test_refuses_what_triton_cannot_serve(arts, tmp_path):
+    onnx_art, engine_art = arts
+    o = onnx_art(False)
+    with pytest.raises(UsageError, match="min batch 4"):
+        write_triton_repo(o, engine_art(o, min_batch=4), tmp_path / "repo", "tiny")
+    with pytest.raises(UsageError, match="model name"):
+        write_triton_repo(o, None, tmp_path / "repo", "bad name/")
+
+
+def test_template_renders_to_a_valid_config():
+    text = (REPO / "export" / "triton" / "config.pbtxt.template").read_text()
+    rendered = string.Template(text).substitute(
+        model_name="digits", platform="onnxruntime_onnx", max_batch_size=256, image_dims="1, 8, 8",
+        num_classes=10, preferred_batch_sizes="32, 256", max_queue_delay_us=5000,
+    )
+    cfg = text_format.Parse(rendered, model_config_pb2.ModelConfig())
+    assert cfg.name == "digits" and list(cfg.input[0].dims) == [1, 8, 8] and list(cfg.output[0].dims) == [10]
