@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -164,10 +165,58 @@ def build(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: Artifacts
     _stage_command("build", "build", ctx, pipeline, artifacts, set_)
 
 
-@app.command(context_settings=StageCtx)
+bench_app = typer.Typer(help="Benchmarks that print a table and write JSON.", invoke_without_command=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
 def bench(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
-    """Measure latency, throughput, parity and top-1 of teacher and students on every available runtime."""
-    _not_built("bench")
+    """Latency, throughput, parity and top-1 of teacher and students on every available runtime (no subcommand), or a named benchmark."""
+    if ctx.invoked_subcommand is None:
+        _not_built("bench")
+
+
+def _bench_out(out: Optional[str], name: str, pipeline_name: str) -> Path:
+    return Path(out) if out else Path("benchmarks/results") / f"{name}_{pipeline_name}.json"
+
+
+@bench_app.command("quality")
+def bench_quality(
+    pipeline: PipelineOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+    seeds: Annotated[list[int], typer.Option("--seeds", help="student seeds (repeat the option)")] = [0, 1, 2],
+    out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output [default: benchmarks/results/quality_<pipeline>.json]")] = None,
+) -> None:
+    """Top-1 of ce, kd, gendd (labelled) and kd-KL, gendd (unlabelled) students over several seeds, with the teacher."""
+    from gendd_deploy.bench.quality import run_quality
+
+    def go():
+        base = make_context(pipeline, artifacts, list(set_ or []))
+        mk = lambda ov: make_context(pipeline, artifacts, list(set_ or []) + ov)  # noqa: E731
+        run_quality(mk, list(seeds), _bench_out(out_file, "quality", base.pipeline), out)
+
+    guarded(go)
+
+
+@bench_app.command("cache")
+def bench_cache(
+    pipeline: PipelineOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+    methods: Annotated[list[str], typer.Option("--methods", help="distill methods to time")] = ["gendd", "kd"],
+    epochs: Annotated[int, typer.Option(help="epochs per timing run")] = 1,
+    out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output")] = None,
+) -> None:
+    """Distill epoch time with the teacher-feature cache vs the teacher run online (ratio, one run)."""
+    from gendd_deploy.bench.quality import run_cache_ratio
+
+    def go():
+        base = make_context(pipeline, artifacts, list(set_ or []))
+        mk = lambda ov: make_context(pipeline, artifacts, list(set_ or []) + ov)  # noqa: E731
+        run_cache_ratio(mk, list(methods), epochs, _bench_out(out_file, "cache", base.pipeline), out)
+
+    guarded(go)
 
 
 @app.command()

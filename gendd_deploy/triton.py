@@ -202,7 +202,7 @@ def write_triton_repo(
         "sha256": sha256_file(model_dir / str(n) / filename),
         "onnx": {"ref": onnx_art.ref, "fingerprint": onnx_art.fingerprint},
         "engine": ({"ref": engine_art.ref, "fingerprint": engine_art.fingerprint,
-                    **{k: engine_art.manifest["info"].get(k) for k in ("tensorrt", "cuda", "gpu", "gpu_capability", "precision")}}
+                    **{k: engine_art.manifest["info"].get(k) for k in ("tensorrt", "tensorrt_cuda", "cuda", "gpu", "gpu_capability", "precision")}}
                    if engine_art is not None else None),
         "needs_noise": bool(needs_noise),
         "noise_shape_tail": list(tail) if tail else None,

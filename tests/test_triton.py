@@ -137,13 +137,14 @@ def test_versions_increase_and_map_to_artifacts(arts, tmp_path):
     first = onnx_art(False, fp="1" * 64)
     second = onnx_art(True, fp="2" * 64)
     repo = tmp_path / "repo"
-    v1 = write_triton_repo(first, None, repo, "tiny")
+    v1 = write_triton_repo(first, None, repo, "tiny", preprocess={"mean": [0.25], "std": [0.5], "image_size": 8})
     v2 = write_triton_repo(second, None, repo, "tiny")
     v3 = write_triton_repo(first, engine_art(first), repo, "tiny")
     assert [v.name for v in (v1, v2, v3)] == ["1", "2", "3"]
     doc = json.loads((repo / "tiny" / "versions.json").read_text())
     assert doc["latest"] == 3 and list(doc["versions"]) == ["1", "2", "3"]
     assert doc["versions"]["1"]["artifact"] == first.ref and doc["versions"]["1"]["fingerprint"] == first.fingerprint
+    assert doc["versions"]["1"]["preprocess"]["mean"] == [0.25]  # what clients must apply before 'images'
     assert doc["versions"]["2"]["fingerprint"] == second.fingerprint and doc["versions"]["2"]["needs_noise"]
     assert doc["versions"]["3"]["platform"] == "tensorrt_plan" and doc["versions"]["3"]["engine"]["tensorrt"] == "10.9.0.34"
     assert parse(repo / "tiny" / "config.pbtxt").platform == "tensorrt_plan"  # config follows the newest version

@@ -101,6 +101,13 @@ class _HTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up mid-request is routine; anything else gets one line, not a traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        self.app.log(f"gendd serve: error on a connection from {client_address[0]}: {type(exc).__name__}: {exc}")
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN (a DNS query); the name is not needed
         socketserver.TCPServer.server_bind(self)
@@ -177,12 +184,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body_then_route(self, app: "InferenceServer", method: str, path: str) -> _Response:
         body = b""
-        if method in ("POST", "PUT"):
-            if self.headers.get("Transfer-Encoding"):
-                return self._refuse(411, "chunked request bodies are not supported; send Content-Length")
-            length_text = self.headers.get("Content-Length")
-            if length_text is None:
-                return self._refuse(411, "missing Content-Length header")
+        if self.headers.get("Transfer-Encoding"):
+            return self._refuse(411, "chunked request bodies are not supported; send Content-Length")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None and method in ("POST", "PUT"):
+            return self._refuse(411, "missing Content-Length header")
+        if length_text is not None:  # read even a GET's body, or the keep-alive connection goes out of step
             try:
                 length = int(length_text)
                 if length < 0:
@@ -193,7 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
             if length > limit:
                 self._linger(length)
                 return self._refuse(413, f"request body of {length} bytes is over the limit of {limit} bytes (max_body_mb = {app.cfg.max_body_mb:g})")
-            body = self.rfile.read(length)
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:
+                return self._refuse(408, f"timed out after {self.timeout} s reading the request body")
             if len(body) != length:
                 return self._refuse(400, f"request body ended after {len(body)} of {length} bytes")
         return app.route(method, path, self.headers, body)
@@ -244,10 +254,7 @@ class InferenceServer:
         request_timeout_s: float = 30.0,
         log: Callable[[str], None] | None = None,
     ):
-        model = ServedModel.from_meta(model)
-        if model.needs_noise != runner.needs_noise:
-            # the description must match the runner, or seeds would be echoed for nothing (or missing)
-            model = replace(model, needs_noise=runner.needs_noise)
+        model = replace(ServedModel.from_meta(model), needs_noise=runner.needs_noise)  # the runner decides
         self.runner, self.model, self.cfg = runner, model, cfg
         self.request_timeout_s = request_timeout_s
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))

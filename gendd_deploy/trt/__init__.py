@@ -4,7 +4,7 @@ TensorRT is optional and GPU-only. Nothing in this package imports `tensorrt` at
 `require_tensorrt()` is the one place that looks for it (and for a GPU) and refuses with a single
 line naming what is missing and how to install it, before any stage opens a draft.
 
-    ident = require_tensorrt()          # {"tensorrt": "10.9.0", "cuda": "12.8", "gpu": ..., "gpu_capability": "9.0"}
+    ident = require_tensorrt()          # {"tensorrt": "10.9.0", "tensorrt_cuda": "12", "cuda": "12.8", "gpu": ..., "gpu_capability": "9.0"}
     plan = precision_plan(trt_major(ident["tensorrt"]), "fp16")
     built = EngineBuilder(workspace_mb=4096).build("model.onnx", plan, shapes, timing_cache=None)
     logits = TrtRunner(engine_artifact).run(images, noise)
@@ -35,6 +35,20 @@ def _gpu() -> tuple[str | None, str | None, str | None]:
     return torch.cuda.get_device_name(0), f"{major}.{minor}", torch.version.cuda
 
 
+def _tensorrt_cuda() -> str | None:
+    """CUDA major version of the installed TensorRT wheels ('12' for tensorrt-cu12), if known."""
+    from importlib import metadata
+
+    for major in ("13", "12", "11"):
+        for dist in (f"tensorrt-cu{major}", f"tensorrt_cu{major}_libs"):
+            try:
+                metadata.version(dist)
+                return major
+            except metadata.PackageNotFoundError:
+                continue
+    return None
+
+
 def local_identity() -> dict:
     """What an engine is tied to, on this machine; None where absent (no TensorRT, no GPU)."""
     try:
@@ -42,7 +56,7 @@ def local_identity() -> dict:
     except Exception:  # noqa: BLE001 - any import failure means "not usable here"
         version = None
     gpu, capability, cuda = _gpu()
-    return {"tensorrt": version, "cuda": cuda, "gpu": gpu, "gpu_capability": capability}
+    return {"tensorrt": version, "tensorrt_cuda": _tensorrt_cuda(), "cuda": cuda, "gpu": gpu, "gpu_capability": capability}
 
 
 def require_tensorrt(command: str = "gendd build") -> dict:
@@ -67,7 +81,8 @@ def require_tensorrt(command: str = "gendd build") -> dict:
             f"Install TensorRT with {INSTALL_HINT} and run on a machine with an NVIDIA GPU and its driver "
             f"(export to ONNX and serve with ONNX Runtime work without them)"
         )
-    return {"tensorrt": version, "cuda": cuda, "gpu": gpu, "gpu_capability": capability}
+    # cuda: the CUDA runtime torch runs on; tensorrt_cuda: the CUDA build of the TensorRT wheels
+    return {"tensorrt": version, "tensorrt_cuda": _tensorrt_cuda(), "cuda": cuda, "gpu": gpu, "gpu_capability": capability}
 
 
 __all__ = ["INSTALL_HINT", "SUPPORTED_MAJORS", "import_tensorrt", "local_identity", "require_tensorrt"]

@@ -124,8 +124,11 @@ class EngineBuilder:
         config.add_optimization_profile(profile)
 
         cache = config.create_timing_cache(timing_cache or b"")
-        # a cache from another GPU or TensorRT version is refused rather than silently mixed in
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        # a cache from another GPU or TensorRT version is refused rather than mixed in (the artifact key
+        # should prevent that); the build then starts from an empty cache and says so in its log
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            self.messages.append("[WARNING] gendd: the timing cache did not match this GPU / TensorRT; started an empty one")
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
         serialized = self.builder.build_serialized_network(network, config)
         if serialized is None:

@@ -84,7 +84,10 @@ class TrtRunner(Runner):
             raise ArtifactError(f"engine {path} has outputs {self.outputs}; expected one (logits)")
         if (len(self.inputs) > 1) != self.needs_noise:
             raise UsageError(f"engine inputs are {self.inputs} but noise_shape_tail is {self.noise_shape_tail}")
-        lo, _, hi = self.engine.get_tensor_profile_shape(self.inputs[0], 0)
+        # feed by name where the graph uses gendd's names, else by position (images first)
+        self.images_name = "images" if "images" in self.inputs else self.inputs[0]
+        self.noise_name = ("noise" if "noise" in self.inputs else self.inputs[1]) if self.needs_noise else None
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.images_name, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self._lock = threading.Lock()  # one execution context: one batch at a time
         self._stream = torch.cuda.Stream(device=self.device)
@@ -104,12 +107,14 @@ class TrtRunner(Runner):
                      for s in range(0, n, self.max_batch)]
             return torch.cat(parts)
         pad = max(0, self.min_batch - n)
-        feeds = [images] + ([noise] if self.needs_noise else [])
-        if self.needs_noise and noise is None:
-            raise UsageError(f"this engine needs a noise input of shape {(n,) + self.noise_shape_tail}")
+        feeds = {self.images_name: images}
+        if self.needs_noise:
+            if noise is None:
+                raise UsageError(f"this engine needs a noise input of shape {(n,) + self.noise_shape_tail}")
+            feeds[self.noise_name] = noise
         with self._lock, torch.cuda.stream(self._stream):
             bufs = []
-            for name, x in zip(self.inputs, feeds):
+            for name, x in feeds.items():
                 want = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
                 x = x.to(self.device, want).contiguous()
                 if pad:
@@ -137,7 +142,7 @@ class TrtRunner(Runner):
         """Median / p90 milliseconds per batch of random inputs, timed with CUDA events on device tensors."""
         import torch
 
-        shape = tuple(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[1])[1:]
+        shape = tuple(self.engine.get_tensor_profile_shape(self.images_name, 0)[1])[1:]
         g = torch.Generator().manual_seed(seed)
         x = torch.randn((batch,) + shape, generator=g).to(self.device)
         z = torch.randn((batch,) + self.noise_shape_tail, generator=g).to(self.device) if self.needs_noise else None

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print a table and write JSON (tests never assert wall-clock time)."""
