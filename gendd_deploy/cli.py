@@ -21,7 +21,7 @@ from rich.table import Table
 
 from gendd_deploy import __version__
 from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, section_help
-from gendd_deploy.errors import GenddError, NotBuiltYet
+from gendd_deploy.errors import GenddError, MissingDependency, NotBuiltYet
 
 console = Console(stderr=True)
 out = Console()
@@ -242,6 +242,14 @@ def run(
             if not stages.available(command):
                 c.log(f"[dim]{command}: stage not built yet, skipped[/]")
                 continue
+            if command == "build":
+                from gendd_deploy.trt import require_tensorrt
+
+                try:
+                    require_tensorrt("build")
+                except MissingDependency as e:
+                    c.log(f"[dim]build: skipped on this machine ({e})[/]")
+                    continue
             built[command] = stages.get(command).run(c)
         _summary(built)
 

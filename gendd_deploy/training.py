@@ -49,6 +49,10 @@ class Checkpointer:
         self.path = Path(work_dir) / name
 
     def save(self, state: dict) -> None:
+        from gendd_deploy import dist
+
+        if not dist.is_main():  # one writer; every rank reads it back on resume
+            return
         tmp = self.path.with_suffix(".part")
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
@@ -67,7 +71,9 @@ class Checkpointer:
 @contextmanager
 def progress_bar(console: Console, quiet: bool = False) -> Iterator[Progress]:
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*cols, console=console, disable=quiet, transient=False) as p:
+    from gendd_deploy import dist
+
+    with Progress(*cols, console=console, disable=quiet or not dist.is_main(), transient=False) as p:
         yield p
 
 

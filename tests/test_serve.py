@@ -28,7 +28,7 @@ from PIL import Image
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.data.preprocess import decode_image, make_spec, preprocess_image
 from gendd_deploy.runtime.base import Runner
-from gendd_deploy.serve import InferenceServer, ServedModel
+from gendd_deploy.serve import InferenceServer
 from gendd_deploy.serve.metrics import Histogram
 
 REPO = Path(__file__).resolve().parents[1]

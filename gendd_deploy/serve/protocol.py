@@ -73,8 +73,7 @@ class ServedModel:
     input_shape: tuple[int, int, int]  # (C, H, W) of one image
     num_classes: int | None = None  # None = found by the server's warm-up run
     version: str = "1"
-    input_name: str = "images"
-    input_dtype: str = "FP32"
+    input_name: str = "images"  # FP32 [-1, C, H, W]
     output_name: str = "logits"
     class_names: tuple[str, ...] | None = None
     preprocess: dict | None = None  # data.preprocess spec; None = encoded images are refused
@@ -121,7 +120,7 @@ class ServedModel:
 
     def metadata(self) -> dict:
         """GET /v2/models/<name>: the protocol's model metadata (shapes with -1 for the batch)."""
-        inputs = [{"name": self.input_name, "datatype": self.input_dtype, "shape": [-1, *self.input_shape]}]
+        inputs = [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]}]
         if self.preprocess:
             inputs.append({"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]})
         k = self.num_classes if self.num_classes is not None else -1
@@ -208,8 +207,8 @@ def _split_binary(inputs: list[dict], binary: bytes) -> dict[int, bytes]:
 
 def _float_tensor(model: ServedModel, tensor: dict, raw: bytes | None) -> np.ndarray:
     name = model.input_name
-    if tensor.get("datatype") != model.input_dtype:
-        raise bad(f"input '{name}' has datatype {tensor.get('datatype')!r}; this model takes {model.input_dtype}")
+    if tensor.get("datatype") != "FP32":
+        raise bad(f"input '{name}' has datatype {tensor.get('datatype')!r}; this model takes FP32")
     shape = _shape(tensor, name)
     want = [-1, *model.input_shape]
     if len(shape) != 4 or tuple(shape[1:]) != model.input_shape or shape[0] < 1:

@@ -17,6 +17,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "teacher": ("gendd_deploy.stages.teacher", "TeacherStage"),
     "cache": ("gendd_deploy.stages.cache", "CacheStage"),
     "distill": ("gendd_deploy.stages.distill", "DistillStage"),
+    "build": ("gendd_deploy.stages.build", "BuildStage"),
 }
 
 ORDER = ["teacher", "cache", "distill", "calibrate", "export", "build"]

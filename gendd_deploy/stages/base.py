@@ -9,6 +9,7 @@ fingerprint the current recipe implies, never by "latest".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -54,14 +55,43 @@ class Context:
             raise MissingDependency("[pipeline] device = 'cuda' but no CUDA GPU is visible; set device = 'auto' or 'cpu'")
         if want == "auto":
             want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda":
+            from gendd_deploy import dist
+
+            return torch.device("cuda", dist.local_rank())
         return torch.device(want)
 
     def command(self, stage_command: str) -> str:
         return f"gendd {stage_command} -p {self.recipe_path}"
 
     def log(self, msg: str) -> None:
-        if not self.quiet:
+        from gendd_deploy import dist
+
+        if not self.quiet and dist.is_main():
             self.console.print(msg)
+
+
+class ScratchDraft:
+    """What a non-zero rank writes into: a private temporary folder, thrown away afterwards."""
+
+    def __init__(self):
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="gendd-rank-")
+        self.dir = Path(self._tmp.name)
+        self.metrics: dict = {}
+        self.info: dict = {}
+
+    def __enter__(self) -> "ScratchDraft":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+    def path(self, name: str) -> Path:
+        p = self.dir / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
 
 
 class Stage:
@@ -71,6 +101,9 @@ class Stage:
     command: str = ""
     artifact: str = ""
     uses_data: bool = True
+    # True: every torchrun rank runs build() (collectives inside), rank 0 alone writes.
+    # False: rank 0 builds, the other ranks wait for the published artifact.
+    distributed: bool = False
 
     def inputs(self, ctx: Context) -> dict[str, "Stage"]:
         return {}
@@ -104,6 +137,8 @@ class Stage:
         return ctx.store.check_input(art, f"delete {art.path} and run '{ctx.command(self.command)}'")
 
     def run(self, ctx: Context) -> Artifact:
+        from gendd_deploy import dist
+
         fp = self.fingerprint(ctx)
         found = ctx.store.find(ctx.pipeline, self.artifact, fp)
         if found is not None:
@@ -111,10 +146,19 @@ class Stage:
             return found
         inputs = {name: stage.require(ctx) for name, stage in self.inputs(ctx).items()}
         extra = {"data": ctx.data().fingerprint} if self.uses_data else {}
-        with ctx.store.draft(ctx.pipeline, self.artifact, fp, self.config(ctx), list(inputs.values()), extra) as draft:
-            self.build(ctx, draft, inputs)
-            art = draft.publish()
-        ctx.log(f"[bold]{self.name}[/]: published {art.ref} (fingerprint {fp[:8]})")
+        if dist.is_main():
+            with ctx.store.draft(ctx.pipeline, self.artifact, fp, self.config(ctx), list(inputs.values()), extra) as draft:
+                self.build(ctx, draft, inputs)
+                art = draft.publish()
+            ctx.log(f"[bold]{self.name}[/]: published {art.ref} (fingerprint {fp[:8]})")
+        elif self.distributed:
+            with ScratchDraft() as draft:  # same code path, nothing kept
+                self.build(ctx, draft, inputs)
+        dist.barrier()
+        if not dist.is_main():
+            art = ctx.store.find(ctx.pipeline, self.artifact, fp)
+            if art is None:
+                raise ArtifactError(f"rank {dist.rank()}: rank 0 did not publish {self.artifact} {fp[:8]}")
         return art
 
     def work_dir(self, ctx: Context):

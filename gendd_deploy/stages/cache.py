@@ -8,18 +8,19 @@ Files (numpy .npy, memory-mappable, never loaded whole):
   features.npy  (V, N, D_t) float16   teacher pooled features
   params.npy    (V, N, 5)   int32     (top, left, height, width, flip) of each view
   labels.npy    (N,)        int64     training labels, in training-split order
-The work is written into memory maps in the stage's work folder with a progress marker, so a
-killed run resumes where it stopped.
+Work is done in fixed chunks, each saved whole into the stage's work folder, so a killed run
+resumes where it stopped; under torchrun every rank computes its own chunks and rank 0 assembles
+the arrays once.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import ArtifactError
@@ -80,6 +81,7 @@ def check_lineage(cache: Artifact, teacher: Artifact, ctx: Context) -> None:
 class CacheStage(Stage):
     name = command = "cache"
     artifact = "teacher_features"
+    distributed = True
 
     def inputs(self, ctx: Context) -> dict[str, Stage]:
         return {"teacher": TeacherStage()}
@@ -96,40 +98,45 @@ class CacheStage(Stage):
         train, V, N = data.train, num_views(ctx), len(data.train)
         D = teacher_art.manifest["info"]["feature_dim"]
         dtype = np.float16 if cc.dtype == "float16" else np.float32
-        work = self.work_dir(ctx)
-        marker = work / "progress.json"
-        done = json.loads(marker.read_text())["done"] if marker.is_file() else 0
-        if done and not ((work / "features.npy").is_file() and (work / "params.npy").is_file()):
-            done = 0  # the maps were already moved out by a run that died before publishing
-        mode = "r+" if done else "w+"
-        feats = np.lib.format.open_memmap(work / "features.npy", mode=mode, dtype=dtype, shape=(V, N, D))
-        params = np.lib.format.open_memmap(work / "params.npy", mode=mode, dtype=np.int32, shape=(V, N, 5))
-        if done:
-            ctx.log(f"cache: resuming after {done} of {V * N} views")
-        timer = Timer()
+        chunk_dir = self.work_dir(ctx) / "chunks"
+        chunk_dir.mkdir(exist_ok=True)
+        # Fixed chunks of batch_size images per view: the same inputs in the same batches whatever
+        # the number of processes, so a 2-process cache equals a 1-process cache bit for bit.
         chunks = [(v, s) for v in range(V) for s in range(0, N, cc.batch_size)]
+        mine = [c for i, c in enumerate(chunks) if i % dist.world_size() == dist.rank()]
+        done = sum(1 for c in chunks if (chunk_dir / f"v{c[0]}-{c[1]}.npz").is_file())
+        if done:
+            ctx.log(f"cache: resuming, {done} of {len(chunks)} chunks already computed")
+        timer, computed = Timer(), 0
         with progress_bar(ctx.console, ctx.quiet) as bar, torch.no_grad():
-            task = bar.add_task("cache", total=V * N, completed=done, info=f"{V} view(s) x {N} images")
-            for v, start in chunks:
-                stop = min(N, start + cc.batch_size)
-                if v * N + stop <= done:
+            task = bar.add_task("cache", total=len(chunks), completed=done, info=f"{V} view(s) x {N} images")
+            for v, start in mine:
+                target = chunk_dir / f"v{v}-{start}.npz"
+                if target.is_file():
                     continue
+                stop = min(N, start + cc.batch_size)
                 p = view_params(ctx, v, N)[start:stop]
-                idx = torch.arange(start, stop)
-                x = aug.apply(train.get_batch(idx), p, ctx.recipe.data.augment, ctx.recipe.data.crop_padding, data.image_size)
+                x = aug.apply(train.get_batch(torch.arange(start, stop)), p, ctx.recipe.data.augment, ctx.recipe.data.crop_padding, data.image_size)
                 x = aug.normalize(x, data.mean, data.std).to(device)
-                feats[v, start:stop] = bb.pooled_features(teacher, x).float().cpu().numpy().astype(dtype)
-                params[v, start:stop] = p.numpy()
-                if (stop == N) or (start // cc.batch_size) % 20 == 19:
-                    feats.flush(), params.flush()
-                    marker.write_text(json.dumps({"done": v * N + stop}))
-                bar.update(task, completed=v * N + stop)
-        feats.flush(), params.flush()
-        del feats, params
-        for name in ("features.npy", "params.npy"):
-            Path(work / name).replace(draft.path(name))
+                feats = bb.pooled_features(teacher, x).float().cpu().numpy().astype(dtype)
+                tmp = target.with_name(target.stem + ".part.npz")
+                np.savez(tmp, features=feats, params=p.numpy().astype(np.int32))
+                tmp.replace(target)  # a chunk file exists only when whole
+                computed += stop - start
+                bar.update(task, advance=dist.world_size())
+        computed = dist.all_reduce_sum(computed)
+        dist.barrier()  # every rank's chunks are on disk
+        if dist.is_main():
+            feats = np.lib.format.open_memmap(draft.path("features.npy"), mode="w+", dtype=dtype, shape=(V, N, D))
+            params = np.lib.format.open_memmap(draft.path("params.npy"), mode="w+", dtype=np.int32, shape=(V, N, 5))
+            for v, start in chunks:
+                with np.load(chunk_dir / f"v{v}-{start}.npz") as z:
+                    feats[v, start : start + len(z["features"])] = z["features"]
+                    params[v, start : start + len(z["params"])] = z["params"]
+            feats.flush(), params.flush()
+            del feats, params
         np.save(draft.path("labels.npy"), train.labels.numpy().astype(np.int64))
-        wall = timer()
+        wall = dist.all_reduce_max(timer())
         draft.info.update(
             teacher_fingerprint=teacher_art.fingerprint,
             data_fingerprint=data.fingerprint,
@@ -139,4 +146,4 @@ class CacheStage(Stage):
             feature_dim=D,
             dtype=cc.dtype,
         )
-        draft.metrics.update(wall_s=round(wall, 2), images_per_s=round((V * N - done) / max(wall, 1e-9), 1), device=str(device))
+        draft.metrics.update(wall_s=round(wall, 2), images_per_s=round(computed / max(wall, 1e-9), 1), device=str(device), world_size=dist.world_size())

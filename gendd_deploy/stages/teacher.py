@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft, sha256_file
 from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
@@ -57,8 +58,18 @@ def model_input(ctx: Context, images_u8: torch.Tensor, device: torch.device) -> 
     return aug.to_model_input(images_u8, data.mean, data.std).to(device)
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun, the module itself otherwise."""
+    if dist.world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
 class TeacherStage(Stage):
     name = command = artifact = "teacher"
+    distributed = True
 
     def config(self, ctx: Context) -> dict:
         cfg = ctx.recipe.teacher.model_dump()
@@ -73,6 +84,9 @@ class TeacherStage(Stage):
             # training knobs do not shape a loaded teacher
             for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing"):
                 cfg.pop(k)
+        else:
+            # the global batch is batch_size x processes: a different run, so a different artifact
+            out["world_size"] = dist.world_size()
         return out
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
@@ -114,25 +128,25 @@ class TeacherStage(Stage):
         seed = ctx.recipe.pipeline.seed
         train = data.train
         opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
-        steps_per_epoch = len(batches(torch.arange(len(train)), tc.batch_size))
+        net = wrap_ddp(model, device)
+        steps_per_epoch = len(batches(dist.shard(torch.arange(len(train))), tc.batch_size))
         if steps_per_epoch == 0:
             raise UsageError(f"[teacher] batch_size {tc.batch_size} is larger than the {len(train)} training images; lower it")
         total = steps_per_epoch * tc.epochs
         ckpt = Checkpointer(self.work_dir(ctx))
-        start_epoch, train_s = 0, 0.0
+        start_epoch, train_s, images = 0, 0.0, 0
         state = ckpt.load()
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
-            start_epoch, train_s = state["epoch"] + 1, state["train_s"]
+            start_epoch, train_s, images = state["epoch"] + 1, state["train_s"], state.get("images", 0)
             ctx.log(f"teacher: resuming from the checkpoint after epoch {start_epoch}/{tc.epochs}")
-        images = 0
         with progress_bar(ctx.console, ctx.quiet) as bar:
             task = bar.add_task("teacher", total=total, completed=start_epoch * steps_per_epoch, info="")
             for epoch in range(start_epoch, tc.epochs):
                 timer, model = Timer(), model.train()
-                gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-                for i, idx in enumerate(batches(epoch_order(len(train), seed, epoch), tc.batch_size)):
+                gen = torch.Generator().manual_seed(seed * 7919 + epoch * 64 + dist.rank())
+                for i, idx in enumerate(batches(dist.shard(epoch_order(len(train), seed, epoch)), tc.batch_size)):
                     step = epoch * steps_per_epoch + i
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, tc.warmup_epochs * steps_per_epoch, tc.lr)
@@ -140,12 +154,14 @@ class TeacherStage(Stage):
                     x = aug.apply(train.get_batch(idx), params, dc.augment, dc.crop_padding, data.image_size)
                     x = aug.normalize(x, data.mean, data.std).to(device)
                     y = train.labels[idx].to(device)
-                    loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+                    loss = F.cross_entropy(net(x), y, label_smoothing=tc.label_smoothing)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     images += len(idx)
                     bar.update(task, advance=1, info=f"epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
                 train_s += timer()
-                ckpt.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "train_s": train_s})
-        return {"train_s": round(train_s, 2), "epochs": tc.epochs, "train_images": len(train)}
+                ckpt.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "train_s": train_s, "images": images})
+        images = dist.all_reduce_sum(images)
+        train_s = dist.all_reduce_max(train_s)
+        return {"train_s": round(train_s, 2), "epochs": tc.epochs, "train_images": len(train), "images_per_s": round(images / max(train_s, 1e-9), 1), "world_size": dist.world_size()}

@@ -92,7 +92,7 @@ class EngineBuilder:
         if not parser.parse_from_file(str(onnx_path)):
             errors = [_parser_error_fields(parser.get_error(i)) for i in range(parser.num_errors)]
             message = format_parser_errors(onnx_path, errors)
-            raise OnnxParseError(message, message.splitlines()[1:])
+            raise OnnxParseError(message, [line.strip() for line in message.splitlines()[1:]])
         self._parser = parser  # the network references parser-owned weights until the build ends
 
     def build(

@@ -1,0 +1,98 @@
+"""torchrun support: process group set-up and the few collectives the stages use.
+
+Under `torchrun --nproc-per-node N -m gendd_deploy <command>` every process runs the same stage.
+Rank 0 alone writes artifacts and checkpoints; the other ranks wait at a barrier and then read
+them. NCCL on GPUs, gloo on CPU. Without torchrun (WORLD_SIZE unset) every function here is a
+cheap no-op, so single-process code needs no branches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _terminate_as_exception(signum, frame):
+    # torchrun stops the surviving ranks with SIGTERM when one fails: turn it into an exception so
+    # that `with` blocks unwind and no temporary artifact folder outlives the job.
+    raise SystemExit(f"stopped by signal {signum} (another rank failed)")
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes in the environment; False when not under torchrun."""
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    timeout = datetime.timedelta(minutes=int(os.environ.get("GENDD_DIST_TIMEOUT_MIN", "30")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+    signal.signal(signal.SIGTERM, _terminate_as_exception)
+    return True
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def all_reduce_max(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(order: torch.Tensor) -> torch.Tensor:
+    """This rank's share of an epoch order, as DistributedSampler does (padded to equal length)."""
+    w, r = world_size(), rank()
+    if w == 1:
+        return order
+    per = -(-len(order) // w)
+    padded = torch.cat([order, order[: per * w - len(order)]])
+    return padded[r::w]
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
