@@ -23,7 +23,7 @@ from gendd_deploy import __version__
 from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, section_help
 from gendd_deploy.errors import GenddError, MissingDependency, NotBuiltYet
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 out = Console()
 
 app = typer.Typer(
@@ -82,6 +82,11 @@ def guarded(fn: Callable[[], object]) -> object:
     except GenddError as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(e.exit_code) from None
+    except SystemExit as e:  # SIGTERM from torchrun after another rank failed
+        if isinstance(e.code, str):
+            console.print(f"[red]error:[/] {escape(e.code)}")
+            raise typer.Exit(1) from None
+        raise
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; nothing was published. Run the same command again to resume from the last checkpoint.")
         raise typer.Exit(130) from None
@@ -91,8 +96,11 @@ def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: l
     from gendd_deploy.artifacts import Store
     from gendd_deploy.stages import Context
 
+    from gendd_deploy import dist
+
     path = _recipe_path(pipeline)
     recipe = load_recipe(path, overrides)
+    dist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPUs)
     return Context(recipe=recipe, store=Store(_artifact_root(artifacts)), console=console, recipe_path=path, quiet=quiet)
 
 

@@ -74,6 +74,14 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Element-wise sum / min / max over ranks (a copy; the input is left alone)."""
+    out = t.clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return out
+
+
 def broadcast_object(obj):
     """Rank 0's object on every rank."""
     if not dist.is_initialized():
@@ -91,6 +99,12 @@ def shard(order: torch.Tensor) -> torch.Tensor:
     per = -(-len(order) // w)
     padded = torch.cat([order, order[: per * w - len(order)]])
     return padded[r::w]
+
+
+def maybe_inject_failure(where: str, epoch: int) -> None:
+    """Fault injection for the failure tests: GENDD_FAIL_RANK=R GENDD_FAIL_AT=stage makes rank R fail there."""
+    if os.environ.get("GENDD_FAIL_AT") == where and os.environ.get("GENDD_FAIL_RANK") == str(rank()):
+        raise RuntimeError(f"injected failure on rank {rank()} in {where}, epoch {epoch} (GENDD_FAIL_AT)")
 
 
 def finish() -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -612,7 +613,8 @@ def test_stop_drains_queued_requests(runner):
     port = srv.port
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(infer, port, tensor_request(x)) for x in xs]
-        assert wait_for(lambda: srv.batcher.pending() >= 3)
+        assert wait_for(lambda: srv.metrics.queued.value() == 6)  # all in; at most one has run
+        assert srv.batcher.pending() >= 4
         assert srv.stop(drain_timeout_s=TIMEOUT)
         results = [f.result(timeout=TIMEOUT) for f in futures]
     for x, (status, _, resp) in zip(xs, results):
@@ -658,8 +660,9 @@ def test_sigterm_drains_then_exits_zero(onnx_path, runner, tmp_path):
         xs = [np.full((1, 1, 8, 8), i, np.float32) for i in range(4)]
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(infer, port, tensor_request(x)) for x in xs]
-            time.sleep(0.3)  # the requests are queued or running
-            proc.send_signal(15)
+            queued = lambda: metric(call(port, "GET", "/metrics")[2].decode(), "gendd_queued_requests_total")  # noqa: E731
+            assert wait_for(lambda: queued() == 4)  # all in; at most one has run (0.2 s each)
+            proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=TIMEOUT) for f in futures]
         proc.wait(TIMEOUT)
         out = proc.stdout.read()
@@ -730,32 +733,46 @@ def test_load_artifact_model_errors_name_the_fix(tiny_context, onnx_path):
     from gendd_deploy.serve import load_artifact_model
 
     ctx = tiny_context()
-    with pytest.raises(ArtifactError, match="run 'gendd export"):
+    with pytest.raises(ArtifactError, match="no onnx artifact for pipeline 'tiny'.*run 'gendd export"):
         load_artifact_model(ctx, "onnxruntime")
     other = _publish_onnx(ctx, onnx_path, stage="student")
     with pytest.raises(UsageError, match="is a student artifact"):
         load_artifact_model(ctx, "onnxruntime", version=other.ref)
     with pytest.raises(UsageError, match="no artifact 'v999'"):
         load_artifact_model(ctx, "onnxruntime", version="v999")
+    _publish_onnx(ctx, onnx_path)
+    with pytest.raises(ArtifactError, match="no AOTInductor package .* run 'gendd export .*--aoti'"):
+        load_artifact_model(ctx, "aoti")
+    with pytest.raises(ArtifactError, match="no TensorRT engine built from tiny/onnx/v001; run 'gendd build"):
+        load_artifact_model(ctx, "tensorrt")
 
 
 def test_serve_artifacts_serves_the_latest_onnx(tiny_context, onnx_path, runner):
-    pytest.importorskip("gendd_deploy.stages.export", reason="the export stage (load_onnx_runner) is not built yet")
+    from rich.console import Console
+
     from gendd_deploy.serve import load_artifact_model, serve_artifacts
 
-    ctx = tiny_context("serve.port=0")
-    art = _publish_onnx(ctx, onnx_path)
-    got_runner, model = load_artifact_model(ctx, "onnxruntime")
-    assert model.name == "tiny" and model.version == art.version and model.preprocess == SPEC and model.class_names == tuple(CLASSES)
-    assert model.extra["artifact"] == art.ref
-    x = np.random.default_rng(9).standard_normal((2, 1, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(got_runner.run(x), runner.run(x), atol=1e-6)
+    ctx = tiny_context("serve.port=0", "serve.model_name='digits'")
+    _publish_onnx(ctx, onnx_path)
+    art = _publish_onnx(ctx, onnx_path)  # v002: the latest is served
+    got_runner, model = load_artifact_model(ctx)
+    assert (model.name, model.version, model.preprocess, model.class_names) == ("digits", "v002", SPEC, tuple(CLASSES))
+    assert model.extra["artifact"] == art.ref == "tiny/onnx/v002"
+    log = io.StringIO()
+    ctx.console = Console(file=log, width=400)
     ready, stop = threading.Event(), threading.Event()
-    t = threading.Thread(target=serve_artifacts, args=(ctx, "onnxruntime", art.ref, ready, stop), daemon=True)
+    t = threading.Thread(target=serve_artifacts, args=(ctx, "onnxruntime", None, ready, stop), daemon=True)
     t.start()
     try:
         assert ready.wait(TIMEOUT)
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)", log.getvalue()).group(1))
+        assert call(port, "GET", "/v2/models/digits/versions/2")[2]["parameters"]["artifact"] == "tiny/onnx/v002"
+        blobs = sample_images()
+        status, _, resp = call(port, "POST", "/v2/models/digits/infer", image_request(blobs))
+        assert status == 200, resp
+        x = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
+        np.testing.assert_allclose(logits_of(resp), runner.run(x), atol=1e-6)
     finally:
         stop.set()
         t.join(TIMEOUT)
-    assert not t.is_alive()
+    assert not t.is_alive() and "stopped" in log.getvalue()

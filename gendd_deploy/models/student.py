@@ -73,6 +73,10 @@ class GenDDStudent(nn.Module):
     def probe_logits(self, f_s: torch.Tensor) -> torch.Tensor:
         return bb.classifier(self.backbone)(f_s)
 
+    def forward(self, *args, **kwargs):
+        """Training forward = the GenDD loss (DistributedDataParallel hooks its gradients here)."""
+        return self.gendd_loss(*args, **kwargs)
+
     def gendd_loss(self, x, f_t, y, lam, beta, mul, cfg_drop, probe_ce, generator) -> tuple[torch.Tensor, dict]:
         f_s = self.features(x)
         z = self.condition(f_s)

@@ -82,6 +82,7 @@ class DynamicBatcher:
                 self._queue.put_nowait(job)
             except queue.Full:
                 raise QueueFull(f"request queue full ({self._queue.maxsize} requests waiting); retry later") from None
+        self.metrics.queued.inc()
         self.metrics.queue_depth.set(self.pending())
         return job.future
 

@@ -146,8 +146,9 @@ class ServerMetrics:
         self.batch_size = Histogram("gendd_batch_size", "images per runner call", BATCH_BUCKETS)
         self.batch_latency = Histogram("gendd_batch_duration_seconds", "runner time per batch", LATENCY_BUCKETS)
         self.queue_depth = Gauge("gendd_queue_depth", "infer requests waiting for the batcher")
+        self.queued = Counter("gendd_queued_requests_total", "infer requests accepted into the batching queue")
         self.images = Counter("gendd_images_total", "images run through the model")
-        self._all = [self.requests, self.latency, self.batch_size, self.batch_latency, self.queue_depth, self.images]
+        self._all = [self.requests, self.latency, self.batch_size, self.batch_latency, self.queue_depth, self.queued, self.images]
 
     def render(self) -> str:
         lines: list[str] = []

@@ -36,7 +36,6 @@ import time
 from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote, urlsplit
 
@@ -470,19 +469,16 @@ def serve(
 
 # ---- from the artifact store -------------------------------------------------------------------
 
+SERVABLE = {"onnx": "onnxruntime", "aoti": "aoti", "engine": "tensorrt"}  # artifact stage -> its own runtime
+
 
 def _io_name(io: dict, kind: str, default: str) -> str:
-    """The graph's input / output name from the export manifest's io description, in any of its shapes."""
-    for key in (kind + "s", kind):
-        v = io.get(key)
-        if isinstance(v, str):
-            return v
-        if isinstance(v, list) and v:
-            first = v[0]
-            return first.get("name", default) if isinstance(first, dict) else str(first)
-        if isinstance(v, dict) and v:
-            return v["name"] if isinstance(v.get("name"), str) else next(iter(v))
-    return default
+    """The graph's first input / output name from the export manifest's io description."""
+    entries = io.get(kind + "s") or []
+    names = [e.get("name") if isinstance(e, dict) else str(e) for e in entries]
+    if default in names:
+        return default
+    return names[0] if names and names[0] else default
 
 
 def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> ServedModel:
@@ -491,6 +487,9 @@ def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> Se
     if not spec:
         raise ArtifactError(f"{art.ref} has no info.preprocess in its manifest; re-export it with 'gendd export'")
     io = info.get("io") or {}
+    extra = {"artifact": art.ref, "fingerprint": art.fingerprint}
+    if info.get("setting_label"):
+        extra["sampler"] = info["setting_label"]
     return ServedModel.from_meta(
         {
             "name": name,
@@ -500,65 +499,99 @@ def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> Se
             "preprocess": spec,
             "class_names": info.get("class_names"),
             "needs_noise": runner.needs_noise,
-            "platform": runner.describe().get("runtime") or runner.name or "onnxruntime",
-            "extra": {"artifact": art.ref, "fingerprint": art.fingerprint},
+            "platform": runner.describe().get("runtime") or runner.name,
+            "extra": extra,
         }
     )
 
 
-def _find_file(art: "Artifact", suffix: str) -> Path | None:
-    for f in art.manifest.get("files", []):
-        if f["path"].endswith(suffix):
-            return art.path / f["path"]
-    return None
+def _model_inputs(art: "Artifact") -> set[tuple[str, str]]:
+    """(stage, fingerprint) of the student / sampler an onnx or aoti artifact was exported from."""
+    return {(i.get("stage"), i.get("fingerprint")) for i in art.manifest.get("inputs", []) if i.get("stage") in ("student", "sampler")}
 
 
-def _make_runner(ctx: "Context", runtime: str, art: "Artifact") -> Runner:
-    """A runner of the chosen runtime for the exported model `art` (the onnx artifact)."""
-    if runtime == "onnxruntime":
-        try:
-            from gendd_deploy.stages.export import load_onnx_runner
-        except ImportError:
-            raise NotBuiltYet("the export stage (gendd_deploy.stages.export) is not available in this build") from None
-        return load_onnx_runner(art)
+def _derived(ctx: "Context", art: "Artifact", stage: str, match: Callable[["Artifact"], bool]) -> "Artifact | None":
+    """The newest `stage` artifact of art's pipeline that `match` accepts."""
+    hits = [a for a in ctx.store.list(art.pipeline, stage) if match(a)]
+    return max(hits, key=lambda a: int(a.version[1:])) if hits else None
+
+
+def _described_by(ctx: "Context", art: "Artifact") -> "Artifact":
+    """The artifact whose manifest holds preprocess / class names: art, or for an engine its onnx input."""
+    if art.manifest.get("info", {}).get("preprocess"):
+        return art
+    for i in art.manifest.get("inputs", []):
+        if i.get("stage") == "onnx":
+            parent = ctx.store.find(i.get("pipeline", art.pipeline), "onnx", i["fingerprint"])
+            if parent is not None:
+                return parent
+    return art
+
+
+def _make_runner(ctx: "Context", runtime: str, art: "Artifact") -> tuple[Runner, "Artifact"]:
+    """(runner, the artifact it runs) for `runtime`, from the onnx artifact `art` or one of its siblings."""
     try:
-        from gendd_deploy.runtime import make_runner
+        from gendd_deploy.stages import export as ex
     except ImportError:
-        raise NotBuiltYet(f"runtime '{runtime}' is not available in this build (gendd_deploy.runtime.make_runner)") from None
-    noise_tail = art.manifest.get("info", {}).get("noise_shape_tail")
+        raise NotBuiltYet("the export stage (gendd_deploy.stages.export) is not available in this build") from None
+    hint = ctx.command("export")
+    if runtime == "onnxruntime":
+        if art.stage != "onnx":
+            raise UsageError(f"runtime onnxruntime serves an onnx artifact, not {art.ref}; pass --runtime {SERVABLE[art.stage]}")
+        return ex.load_onnx_runner(art), art
     if runtime == "aoti":
-        path = _find_file(art, ".pt2")
-        aoti = None if path else ctx.store.latest(ctx.pipeline, "aoti")
-        path = path or (aoti and _find_file(aoti, ".pt2"))
-        if path is None:
-            raise ArtifactError(f"no AOTInductor package for {art.ref}; run '{ctx.command('export')} --aoti'")
-        return make_runner("aoti", path=path, noise_shape_tail=noise_tail)
-    if runtime == "tensorrt":
-        engine = ctx.store.latest(ctx.pipeline, "engine")
-        path = engine and (_find_file(engine, ".engine") or _find_file(engine, ".plan"))
-        if path is None:
-            raise ArtifactError(f"no TensorRT engine for pipeline '{ctx.pipeline}'; run '{ctx.command('build')}'")
-        return make_runner("tensorrt", path=path, noise_shape_tail=noise_tail)
+        if art.stage == "onnx":
+            want = _model_inputs(art)
+            aoti = _derived(ctx, art, "aoti", lambda a: _model_inputs(a) == want)
+            if aoti is None:
+                raise ArtifactError(f"no AOTInductor package exported from the same student as {art.ref}; run '{hint} --aoti'")
+            art = ctx.store.check_input(aoti, f"delete {aoti.path} and run '{hint} --aoti'")
+        elif art.stage != "aoti":
+            raise UsageError(f"runtime aoti serves an onnx or aoti artifact, not {art.ref}")
+        return ex.load_aoti_runner(art), art
     if runtime == "torch":
-        return make_runner("torch", artifact=art, ctx=ctx)
+        if art.stage not in ("onnx", "aoti"):
+            raise UsageError(f"runtime torch serves the model behind an onnx or aoti artifact, not {art.ref}")
+        from gendd_deploy.runtime.torch_runner import TorchRunner
+
+        device = ctx.device()
+        return TorchRunner(ex.deployed_from_export(art, ctx.store, device), device), art
+    if runtime == "tensorrt":
+        if art.stage == "onnx":
+            engine = _derived(ctx, art, "engine", lambda a: any(i.get("fingerprint") == art.fingerprint for i in a.manifest.get("inputs", [])))
+            if engine is None:
+                raise ArtifactError(f"no TensorRT engine built from {art.ref}; run '{ctx.command('build')}'")
+            art = ctx.store.check_input(engine, f"delete {engine.path} and run '{ctx.command('build')}'")
+        elif art.stage != "engine":
+            raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
+        from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
+
+        return TrtRunner(art), art
     raise UsageError(f"unknown runtime '{runtime}'; use onnxruntime, aoti, torch or tensorrt")
 
 
-def load_artifact_model(ctx: "Context", runtime: str, version: str | None = None) -> tuple[Runner, ServedModel]:
-    """The deployed model: the latest onnx artifact of the pipeline, or `version` (any `artifacts show` handle)."""
+def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: str | None = None) -> tuple[Runner, ServedModel]:
+    """The deployed model and its description.
+
+    Default: the newest onnx artifact of the recipe's pipeline, run by `runtime` (for aoti the aoti
+    package and for tensorrt the engine made from that same onnx artifact; for torch the PyTorch
+    model it was exported from). `version` (any 'gendd artifacts show' handle) picks an onnx, aoti
+    or engine artifact instead.
+    """
     store = ctx.store
     if version:
         art = store.resolve(version)
-        if art.stage != "onnx":
-            raise UsageError(f"{art.ref} is a {art.stage} artifact; serve an onnx artifact (made by '{ctx.command('export')}')")
+        if art.stage not in SERVABLE:
+            raise UsageError(f"{art.ref} is a {art.stage} artifact; serve an onnx artifact (made by '{ctx.command('export')}'), or an aoti or engine one")
     else:
         art = store.latest(ctx.pipeline, "onnx")
         if art is None:
             raise ArtifactError(f"no onnx artifact for pipeline '{ctx.pipeline}' under {store.root}; run '{ctx.command('export')}'")
     store.check_input(art, f"delete {art.path} and run '{ctx.command('export')}'")
-    runner = _make_runner(ctx, runtime, art)
+    runner, served = _make_runner(ctx, runtime, art)
     name = ctx.recipe.serve.model_name or ctx.pipeline
-    return runner, served_model_from_manifest(art, name, runner)
+    model = served_model_from_manifest(_described_by(ctx, served), name, runner)
+    return runner, replace(model, version=served.version, extra={**model.extra, "artifact": served.ref, "fingerprint": served.fingerprint})
 
 
 def serve_artifacts(
@@ -568,7 +601,7 @@ def serve_artifacts(
     ready_event: threading.Event | None = None,
     stop_event: threading.Event | None = None,
 ) -> None:
-    """`gendd serve`: the recipe's [serve] section, with `runtime` overriding its runtime."""
+    """`gendd serve`: the recipe's [serve] section (host, port, batching...), `runtime` overriding its runtime."""
     cfg = ctx.recipe.serve
     if runtime is not None and runtime != cfg.runtime:
         try:

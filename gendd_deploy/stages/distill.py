@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.diffusion import SamplingSchedule
-from gendd_deploy.models.student import GenDDStudent, stage1_projector
+from gendd_deploy.models.student import GenDDStudent, contract, stage1_projector
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
-from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups
-from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, epoch_order, lr_at, progress_bar, top1
+from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
+from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, epoch_order, lr_at, progress_bar
 
 # Deviations from the authors' code, recorded in every student manifest.
 DEVIATIONS = [
@@ -66,9 +67,39 @@ def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module
     return model.eval().requires_grad_(False).to(device)
 
 
+class RangeTracker(nn.Module):
+    """Per-feature min / max of the training targets: the sampler clips its x0 estimate to it.
+
+    Kept apart from the student because DDP re-broadcasts module buffers from rank 0 at each
+    forward; checkpointed with it, and reduced over ranks at the end of training.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("lo", torch.full((dim,), float("inf")))
+        self.register_buffer("hi", torch.full((dim,), -float("inf")))
+
+    @torch.no_grad()
+    def update(self, target: torch.Tensor) -> None:
+        torch.minimum(self.lo, target.min(0).values, out=self.lo)
+        torch.maximum(self.hi, target.max(0).values, out=self.hi)
+
+
+class Stage1Net(nn.Module):
+    """Stage-1 warm-up network: logits = teacher_fc(proj(f_s)), one module for DDP."""
+
+    def __init__(self, student: GenDDStudent, proj: nn.Linear):
+        super().__init__()
+        self.student, self.proj = student, proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student.teacher_fc(self.proj(self.student.features(x)))
+
+
 class DistillStage(Stage):
     name = command = "distill"
     artifact = "student"
+    distributed = True
 
     def inputs(self, ctx: Context) -> dict[str, Stage]:
         ins: dict[str, Stage] = {"teacher": TeacherStage()}
@@ -85,13 +116,15 @@ class DistillStage(Stage):
             for k in list(cfg):
                 if k.startswith(("head_", "eval_")) or k in ("token_dim", "smooth", "mixup_beta", "cfg_drop", "diffusion_batch_mul", "train_timesteps", "probe_ce", "stage1_epochs"):
                     cfg.pop(k)
+        # The number of processes is not part of the fingerprint (the recipe is the same run); the
+        # global batch it implies is recorded in the manifest (info.global_batch).
         return {"distill": cfg, "seed": student_seed(ctx), "augment": ctx.recipe.data.augment}
 
     # ---- training --------------------------------------------------------------------------
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
         dc, data, device = ctx.recipe.distill, ctx.data(), ctx.device()
-        torch.manual_seed(student_seed(ctx))
+        torch.manual_seed(student_seed(ctx))  # same init on every rank (DDP also broadcasts rank 0's)
         teacher = load_teacher(inputs["teacher"], device)
         cache = None
         if "cache" in inputs:
@@ -101,10 +134,10 @@ class DistillStage(Stage):
         if device.type == "cuda" and dc.channels_last:
             student = student.to(memory_format=torch.channels_last)
         trainable = student.backbone if isinstance(student, GenDDStudent) else student
-        fwd = torch.compile(trainable) if (dc.compile and device.type == "cuda") else trainable
+        torch.manual_seed(student_seed(ctx) * 1000 + dist.rank() + 1)  # t, noise, cfg dropout differ per rank
         timer = Timer()
         stats = self._stage1(ctx, student, teacher, cache, device) if (dc.method == "gendd" and dc.stage1_epochs and dc.labels) else {}
-        stats.update(self._train(ctx, student, fwd, teacher, cache, device))
+        stats.update(self._train(ctx, student, teacher, cache, device))
         stats.update(self._evaluate(ctx, student, teacher, device))
         stats["teacher_top1"] = inputs["teacher"].metrics.get("test_top1")
         stats["wall_s"] = round(timer(), 2)
@@ -119,6 +152,8 @@ class DistillStage(Stage):
             "preprocess": data.preprocess,
             "class_names": data.class_names,
             "teacher_source": "cache" if cache else "online",
+            "world_size": dist.world_size(),
+            "global_batch": dc.batch_size * dist.world_size(),
         }
         if isinstance(student, GenDDStudent):
             info["head"] = {
@@ -160,7 +195,7 @@ class DistillStage(Stage):
         """Shared epoch loop with LR schedule, checkpoint per epoch and resume."""
         dc, data, seed = ctx.recipe.distill, ctx.data(), student_seed(ctx)
         n = len(data.train)
-        steps_per_epoch = len(batches(torch.arange(n), dc.batch_size))
+        steps_per_epoch = len(batches(dist.shard(torch.arange(n)), dc.batch_size))
         if steps_per_epoch == 0:
             raise UsageError(f"[distill] batch_size {dc.batch_size} is larger than the {n} training images; lower it")
         total = steps_per_epoch * epochs
@@ -180,14 +215,15 @@ class DistillStage(Stage):
                 timer = Timer()
                 for m in modules.values():
                     m.train()
-                gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+                gen = torch.Generator().manual_seed(seed * 7919 + epoch * 64 + dist.rank())
                 views = self._views(cache, n, seed, epoch)
-                for i, idx in enumerate(batches(epoch_order(n, seed, epoch), dc.batch_size)):
+                for i, idx in enumerate(batches(dist.shard(epoch_order(n, seed, epoch)), dc.batch_size)):
                     step = epoch * steps_per_epoch + i
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, dc.warmup_epochs * steps_per_epoch, base_lr)
                         if beta2 is not None:
                             g["betas"] = (dc.beta1, beta2(step, total))
+                    dist.maybe_inject_failure("distill", epoch)
                     x, f_t, y = self._batch(ctx, idx, views, gen, cache, teacher, device)
                     if device.type == "cuda" and dc.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -204,7 +240,8 @@ class DistillStage(Stage):
                 state = {k: m.state_dict() for k, m in modules.items()}
                 state.update(opt=opt.state_dict(), epoch=epoch, train_s=train_s, images=images)
                 ckpt.save(state)
-        return {"train_s": round(train_s, 2), "images_per_s": round(images / max(train_s, 1e-9), 1), "epochs": epochs}
+        images, train_s = dist.all_reduce_sum(images), dist.all_reduce_max(train_s)
+        return {"train_s": round(train_s, 2), "images_per_s": round(images / max(train_s, 1e-9), 1), "epochs": epochs, "world_size": dist.world_size()}
 
     def _stage1(self, ctx, student: GenDDStudent, teacher, cache, device) -> dict:
         dc = ctx.recipe.distill
@@ -213,15 +250,16 @@ class DistillStage(Stage):
         params = [p for p in student.backbone.parameters() if id(p) not in frozen]
         opt = torch.optim.AdamW([{"params": params, "weight_decay": dc.weight_decay}, {"params": proj.parameters(), "weight_decay": 0.0}], lr=dc.lr)
 
+        net = wrap_ddp(Stage1Net(student, proj), device)
+
         def step_fn(x, f_t, y, gen):
-            logits = student.teacher_fc(proj(student.features(x)))
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(net(x), y)
             return loss, {"ce": loss.detach()}
 
         stats = self._loop(ctx, "distill stage 1", dc.stage1_epochs, opt, dc.lr, step_fn, teacher, cache, device, "stage1.pt", {"student": student, "proj": proj})
         return {f"stage1_{k}": v for k, v in stats.items()}
 
-    def _train(self, ctx, student, fwd, teacher, cache, device) -> dict:
+    def _train(self, ctx, student, teacher, cache, device) -> dict:
         dc = ctx.recipe.distill
         beta2 = lambda s, t: cosine_ramp(s, t, dc.beta2_start, dc.beta2_end)  # noqa: E731
         if isinstance(student, GenDDStudent):
@@ -230,22 +268,21 @@ class DistillStage(Stage):
             groups[1]["params"] += list(student.norm.parameters()) + list(student.head.parameters())
             opt = torch.optim.AdamW(groups, lr=dc.lr, betas=(dc.beta1, dc.beta2_start))
             lam = dc.smooth if dc.labels else 0.0
-            student.clip_lo.fill_(float("inf"))
-            student.clip_hi.fill_(-float("inf"))
+            # the sampling range: per-feature extremes of the contracted targets, kept outside the
+            # module (DDP broadcasts module buffers from rank 0) and reduced over ranks at the end
+            tracker = RangeTracker(student.feature_dim_teacher).to(device)
+            net = wrap_ddp(student, device)
 
             def step_fn(x, f_t, y, gen):
-                with torch.no_grad():  # the sampling range: per-feature extremes of the contracted targets
-                    from gendd_deploy.models.student import contract
-
+                with torch.no_grad():
                     tgt = contract(f_t.float(), y, student.teacher_fc.weight, lam) if dc.labels else f_t.float()
-                    torch.minimum(student.clip_lo, tgt.min(0).values, out=student.clip_lo)
-                    torch.maximum(student.clip_hi, tgt.max(0).values, out=student.clip_hi)
-                return student.gendd_loss(
-                    x, f_t, y if dc.labels else None, lam, dc.mixup_beta, dc.diffusion_batch_mul, dc.cfg_drop, dc.probe_ce, gen
-                )
+                    tracker.update(tgt)
+                return net(x, f_t, y if dc.labels else None, lam, dc.mixup_beta, dc.diffusion_batch_mul, dc.cfg_drop, dc.probe_ce, gen)
         else:
             opt = torch.optim.AdamW(param_groups(student, dc.weight_decay), lr=dc.lr, betas=(dc.beta1, dc.beta2_start))
             t_fc = bb.classifier(teacher)
+            net = wrap_ddp(student, device)
+            fwd = torch.compile(net) if (dc.compile and device.type == "cuda") else net
 
             def step_fn(x, f_t, y, gen):
                 logits = fwd(x)
@@ -262,7 +299,13 @@ class DistillStage(Stage):
                     loss, parts["kl"] = loss + (dc.kd_weight if dc.labels else 1.0) * kl, kl.detach()
                 return loss, parts
 
-        return self._loop(ctx, f"distill {dc.method}", dc.epochs, opt, dc.lr, step_fn, teacher, cache, device, "train.pt", {"student": student}, beta2)
+        if not isinstance(student, GenDDStudent):
+            return self._loop(ctx, f"distill {dc.method}", dc.epochs, opt, dc.lr, step_fn, teacher, cache, device, "train.pt", {"student": student}, beta2)
+        modules = {"student": student, "range": tracker}
+        stats = self._loop(ctx, f"distill {dc.method}", dc.epochs, opt, dc.lr, step_fn, teacher, cache, device, "train.pt", modules, beta2)
+        student.clip_lo.copy_(dist.all_reduce_tensor(tracker.lo, "min"))
+        student.clip_hi.copy_(dist.all_reduce_tensor(tracker.hi, "max"))
+        return stats
 
     # ---- evaluation ------------------------------------------------------------------------
 
@@ -270,41 +313,50 @@ class DistillStage(Stage):
     def _evaluate(self, ctx, student, teacher, device) -> dict:
         dc, data = ctx.recipe.distill, ctx.data()
         student.eval()
-        test, bs = data.test, ctx.recipe.data.eval_batch_size
-        n = len(test)
+        n = len(data.test)
         out: dict = {"test_images": n}
-        probe_pred = []
-        for i in range(0, n, bs):
-            x = model_input(ctx, test.get_batch(torch.arange(i, min(n, i + bs))), device)
-            logits = student.probe_logits(student.features(x)) if isinstance(student, GenDDStudent) else student(x)
-            probe_pred.append(logits.argmax(1).cpu())
-        key = "probe_top1" if isinstance(student, GenDDStudent) else "test_top1"
-        out[key] = round(top1(torch.cat(probe_pred), test.labels), 3)
-        if isinstance(student, GenDDStudent):
+        gendd = isinstance(student, GenDDStudent)
+        probe = (lambda x, i: student.probe_logits(student.features(x))) if gendd else (lambda x, i: student(x))
+        out["probe_top1" if gendd else "test_top1"] = round(self._top1(ctx, device, n, probe, "eval"), 3)
+        if gendd:
             m = min(n, dc.eval_limit or n)
             sched = SamplingSchedule(student.head.train_schedule, dc.eval_steps)
-            out["published_top1"] = round(self._sampled_top1(ctx, student, device, m, sched, dc.eval_sampler, dc.eval_draws, dc.eval_guidance, dc.eval_temperature), 3)
+            published = self._sampler_fn(ctx, student, sched, dc.eval_sampler, dc.eval_draws, dc.eval_guidance, dc.eval_temperature)
+            out["published_top1"] = round(self._top1(ctx, device, m, published, f"eval {dc.eval_sampler}-{dc.eval_steps}"), 3)
             out["published_images"] = m
             out["published_sampler"] = f"{dc.eval_sampler}-{dc.eval_steps} x{dc.eval_draws} cfg{dc.eval_guidance} T{dc.eval_temperature}"
             # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
-            out["ddim0_top1"] = round(self._sampled_top1(ctx, student, device, n, SamplingSchedule(student.head.train_schedule, 8, t_start=900), "ddim", 1, 1.0, 0.0), 3)
+            ddim0 = self._sampler_fn(ctx, student, SamplingSchedule(student.head.train_schedule, 8, t_start=900), "ddim", 1, 1.0, 0.0)
+            out["ddim0_top1"] = round(self._top1(ctx, device, n, ddim0, "eval ddim-8"), 3)
             out["test_top1"] = out["published_top1"]
         return out
 
-    def _sampled_top1(self, ctx, student, device, n, sched, sampler, draws, guidance, temperature) -> float:
+    def _sampler_fn(self, ctx, student, sched, sampler, draws, guidance, temperature):
+        h, seed = student.head, student_seed(ctx) + 12345
+
+        def fn(x, batch_index):
+            # noise seeded per batch: the same numbers whatever the number of processes
+            g = torch.Generator().manual_seed(seed + batch_index)
+            noise = torch.randn(h.noise_shape(len(x), draws, len(sched.timesteps), h.num_tokens, h.token_dim), generator=g).to(x.device)
+            return student.sample_logits(x, sched, sampler, draws, guidance, temperature, noise=noise)
+
+        return fn
+
+    def _top1(self, ctx, device, n, logits_fn, label) -> float:
+        """Top-1 (%) of logits_fn over the first n test images; batches are shared out over ranks."""
         data, bs = ctx.data(), ctx.recipe.data.eval_batch_size
-        g = torch.Generator().manual_seed(student_seed(ctx) + 12345)
-        h = student.head
-        preds = []
+        correct = 0
+        starts = list(range(0, n, bs))
         with progress_bar(ctx.console, ctx.quiet) as bar:
-            task = bar.add_task(f"eval {sampler}-{len(sched.timesteps)}", total=n, info="")
-            for i in range(0, n, bs):
+            task = bar.add_task(label, total=n, info="")
+            for b, i in enumerate(starts):
+                if b % dist.world_size() != dist.rank():
+                    continue
                 idx = torch.arange(i, min(n, i + bs))
                 x = model_input(ctx, data.test.get_batch(idx), device)
-                noise = torch.randn(h.noise_shape(len(idx), draws, len(sched.timesteps), h.num_tokens, h.token_dim), generator=g).to(device)
-                preds.append(student.sample_logits(x, sched, sampler, draws, guidance, temperature, noise=noise).argmax(1).cpu())
-                bar.update(task, advance=len(idx))
-        return top1(torch.cat(preds), data.test.labels[:n])
+                correct += int((logits_fn(x, b).argmax(1).cpu() == data.test.labels[idx]).sum())
+                bar.update(task, advance=len(idx) * dist.world_size())
+        return 100.0 * dist.all_reduce_sum(correct) / max(n, 1)
 
     def _report(self, ctx, stats: dict) -> None:
         shown = {k: v for k, v in stats.items() if "top1" in k}

@@ -84,9 +84,6 @@ class TeacherStage(Stage):
             # training knobs do not shape a loaded teacher
             for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing"):
                 cfg.pop(k)
-        else:
-            # the global batch is batch_size x processes: a different run, so a different artifact
-            out["world_size"] = dist.world_size()
         return out
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
@@ -115,6 +112,8 @@ class TeacherStage(Stage):
         draft.info.update(
             architecture=arch,
             feature_dim=bb.feature_dim(model),
+            world_size=dist.world_size(),
+            global_batch=tc.batch_size * dist.world_size(),
             params=bb.count_params(model),
             preprocess=data.preprocess,
             class_names=data.class_names,
