@@ -178,10 +178,28 @@ app.add_typer(bench_app, name="bench")
 
 
 @bench_app.callback()
-def bench(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
-    """Latency, throughput, parity and top-1 of teacher and students on every available runtime (no subcommand), or a named benchmark."""
-    if ctx.invoked_subcommand is None:
-        _not_built("bench")
+def bench(
+    ctx: typer.Context,
+    pipeline: PipelineOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="runtimes to measure [default: torch, onnxruntime, tensorrt where available]; add aoti explicitly")] = None,
+    batch: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 32, 256],
+    reps: Annotated[int, typer.Option(help="timed runs per point (after one warm-up)")] = 20,
+    budget_s: Annotated[float, typer.Option(help="stop timing a point after this many seconds (at least 2 runs)")] = 5.0,
+    limit: Annotated[int, typer.Option(help="test images for top-1")] = 1000,
+    out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output [default: benchmarks/results/bench_<pipeline>.json]")] = None,
+) -> None:
+    """Latency (p50/p95), images/s, parity and top-1 of teacher, plain student and GenDD student (reference and calibrated sampler) on every available runtime; or a named benchmark below."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from gendd_deploy.bench.runtime import run_bench
+
+    def go():
+        c = make_context(pipeline, artifacts, list(set_ or []))
+        run_bench(c, runtime, list(batch), reps, limit, budget_s, _bench_out(out_file, "bench", c.pipeline), out)
+
+    guarded(go)
 
 
 def _bench_out(out: Optional[str], name: str, pipeline_name: str) -> Path:
@@ -227,10 +245,23 @@ def bench_cache(
     guarded(go)
 
 
-@app.command()
-def serve(pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None) -> None:
-    """Serve the deployed student over HTTP (Open Inference Protocol v2, as KServe and Triton speak)."""
-    _not_built("serve")
+@app.command(context_settings=StageCtx, epilog=_epilog("serve"))
+def serve(
+    ctx: typer.Context,
+    pipeline: PipelineOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+    artifact: Annotated[Optional[str], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN) [default: latest onnx of the pipeline]")] = None,
+) -> None:
+    """Serve the deployed student over HTTP (Open Inference Protocol v2, as KServe and Triton speak): --host, --port, --runtime, --max-batch, --max-delay-ms ..."""
+
+    def go():
+        from gendd_deploy.serve import serve_artifacts
+
+        c = make_context(pipeline, artifacts, list(set_ or []) + flags_to_overrides("serve", ctx.args))
+        serve_artifacts(c, version=artifact)
+
+    guarded(go)
 
 
 @app.command()

@@ -142,7 +142,7 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.requests = Counter("gendd_requests_total", "HTTP requests answered, by endpoint and status code", ("endpoint", "code"))
-        self.latency = Histogram("gendd_request_duration_seconds", "infer request latency, body read to response written", LATENCY_BUCKETS)
+        self.latency = Histogram("gendd_request_duration_seconds", "infer request latency, from its headers read to its response written", LATENCY_BUCKETS)
         self.batch_size = Histogram("gendd_batch_size", "images per runner call", BATCH_BUCKETS)
         self.batch_latency = Histogram("gendd_batch_duration_seconds", "runner time per batch", LATENCY_BUCKETS)
         self.queue_depth = Gauge("gendd_queue_depth", "infer requests waiting for the batcher")

@@ -8,7 +8,9 @@ One served model has two alternative inputs, of which a request sends exactly on
                                       base64 string; in the binary extension, Triton's 4-byte
                                       little-endian length + bytes per element. Decoded and
                                       preprocessed exactly as training data (`preprocess_image`
-                                      with the manifest's spec).
+                                      with the manifest's spec). With tritonclient keep its
+                                      default binary_data=True: its JSON mode sends UTF-8 text,
+                                      which image bytes are not.
 
 and two outputs:
 
@@ -29,7 +31,12 @@ Noise: a model whose sampler takes fresh noise gets it from the server, drawn pe
 `parameters: {"seed": int}` (default 0, so the same request gives the same answer, however it was
 batched); the response echoes the seed in its `parameters`.
 
-Every refusal is a `ProtocolError` with the HTTP status and a message naming the problem.
+The request's `id` is echoed in the response. Every refusal is a `ProtocolError` with the HTTP
+status and a message naming the problem.
+
+Example (curl):
+    curl -s localhost:8000/v2/models/quickstart/infer -d '{"id": "1", "parameters": {"top_k": 3},
+      "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["'$(base64 -w0 seven.png)'"]}]}'
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ Endpoints (KServe v2 / Triton REST; `/versions/<v>` may follow the model name):
     GET  /metrics                    Prometheus text format
 
 Errors are JSON `{"error": "..."}`: 400 bad request (shape, datatype, missing input, undecodable
-image, malformed JSON), 404 unknown model or path, 405 wrong method, 411 no Content-Length,
-413 body over `max_body_mb` (refused before reading it), 503 not ready / queue full / shutting
-down / timed out waiting, 500 the runner failed. Any of them leaves the server serving.
+image, malformed JSON), 404 unknown model or path, 405 wrong method, 408 body not sent in time,
+411 no Content-Length (chunked bodies are refused), 413 body over `max_body_mb` (refused from the
+Content-Length, before reading it), 503 not ready / queue full / shutting down / timed out
+waiting, 500 the runner failed. Any of them leaves the server serving.
 
 Each connection gets a thread that parses, decodes and preprocesses its requests; one batcher
 thread runs the model (batcher.py). Shutdown (SIGTERM / SIGINT, or `InferenceServer.stop`):
@@ -294,6 +295,7 @@ class InferenceServer:
         except Exception:
             self._httpd.shutdown()
             self._httpd.server_close()
+            self._httpd = None
             raise
         self.batcher.start()
         self._ready.set()

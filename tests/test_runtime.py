@@ -1,0 +1,199 @@
+"""Runners, the runtime registry and the parity gate (gendd_deploy.runtime)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gendd_deploy.errors import GateError, MissingDependency, UsageError
+from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
+from gendd_deploy.runtime import RUNTIMES, available_runtimes, make_runner, register_runtime, runtime_status
+from gendd_deploy.runtime.base import Runner, make_noise
+from gendd_deploy.runtime.parity import gate, parity
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def linear_onnx(path, with_noise=False, k=3):
+    """A hand-built graph images (B, 1, 2, 2) [, noise (B, 4)] -> logits (B, k): no exporter needed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(4 * k, dtype=np.float32).reshape(4, k) / 10
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"] if not with_noise else ["pre"]),
+    ]
+    inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])]
+    if with_noise:
+        nodes += [helper.make_node("MatMul", ["noise", "w"], ["nz"]), helper.make_node("Add", ["pre", "nz"], ["logits"])]
+        inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", 4]))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path))
+    return w
+
+
+class FakeRunner(Runner):
+    """logits = flattened images @ w (+ noise @ w): records the noise it was given."""
+
+    name = "fake"
+
+    def __init__(self, w, tail=None, shift=0.0):
+        super().__init__(tail)
+        self.w, self.shift, self.seen = w, shift, []
+
+    def run(self, images, noise=None):
+        self.seen.append(None if noise is None else noise.copy())
+        out = images.reshape(len(images), -1) @ self.w + self.shift
+        return out + (noise.reshape(len(images), -1) @ self.w if noise is not None else 0)
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+
+def test_registry_lists_the_built_in_runtimes():
+    assert {"torch", "onnxruntime", "aoti"} <= set(RUNTIMES)
+    status = runtime_status()
+    assert status["torch"] is None and status["onnxruntime"] is None
+    assert {"torch", "onnxruntime"} <= set(available_runtimes())
+    assert all(isinstance(why, str) for name, why in status.items() if name not in available_runtimes())
+
+
+def test_make_runner_refuses_unknown_and_unavailable_runtimes():
+    with pytest.raises(UsageError, match="unknown runtime 'nope'.*torch"):
+        make_runner("nope")
+    register_runtime("absent", lambda **kw: None, lambda: "needs hardware we do not have")
+    try:
+        assert "absent" not in available_runtimes()
+        with pytest.raises(MissingDependency, match="needs hardware we do not have"):
+            make_runner("absent")
+    finally:
+        RUNTIMES.pop("absent")
+
+
+def test_make_runner_needs_its_model_file():
+    with pytest.raises(ValueError, match="onnx_path"):
+        make_runner("onnxruntime")
+    with pytest.raises(ValueError, match="model"):
+        make_runner("torch")
+
+
+# ---- torch and onnxruntime runners ------------------------------------------------------------
+
+
+def test_torch_runner_takes_noise_only_when_the_model_needs_it():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    r = make_runner("torch", model=DeployedModel(teacher))
+    assert not r.needs_noise and r.noise(2, 0) is None
+    x = np.random.default_rng(0).standard_normal((5, 1, 2, 2)).astype(np.float32)
+    with torch.no_grad():
+        want = teacher(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(r.run(x), want, rtol=0, atol=1e-6)
+    assert r.describe() == {"runtime": "torch", "providers": ["CPU"], "needs_noise": False}
+
+
+def test_ort_runner_reports_the_session_providers(tmp_path):
+    from gendd_deploy.runtime.ort import OrtRunner, requested_providers
+
+    linear_onnx(tmp_path / "m.onnx")
+    r = OrtRunner(tmp_path / "m.onnx")
+    assert r.providers() == r.session.get_providers()
+    assert "CPUExecutionProvider" in r.providers()
+    # the default request keeps only providers this build has, best first
+    have = ort.get_available_providers()
+    assert requested_providers() == [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+def test_ort_runner_filters_out_a_provider_it_does_not_have(tmp_path):
+    from gendd_deploy.runtime.ort import OrtRunner
+
+    linear_onnx(tmp_path / "m.onnx")
+    r = OrtRunner(tmp_path / "m.onnx", providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    assert "NoSuchExecutionProvider" not in r.requested and "NoSuchExecutionProvider" not in r.providers()
+    assert r.providers() == r.session.get_providers()
+    alone = OrtRunner(tmp_path / "m.onnx", providers=["NoSuchExecutionProvider"])  # nothing left: CPU
+    assert alone.providers() == ["CPUExecutionProvider"]
+
+
+def test_ort_runner_reads_the_noise_input_from_the_graph(tmp_path):
+    w = linear_onnx(tmp_path / "n.onnx", with_noise=True)
+    r = make_runner("onnxruntime", onnx_path=tmp_path / "n.onnx")
+    assert r.noise_name == "noise" and r.noise_shape_tail == (4,)
+    x = np.ones((2, 1, 2, 2), np.float32)
+    nz = r.noise(2, seed=3)
+    np.testing.assert_array_equal(nz, make_noise((2, 4), 3))
+    np.testing.assert_allclose(r.run(x, nz), x.reshape(2, -1) @ w + nz @ w, rtol=1e-6)
+    with pytest.raises(ValueError, match="noise"):
+        r.run(x)
+    linear_onnx(tmp_path / "m.onnx")
+    assert not make_runner("onnxruntime", onnx_path=tmp_path / "m.onnx").needs_noise
+
+
+# ---- parity and the gate ----------------------------------------------------------------------
+
+
+def test_parity_feeds_the_same_noise_to_both_runners():
+    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    ref, cand = FakeRunner(w, tail=(4,)), FakeRunner(w, tail=(4,), shift=1e-3)
+    images = np.random.default_rng(0).standard_normal((10, 1, 2, 2)).astype(np.float32)
+    res = parity(ref, cand, images, batch=4, seed=7)
+    assert res["n"] == 10 and res["top1_agreement"] == 1.0
+    assert res["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3) and res["mean_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert len(ref.seen) == 3 and [len(n) for n in ref.seen] == [4, 4, 2]
+    for i, (a, b) in enumerate(zip(ref.seen, cand.seen)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, make_noise((len(a), 4), 7 + i))
+    gate(res, atol=1e-2, min_agreement=1.0, what="fake")
+
+
+def test_gate_fails_with_the_numbers():
+    res = {"max_abs_diff": 0.25, "mean_abs_diff": 0.1, "top1_agreement": 0.9, "n": 40}
+    with pytest.raises(GateError, match=r"candidate vs ref: parity gate failed on 40 images: max abs logit diff 0.25 > atol 0.0001; top-1 agreement 0.9000 < 1"):
+        gate(res, atol=1e-4, min_agreement=1.0, what="candidate vs ref")
+    with pytest.raises(GateError, match="nan > atol"):
+        gate({**res, "max_abs_diff": float("nan")}, atol=1.0, min_agreement=0.0, what="x")
+    gate(res, atol=0.3, min_agreement=0.9, what="x")
+
+
+def test_parity_counts_disagreements_and_non_finite_logits():
+    w = np.eye(4, 3, dtype=np.float32)
+    images = np.zeros((4, 1, 2, 2), np.float32)
+    images[:, 0, 0, 0] = 1.0  # class 0 for every image
+    flip = FakeRunner(w)
+    flip.run = lambda x, noise=None: np.tile(np.array([[0, 5, 0]], np.float32), (len(x), 1))
+    res = parity(FakeRunner(w), flip, images, batch=3, seed=0)
+    assert res["top1_agreement"] == 0.0 and res["max_abs_diff"] == 5.0
+    bad = FakeRunner(w)
+    bad.run = lambda x, noise=None: np.full((len(x), 3), np.nan, np.float32)
+    assert parity(FakeRunner(w), bad, images, batch=4, seed=0)["max_abs_diff"] == float("inf")
+
+
+# ---- AOTInductor ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("aoti" not in available_runtimes(), reason=str(runtime_status().get("aoti")))
+def test_aoti_package_matches_torch(tmp_path):
+    """Compiles C++ (minutes on a busy 2-core box): the smallest sampler that still takes noise."""
+    from gendd_deploy.runtime.aoti import AotiRunner, export_aoti
+    from test_export import tiny_student
+
+    model = DeployedModel(tiny_student(), SamplerSetting(sampler="ddpm", steps=2, draws=1, guidance=2.0, noise="fresh")).eval()
+    info = export_aoti(model, tmp_path / "m.pt2", torch.randn(2, 1, 8, 8))
+    assert [i["name"] for i in info["inputs"]] == ["images", "noise"] and info["outputs"][0]["shape"] == ["batch", 10]
+    runner = make_runner("aoti", aoti_path=tmp_path / "m.pt2")
+    assert isinstance(runner, AotiRunner) and runner.noise_shape_tail == tuple(model.noise_shape(1)[1:])  # from the package
+    images = np.random.default_rng(0).standard_normal((7, 1, 8, 8)).astype(np.float32)
+    for batch in (1, 7):
+        res = parity(make_runner("torch", model=model), runner, images, batch=batch, seed=0)
+        assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0, res
