@@ -163,8 +163,31 @@ def export(
     trt: Annotated[bool, typer.Option("--trt", help="then build a TensorRT engine (needs TensorRT and an NVIDIA GPU)")] = False,
     triton: Annotated[Optional[str], typer.Option("--triton", help="write a Triton model repository into DIR", metavar="DIR")] = None,
 ) -> None:
-    """Export the deployed student to ONNX with parity gates vs PyTorch. Reads: student, sampler. Writes: onnx."""
-    _stage_command("export", "export", ctx, pipeline, artifacts, set_)
+    """Export the deployed student to ONNX with parity gates vs PyTorch. Reads: student, sampler. Writes: onnx (and aoti, engine)."""
+    from gendd_deploy import stages
+
+    def go():
+        c = make_context(pipeline, artifacts, list(set_ or []) + flags_to_overrides("export", ctx.args))
+        if trt:
+            from gendd_deploy.stages.build import export_and_build
+
+            onnx_art, engine_art = export_and_build(c)  # refuses before anything is written without TensorRT / GPU
+        else:
+            onnx_art, engine_art = stages.get("export").run(c), None
+        out.print(str(onnx_art.path))
+        if engine_art is not None:
+            out.print(str(engine_art.path))
+        if aoti:
+            from gendd_deploy.stages.export import export_aoti_artifact
+
+            out.print(str(export_aoti_artifact(c).path))
+        if triton:
+            from gendd_deploy.triton import write_triton_repo
+
+            repo = write_triton_repo(onnx_art, engine_art, triton, c.recipe.serve.model_name or c.pipeline, c.recipe.serve, c.recipe.build, preprocess=c.data().preprocess)
+            out.print(str(repo))
+
+    guarded(go)
 
 
 @app.command(context_settings=StageCtx, epilog=_epilog("build"))
@@ -297,12 +320,35 @@ def run(
 
 def _summary(built: dict) -> None:
     table = Table(title="gendd run")
-    for col in ("stage", "artifact", "fingerprint", "key metrics"):
+    for col in ("stage", "artifact", "fingerprint"):
         table.add_column(col)
     for command, art in built.items():
-        m = {k: v for k, v in art.metrics.items() if isinstance(v, (int, float)) and ("top1" in k or k.endswith("_s") or "ratio" in k)}
-        table.add_row(command, art.ref, art.short, ", ".join(f"{k}={v}" for k, v in list(m.items())[:6]))
+        table.add_row(command, art.ref, art.short)
     out.print(table)
+    lines = []
+    if "teacher" in built:
+        lines.append(f"teacher top-1 (test): {built['teacher'].metrics.get('test_top1')}%")
+    if "distill" in built:
+        m = built["distill"].metrics
+        parts = [f"{k.removesuffix('_top1')} {m[k]}%" for k in ("published_top1", "ddim0_top1", "probe_top1", "test_top1") if k in m]
+        lines.append("student top-1 (test): " + ", ".join(dict.fromkeys(parts)))
+    if "calibrate" in built:
+        sm, si = built["calibrate"].metrics, built["calibrate"].manifest.get("info", {})
+        setting = si.get("setting")
+        if setting:
+            from gendd_deploy.models.deployed import SamplerSetting
+
+            label = SamplerSetting.from_dict(setting).label()
+            ratio = sm.get("latency_ms") / sm["probe_latency_ms"] if sm.get("latency_ms") and sm.get("probe_latency_ms") else None
+            ref = sm.get("latency_ms") / sm["reference_latency_ms"] if sm.get("latency_ms") and sm.get("reference_latency_ms") else None
+            lines.append(f"chosen sampler: {label}; calibration top-1 {sm.get('calib_top1')}% (reference {sm.get('reference_top1')}%)")
+            if ratio is not None:
+                lines.append(f"latency ({sm.get('runtime')}, batch {sm.get('latency_batch', '')}): {ratio:.2f}x the plain student, {ref:.3f}x the reference sampler")
+    if "export" in built:
+        em = built["export"].metrics
+        lines.append(f"ONNX parity vs PyTorch: max |logit diff| {em.get('max_abs_diff')}, top-1 agreement {em.get('top1_agreement')} on {em.get('n')} calibration images")
+    for line in lines:
+        out.print(line)
 
 
 # ---- artifacts ---------------------------------------------------------------------------------

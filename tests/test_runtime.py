@@ -178,22 +178,55 @@ def test_parity_counts_disagreements_and_non_finite_logits():
     assert parity(FakeRunner(w), bad, images, batch=4, seed=0)["max_abs_diff"] == float("inf")
 
 
-# ---- AOTInductor ------------------------------------------------------------------------------
+# ---- every registered runtime against torch ---------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.skipif("aoti" not in available_runtimes(), reason=str(runtime_status().get("aoti")))
-def test_aoti_package_matches_torch(tmp_path):
-    """Compiles C++ (minutes on a busy 2-core box): the smallest sampler that still takes noise."""
-    from gendd_deploy.runtime.aoti import AotiRunner, export_aoti
-    from test_export import tiny_student
+def _build_torch(model, tmp_path):
+    return {"model": model}
 
-    model = DeployedModel(tiny_student(), SamplerSetting(sampler="ddpm", steps=2, draws=1, guidance=2.0, noise="fresh")).eval()
+
+def _build_onnxruntime(model, tmp_path):
+    from gendd_deploy.runtime.onnx_export import export_onnx
+
+    export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8))
+    return {"onnx_path": tmp_path / "m.onnx"}
+
+
+def _build_aoti(model, tmp_path):
+    from gendd_deploy.runtime.aoti import export_aoti
+
     info = export_aoti(model, tmp_path / "m.pt2", torch.randn(2, 1, 8, 8))
     assert [i["name"] for i in info["inputs"]] == ["images", "noise"] and info["outputs"][0]["shape"] == ["batch", 10]
-    runner = make_runner("aoti", aoti_path=tmp_path / "m.pt2")
-    assert isinstance(runner, AotiRunner) and runner.noise_shape_tail == tuple(model.noise_shape(1)[1:])  # from the package
+    return {"aoti_path": tmp_path / "m.pt2"}  # no noise_shape_tail: the package carries it
+
+
+# runtime -> how to make its model file from a DeployedModel; a new runtime adds its builder here
+BUILDERS = {"torch": _build_torch, "onnxruntime": _build_onnxruntime, "aoti": _build_aoti}
+SLOW = {"aoti"}  # compiles C++: ~20 s warm, minutes on a busy 2-core box
+
+
+def _runtime_params():
+    status = runtime_status()
+    for name in RUNTIMES:
+        marks = [pytest.mark.slow] if name in SLOW else []
+        if status[name] is not None:
+            marks.append(pytest.mark.skip(reason=f"{name}: {status[name]}"))
+        elif name not in BUILDERS:
+            marks.append(pytest.mark.skip(reason=f"{name}: no builder in tests/test_runtime.py BUILDERS"))
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("runtime", list(_runtime_params()))
+def test_every_available_runtime_matches_torch(runtime, tmp_path):
+    """The smallest sampler that still takes noise, at batch 1 and 7, on the same noise as torch."""
+    from test_export import tiny_student
+
+    setting = SamplerSetting(sampler="ddpm", steps=2, draws=1, guidance=2.0, noise="fresh", min_alpha_bar=1e-4)
+    model = DeployedModel(tiny_student(), setting).eval()
+    runner = make_runner(runtime, **BUILDERS[runtime](model, tmp_path))
+    assert runner.name == runtime and runner.needs_noise and runner.noise_shape_tail == tuple(model.noise_shape(1)[1:])
+    assert runner.describe()["providers"] == runner.providers() and runner.providers()
     images = np.random.default_rng(0).standard_normal((7, 1, 8, 8)).astype(np.float32)
     for batch in (1, 7):
         res = parity(make_runner("torch", model=model), runner, images, batch=batch, seed=0)
-        assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0, res
+        assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0, (batch, res)

@@ -40,14 +40,14 @@ def export_aoti(model: DeployedModel, path: str | Path, example_images: torch.Te
 
     if not hasattr(torch._inductor, "aoti_compile_and_package"):
         raise MissingDependency(f"torch {torch.__version__} has no AOTInductor packaging; use torch >= 2.6")
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.empty(0)).device
     if device.type == "cpu" and cxx_compiler() is None:
         raise MissingDependency("AOTInductor needs a C++ compiler on the CPU (g++ or clang++); install one or skip --aoti")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     inputs, outputs = io_names(model)
-    args = tuple(a.to(device) for a in example_inputs(model, example_images))
+    args = example_inputs(model, example_images)
     module = model if model.needs_noise else _Images(model)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     t0 = time.perf_counter()

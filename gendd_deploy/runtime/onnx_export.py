@@ -43,13 +43,14 @@ def io_names(model: DeployedModel) -> tuple[list[str], list[str]]:
 
 def example_inputs(model: DeployedModel, example_images: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(images[, noise]) with batch >= 2, so tracing keeps the batch dim symbolic (0/1 specialise)."""
-    x = example_images.detach().float().cpu()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x = example_images.detach().float().to(device)
     if x.shape[0] < 2:
         x = x.repeat(2, 1, 1, 1)[:2]
     if not model.needs_noise:
         return (x,)
     g = torch.Generator().manual_seed(0)
-    return x, torch.randn(model.noise_shape(x.shape[0]), generator=g)
+    return x, torch.randn(model.noise_shape(x.shape[0]), generator=g).to(device)
 
 
 class _Images(torch.nn.Module):

@@ -17,6 +17,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "teacher": ("gendd_deploy.stages.teacher", "TeacherStage"),
     "cache": ("gendd_deploy.stages.cache", "CacheStage"),
     "distill": ("gendd_deploy.stages.distill", "DistillStage"),
+    "calibrate": ("gendd_deploy.stages.calibrate", "CalibrateStage"),
+    "export": ("gendd_deploy.stages.export", "ExportStage"),
     "build": ("gendd_deploy.stages.build", "BuildStage"),
 }
 

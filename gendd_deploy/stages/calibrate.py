@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +58,14 @@ def canonical(s: SamplerSetting, num_timesteps: int) -> SamplerSetting:
       draws are identical, so temperature 0 and one draw;
     - ddim at temperature 0: x_T = 0 * noise and ddim adds no noise later, so the noise mode is
       irrelevant: the same as zero noise;
+    - one-step ddpm adds no noise after x_T, which it takes unscaled: temperature is irrelevant
+      (temperature 1);
     - t_start = T - 1 is the default (None).
     """
     if s.kind == "probe":
         return PROBE
+    if s.sampler == "ddpm" and s.steps == 1:
+        s = replace(s, temperature=1.0)
     if s.sampler == "ddim" and s.temperature == 0.0:
         s = replace(s, noise="zero")
     if s.noise == "zero":
@@ -71,19 +75,18 @@ def canonical(s: SamplerSetting, num_timesteps: int) -> SamplerSetting:
     return s
 
 
-def build_grid(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]:
-    """Probe first, then distinct sampler settings cheapest first (head passes), capped at
-    `cfg.max_settings`; the published reference is always in (it may make the list one longer
-    than the cap only when the cap is below 2)."""
+def candidates(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]:
+    """Every distinct sampler setting of the config's grid (equivalents collapsed, invalid t_start
+    dropped), cheapest first (head passes); at equal cost deterministic settings first
+    (gendd-method.md: they read out best), then grid order, so a cap is reproducible."""
     seen: dict[SamplerSetting, None] = {}
     for sampler in cfg.samplers:
         for steps in cfg.steps:
+            if steps > num_timesteps:
+                continue
             # t_start only shapes few-step chains; longer ones start at the default T - 1
-            t_starts = cfg.t_starts if steps <= FEW_STEPS else [None]
-            for t_start in t_starts or [None]:
-                if t_start is not None and not (steps - 1 <= t_start < num_timesteps):
-                    continue
-                if steps > num_timesteps:
+            for t_start in (cfg.t_starts or [None]) if steps <= FEW_STEPS else [None]:
+                if t_start is not None and not steps - 1 <= t_start < num_timesteps:
                     continue
                 for draws in cfg.draws:
                     for guidance in cfg.guidance:
@@ -94,12 +97,14 @@ def build_grid(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]
                                     temperature=float(temperature), noise=noise, t_start=t_start,
                                 )
                                 seen.setdefault(canonical(s, num_timesteps), None)
-    seen.pop(REFERENCE, None)
-    # cheapest first; at equal cost deterministic settings first (gendd-method.md: they read out
-    # best), then the grid order, so the cap is reproducible
-    ranked = sorted(seen, key=lambda s: (s.head_passes(), not s.deterministic))
-    keep = max(cfg.max_settings - 2, 0)  # the probe and the reference count towards the cap
-    grid = [PROBE] + ranked[:keep]
+    return sorted(seen, key=lambda s: (s.head_passes(), not s.deterministic))
+
+
+def build_grid(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]:
+    """The settings to evaluate: the probe, the cheapest candidates, and the published reference
+    (always, where its cost puts it); `cfg.max_settings` counts all of them (at least 2)."""
+    ranked = [s for s in candidates(cfg, num_timesteps) if s != REFERENCE]
+    grid = [PROBE] + ranked[: max(cfg.max_settings - 2, 0)]
     at = next((i for i, s in enumerate(grid) if s.head_passes() > REFERENCE.head_passes()), len(grid))
     grid.insert(at, REFERENCE)
     return grid
@@ -123,7 +128,6 @@ class Result:
     agreement: float = float("nan")  # with the reference's predictions, in [0, 1]
     latency_ms: float = float("nan")  # per batch of latency_batch images
     chosen: bool = False
-    extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         return {
@@ -280,23 +284,35 @@ class CalibrateStage(Stage):
         noise_seed = 1_000_003 * (seed + 1)  # eval noise, apart from the fixed-noise seed
         calib = ctx.data().calib
         n = min(len(calib), cc.limit or len(calib))
-        grid = build_grid(cc, student.head.train_schedule.num_timesteps)
+        T = student.head.train_schedule.num_timesteps
+        grid, n_candidates = build_grid(cc, T), len(set(candidates(cc, T)) | {PROBE, REFERENCE})
+        if n_candidates > len(grid):
+            worst = max(s.head_passes() for s in grid if s != REFERENCE)
+            ctx.log(
+                f"calibrate: [calibrate] max_settings = {cc.max_settings} keeps the {len(grid)} cheapest of {n_candidates} settings "
+                f"(up to {worst} head passes, plus the reference); raise it or narrow the grid to search further"
+            )
 
         feats, labels = calib_features(ctx, student, n, device)
         example = model_input(ctx, calib.get_batch(torch.arange(cc.latency_batch) % len(calib)), torch.device("cpu"))
         results, latency, preds = [], {}, {}
+        spent = {"features": timer(), "accuracy": 0.0, "latency": 0.0}
         with progress_bar(ctx.console, ctx.quiet) as bar, tempfile.TemporaryDirectory(prefix="gendd-calibrate-") as tmp:
             task = bar.add_task("calibrate", total=len(grid), info="")
             for s in grid:
                 bar.update(task, info=s.label())
+                t0 = time.perf_counter()
                 p = predict_setting(student, s, feats, noise_seed, fixed_noise_seed)
                 preds[s] = p
+                t1 = time.perf_counter()
                 key = structure(s)
                 if key not in latency:
                     model = DeployedModel(student, s, fixed_noise_seed).eval()
                     runner = make_runner(cc.runtime, model, example, Path(tmp), device)
                     latency[key] = time_runner(runner, example.numpy(), noise_seed)
                     del runner
+                spent["accuracy"] += t1 - t0
+                spent["latency"] += time.perf_counter() - t1
                 results.append(Result(s, top1(p, labels), latency_ms=latency[key]))
                 bar.advance(task)
         ref_pred = preds[REFERENCE]
@@ -331,7 +347,9 @@ class CalibrateStage(Stage):
                     "latency_vs_probe": round(chosen.latency_ms / probe.latency_ms, 4),
                     "latency_vs_reference": round(chosen.latency_ms / ref.latency_ms, 4),
                 },
+                "grid": {"candidates": n_candidates, "evaluated": len(grid), "max_settings": cc.max_settings},
                 "latency": {"runtime": cc.runtime, "batch": cc.latency_batch, "structures": len(latency), "statistic": "median after one warm-up"},
+                "time_s": {k: round(v, 2) for k, v in spent.items()},
             }
         )
         draft.metrics.update(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gendd_deploy.artifacts import Artifact, Draft, Store
-from gendd_deploy.errors import ArtifactError
+from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
 from gendd_deploy.runtime.parity import gate, parity
@@ -94,7 +94,7 @@ def calibration_images(ctx: Context, limit: int | None) -> np.ndarray:
     data = ctx.data()
     n = min(len(data.calib), limit or len(data.calib))
     if n == 0:
-        raise ArtifactError(f"the calibration split of {ctx.recipe.source} is empty; raise [data] calib_fraction")
+        raise UsageError(f"the calibration split of {ctx.recipe.source} is empty; raise [data] calib_fraction")
     u8 = data.calib.get_batch(torch.arange(n))
     return to_model_input(u8, data.mean, data.std).numpy()
 
