@@ -310,7 +310,7 @@ def run(
                 try:
                     require_tensorrt("build")
                 except MissingDependency as e:
-                    c.log(f"[dim]build: skipped on this machine ({e})[/]")
+                    c.log(f"[dim]build: skipped on this machine ({escape(str(e))})[/]")
                     continue
             built[command] = stages.get(command).run(c)
         _summary(built)
@@ -343,12 +343,13 @@ def _summary(built: dict) -> None:
             ref = sm.get("latency_ms") / sm["reference_latency_ms"] if sm.get("latency_ms") and sm.get("reference_latency_ms") else None
             lines.append(f"chosen sampler: {label}; calibration top-1 {sm.get('calib_top1')}% (reference {sm.get('reference_top1')}%)")
             if ratio is not None:
-                lines.append(f"latency ({sm.get('runtime')}, batch {sm.get('latency_batch', '')}): {ratio:.2f}x the plain student, {ref:.3f}x the reference sampler")
+                batch = built["calibrate"].config.get("calibrate", {}).get("latency_batch", "?")
+                lines.append(f"latency ({sm.get('runtime')}, batch {batch}): {ratio:.2f}x the plain student (linear probe), {ref:.4f}x the reference sampler")
     if "export" in built:
         em = built["export"].metrics
         lines.append(f"ONNX parity vs PyTorch: max |logit diff| {em.get('max_abs_diff')}, top-1 agreement {em.get('top1_agreement')} on {em.get('n')} calibration images")
     for line in lines:
-        out.print(line)
+        out.print(escape(line), soft_wrap=True)
 
 
 # ---- artifacts ---------------------------------------------------------------------------------

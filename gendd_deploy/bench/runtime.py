@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
@@ -99,7 +100,7 @@ def run_bench(ctx: Context, runtimes: list[str] | None, batches: list[int], reps
     skipped = {r: status.get(r, "not registered") for r in wanted if status.get(r, "not registered") is not None}
     use = [r for r in wanted if r not in skipped]
     for r, why in skipped.items():
-        ctx.log(f"[dim]bench: runtime {r} skipped: {why}[/]")
+        ctx.log(f"[dim]bench: runtime {r} skipped: {escape(str(why))}[/]")
     rows = []
     with tempfile.TemporaryDirectory(prefix="gendd-bench-") as tmp, torch.no_grad():
         models = _models(ctx)
