@@ -73,6 +73,7 @@ class DistillConfig(Section):
     student_kwargs: dict[str, Any] = Field(default_factory=dict)
     small_input: bool = False
     seed: int | None = Field(None, description="student seed (init, order, augmentation); default: [pipeline] seed")
+    train_limit: int | None = Field(None, gt=0, description="distil on the first N training images only (the teacher and cache keep all)")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)

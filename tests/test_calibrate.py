@@ -29,6 +29,15 @@ from gendd_deploy.stages.distill import DistillStage
 TINY_BACKBONE = {"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 16)}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation, costly on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_student(num_classes=10, teacher_dim=32, token_dim=16, seed=0) -> GenDDStudent:
     torch.manual_seed(seed)
     backbone = bb.create_backbone("resnet18", num_classes, 1, True, TINY_BACKBONE)

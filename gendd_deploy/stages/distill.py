@@ -112,6 +112,7 @@ class DistillStage(Stage):
         if dc.method == "ce" and not dc.labels:
             raise UsageError(f"{ctx.recipe.source}: [distill] method = 'ce' needs labels; set labels = true or method = 'gendd' / 'kd'")
         cfg = dc.model_dump(exclude={"use_cache"})
+        cfg["seed"] = student_seed(ctx)  # an explicit seed equal to the pipeline's is the same run
         if dc.method != "gendd":  # head / sampler fields do not shape a kd or ce student
             for k in list(cfg):
                 if k.startswith(("head_", "eval_")) or k in ("token_dim", "smooth", "mixup_beta", "cfg_drop", "diffusion_batch_mul", "train_timesteps", "probe_ce", "stage1_epochs"):
@@ -194,7 +195,7 @@ class DistillStage(Stage):
     def _loop(self, ctx, label, epochs, opt, base_lr, step_fn, teacher, cache, device, ckpt_name, modules: dict, beta2=None):
         """Shared epoch loop with LR schedule, checkpoint per epoch and resume."""
         dc, data, seed = ctx.recipe.distill, ctx.data(), student_seed(ctx)
-        n = len(data.train)
+        n = min(len(data.train), dc.train_limit or len(data.train))
         steps_per_epoch = len(batches(dist.shard(torch.arange(n)), dc.batch_size))
         if steps_per_epoch == 0:
             raise UsageError(f"[distill] batch_size {dc.batch_size} is larger than the {n} training images; lower it")
