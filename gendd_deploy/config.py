@@ -122,9 +122,9 @@ class CalibrateConfig(Section):
     steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     draws: list[int] = Field(default_factory=lambda: [1, 2, 5])
     guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0])
-    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0])
     noise_modes: list[Literal["fresh", "fixed", "zero"]] = Field(default_factory=lambda: ["fresh", "fixed", "zero"])
-    t_starts: list[int] = Field(default_factory=lambda: [999, 900, 800], description="first timestep of few-step samplers")
+    t_starts: list[int] = Field(default_factory=lambda: [999, 600, 300], description="first timestep of few-step samplers")
     tolerance: float = Field(0.1, ge=0, description="top-1 points below the best that still counts as as good")
     runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
     latency_batch: int = Field(32, gt=0)

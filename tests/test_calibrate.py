@@ -1,7 +1,9 @@
 """Calibrate: the sampler grid, the choice, the calibration-only data access, one stage run."""
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,8 +23,10 @@ from gendd_deploy.stages.calibrate import (
     calib_features,
     canonical,
     choose,
+    make_runner,
     predict_setting,
     structure,
+    time_runner,
 )
 from gendd_deploy.stages.distill import DistillStage
 
@@ -60,6 +64,33 @@ def test_canonical_collapses_equivalent_settings():
     fixed = SamplerSetting(sampler="ddpm", steps=4, draws=2, temperature=0.5, noise="fixed")
     assert canonical(fixed, 1000) == fixed  # fixed noise: draws still differ from each other
     assert canonical(REFERENCE, 1000) == REFERENCE
+    one = SamplerSetting(sampler="ddpm", steps=1, draws=2, temperature=0.5, noise="fresh")
+    assert canonical(one, 1000) == replace(one, sampler="ddim", temperature=1.0)
+    assert canonical(one, 1000, samplers=["ddpm"]) == replace(one, temperature=1.0)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [SamplerSetting(sampler="ddim", steps=3, draws=2, guidance=2.0, temperature=0.0, noise="fresh", t_start=800),
+     SamplerSetting(sampler="ddim", steps=2, draws=1, temperature=0.0, noise="fixed"),
+     SamplerSetting(sampler="ddpm", steps=3, draws=2, guidance=2.0, temperature=0.5, noise="zero"),
+     SamplerSetting(sampler="ddpm", steps=1, draws=2, guidance=2.0, temperature=0.5, noise="fresh", t_start=700),
+     SamplerSetting(sampler="ddpm", steps=1, draws=1, temperature=0.0, noise="fixed", t_start=999)],
+    ids=lambda s: s.label(),
+)
+def test_pruned_settings_really_are_equivalent(setting):
+    """Each collapsed setting gives the logits of the one it collapses to (same seeds)."""
+    from gendd_deploy.runtime.base import make_noise
+
+    student, x = tiny_student(), torch.randn(5, 1, 8, 8)
+
+    def logits(s):
+        m = DeployedModel(student, s, fixed_noise_seed=4)
+        return m(x, torch.from_numpy(make_noise(m.noise_shape(5), 9)) if m.needs_noise else None)
+
+    canon = canonical(setting, 1000)
+    assert canon != setting
+    torch.testing.assert_close(logits(canon), logits(setting), rtol=1e-5, atol=1e-5)
 
 
 def test_grid_prunes_equivalents_and_keeps_reference_and_probe():
@@ -155,6 +186,22 @@ def test_feature_reuse_matches_deployed_model(setting):
     assert "features" not in vars(student)  # the student itself is untouched
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_latency_runner_runs_the_deployed_model(runtime, tmp_path):
+    """The graph calibrate times is the deployed model: same logits, same noise input."""
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    setting = SamplerSetting(sampler="ddpm", steps=2, draws=2, guidance=2.0, temperature=1.0, noise="fresh")
+    student, x = tiny_student(), torch.randn(4, 1, 8, 8)
+    model = DeployedModel(student, setting, 0).eval()
+    runner = make_runner(runtime, DeployedModel(student, setting, 0), x, tmp_path, torch.device("cpu"))
+    noise = runner.noise(4, 7)
+    assert noise.shape == model.noise_shape(4)
+    expect = model(x, torch.from_numpy(noise)).numpy()
+    np.testing.assert_allclose(runner.run(x.numpy(), noise), expect, rtol=1e-4, atol=1e-4)
+    assert time_runner(runner, x.numpy(), 7, min_runs=2, min_s=0.0) > 0
+
+
 # ---- the stage ------------------------------------------------------------------------------
 
 
@@ -197,7 +244,7 @@ def test_calib_features_read_only_calibration_images(tiny_context):
 
 
 def test_stage_end_to_end_on_calibration_split_only(tiny_context):
-    ctx = tiny_context("calibrate.runtime='torch'", "calibrate.limit=24", "calibrate.max_settings=12", "calibrate.latency_batch=4", "data.eval_batch_size=16")
+    ctx = tiny_context("calibrate.limit=24", "calibrate.max_settings=12", "calibrate.latency_batch=4", "data.eval_batch_size=16")
     guard_test_split(ctx)
     publish_student(ctx)
     art = CalibrateStage().run(ctx)
@@ -205,7 +252,7 @@ def test_stage_end_to_end_on_calibration_split_only(tiny_context):
     info, m = art.manifest["info"], art.metrics
     chosen = SamplerSetting.from_dict(info["setting"])
     assert info["reference"] == REFERENCE.to_dict() and isinstance(info["fixed_noise_seed"], int) and chosen.label() in info["reason"]
-    assert m["n_settings"] == 12 and m["calib_images"] == 24 and m["runtime"] == "torch"
+    assert m["n_settings"] == 12 and m["calib_images"] == 24 and m["runtime"] == "onnxruntime"
     assert m["best_top1"] - m["calib_top1"] <= ctx.recipe.calibrate.tolerance + 1e-6
     table = json.loads(art.file("table.json").read_text())["settings"]
     assert len(table) == 12 and sum(r["chosen"] for r in table) == 1

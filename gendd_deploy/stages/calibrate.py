@@ -52,21 +52,22 @@ NO_SAMPLER = "kd/ce student: no sampler"
 # --------------------------------------------------------------------------- the grid
 
 
-def canonical(s: SamplerSetting, num_timesteps: int) -> SamplerSetting:
+def canonical(s: SamplerSetting, num_timesteps: int, samplers: tuple | list = ("ddpm", "ddim")) -> SamplerSetting:
     """The cheapest equivalent spelling of a setting, so equivalent settings collapse to one.
 
-    - zero noise: the output ignores temperature (x_T = 0 and every step's noise is 0) and
-      draws are identical, so temperature 0 and one draw;
+    - one-step ddpm takes x_T unscaled and adds no noise at its only (last) step, whose posterior
+      mean is exactly x0: temperature is irrelevant, and it is one-step ddim at temperature 1
+      (written as ddim when ddim is in `samplers`);
     - ddim at temperature 0: x_T = 0 * noise and ddim adds no noise later, so the noise mode is
       irrelevant: the same as zero noise;
-    - one-step ddpm adds no noise after x_T, which it takes unscaled: temperature is irrelevant
-      (temperature 1);
+    - zero noise: the output ignores temperature (x_T = 0 and every step's noise is 0) and
+      draws are identical, so temperature 0 and one draw;
     - t_start = T - 1 is the default (None).
     """
     if s.kind == "probe":
         return PROBE
     if s.sampler == "ddpm" and s.steps == 1:
-        s = replace(s, temperature=1.0)
+        s = replace(s, sampler="ddim" if "ddim" in samplers else "ddpm", temperature=1.0)
     if s.sampler == "ddim" and s.temperature == 0.0:
         s = replace(s, noise="zero")
     if s.noise == "zero":
@@ -97,7 +98,7 @@ def candidates(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]
                                     sampler=sampler, steps=steps, draws=draws, guidance=float(guidance),
                                     temperature=float(temperature), noise=noise, t_start=t_start,
                                 )
-                                seen.setdefault(canonical(s, num_timesteps), None)
+                                seen.setdefault(canonical(s, num_timesteps, cfg.samplers), None)
     return sorted(seen, key=lambda s: (s.head_passes(), not s.deterministic))
 
 
@@ -249,9 +250,13 @@ def make_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp: 
     from gendd_deploy.runtime.ort import OrtRunner
 
     path = tmp / f"timing-{uuid.uuid4().hex[:8]}.onnx"
+    on_cpu = next(model.parameters()).device.type == "cpu"
     with torch_threads(1):  # tracing is python-bound; see torch_threads
-        export_for_timing(model.cpu().eval(), path, example.cpu())
-    runner = OrtRunner(path)  # the session holds the graph; the file is not needed any more
+        # a copy when the student lives on a GPU: .cpu() would move the caller's student too
+        export_for_timing((model if on_cpu else copy.deepcopy(model).cpu()).eval(), path, example.cpu())
+    # no TensorRT EP: it would build an engine per setting; TensorRT is the build stage's business
+    runner = OrtRunner(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # the session holds the graph; the file is not needed any more
     path.unlink()
     return runner
 
@@ -289,18 +294,13 @@ class CalibrateStage(Stage):
         return {"calibrate": ctx.recipe.calibrate.model_dump(), "seed": ctx.recipe.pipeline.seed, "eval_batch_size": ctx.recipe.data.eval_batch_size}
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
-        cc, seed = ctx.recipe.calibrate, ctx.recipe.pipeline.seed
+        cc = ctx.recipe.calibrate
         student_art = inputs["student"]
         if student_art.manifest["info"]["method"] != "gendd":
             self._no_sampler(ctx, draft, student_art)
             return
-        device = ctx.device()
-        student = load_student(student_art, device)
         timer = Timer()
-        fixed_noise_seed = seed
-        noise_seed = 1_000_003 * (seed + 1)  # eval noise, apart from the fixed-noise seed
-        calib = ctx.data().calib
-        n = min(len(calib), cc.limit or len(calib))
+        student = load_student(student_art, ctx.device())
         T = student.head.train_schedule.num_timesteps
         grid, n_candidates = build_grid(cc, T), len(set(candidates(cc, T)) | {PROBE, REFERENCE})
         if n_candidates > len(grid):
@@ -309,55 +309,27 @@ class CalibrateStage(Stage):
                 f"calibrate: \\[calibrate] max_settings = {cc.max_settings} keeps the {len(grid)} cheapest of {n_candidates} settings "
                 f"(up to {worst} head passes, plus the reference); raise it or narrow the grid to search further"
             )
-
-        eval_threads = 1 if device.type == "cpu" else None
-        with torch_threads(eval_threads):
-            feats, labels = calib_features(ctx, student, n, device)
-        example = model_input(ctx, calib.get_batch(torch.arange(cc.latency_batch) % len(calib)), torch.device("cpu"))
-        results, latency, preds = [], {}, {}
-        spent = {"features": timer(), "accuracy": 0.0, "latency": 0.0}
-        with progress_bar(ctx.console, ctx.quiet) as bar, tempfile.TemporaryDirectory(prefix="gendd-calibrate-") as tmp:
-            task = bar.add_task("calibrate", total=len(grid), info="")
-            for s in grid:
-                bar.update(task, info=s.label())
-                t0 = time.perf_counter()
-                with torch_threads(eval_threads):
-                    p = predict_setting(student, s, feats, noise_seed, fixed_noise_seed)
-                preds[s] = p
-                t1 = time.perf_counter()
-                key = structure(s)
-                if key not in latency:
-                    model = DeployedModel(student, s, fixed_noise_seed).eval()
-                    runner = make_runner(cc.runtime, model, example, Path(tmp), device)
-                    latency[key] = time_runner(runner, example.numpy(), noise_seed)
-                    del runner
-                spent["accuracy"] += t1 - t0
-                spent["latency"] += time.perf_counter() - t1
-                results.append(Result(s, top1(p, labels), latency_ms=latency[key]))
-                bar.advance(task)
-        ref_pred = preds[REFERENCE]
-        for r in results:
-            r.agreement = (preds[r.setting] == ref_pred).float().mean().item()
+        results, sweep = self._sweep(ctx, student, grid)
         chosen, best = choose(results, cc.tolerance)
         chosen.chosen = True
         by = {r.setting: r for r in results}
         ref, probe = by[REFERENCE], by[PROBE]
-
+        n = sweep["calib_images"]
         reason = (
             f"{chosen.setting.label()}: the lowest latency ({chosen.latency_ms:.3g} ms per {cc.latency_batch} images on {cc.runtime}) "
             f"among {len(results)} settings within {cc.tolerance:g} top-1 points of the best ({best.setting.label()}, "
             f"{best.top1:.2f}%); it scores {chosen.top1:.2f}% on {n} calibration images, "
             f"{chosen.latency_ms / ref.latency_ms:.3g}x the reference's latency and {chosen.latency_ms / probe.latency_ms:.3g}x the probe's"
         )
-        rows = [r.row() for r in results]
-        draft.path("table.json").write_text(json.dumps({"runtime": cc.runtime, "latency_batch": cc.latency_batch, "calib_images": n, "settings": rows}, indent=1))
+        table_json = {"runtime": cc.runtime, "latency_batch": cc.latency_batch, "calib_images": n, "settings": [r.row() for r in results]}
+        draft.path("table.json").write_text(json.dumps(table_json, indent=1))
         plot(results, chosen, draft.path("accuracy_vs_latency.png"), f"{ctx.pipeline}: {n} calibration images, {cc.runtime}, batch {cc.latency_batch}")
         draft.info.update(
             {
                 "setting": chosen.setting.to_dict(),
                 "label": chosen.setting.label(),
-                "fixed_noise_seed": fixed_noise_seed,
-                "eval_noise_seed": noise_seed,
+                "fixed_noise_seed": sweep.pop("fixed_noise_seed"),
+                "eval_noise_seed": sweep.pop("eval_noise_seed"),
                 "reason": reason,
                 "reference": REFERENCE.to_dict(),
                 "choice": {
@@ -368,9 +340,7 @@ class CalibrateStage(Stage):
                     "latency_vs_reference": round(chosen.latency_ms / ref.latency_ms, 4),
                 },
                 "grid": {"candidates": n_candidates, "evaluated": len(grid), "max_settings": cc.max_settings},
-                "latency": {"runtime": cc.runtime, "batch": cc.latency_batch, "structures": len(latency), "statistic": "median after one warm-up"},
-                "time_s": {k: round(v, 2) for k, v in spent.items()},
-                "eval_threads": eval_threads or torch.get_num_threads(),
+                **sweep,
             }
         )
         draft.metrics.update(
@@ -391,6 +361,50 @@ class CalibrateStage(Stage):
         if not ctx.quiet:
             ctx.console.print(table(results, chosen, best, cc.latency_batch, cc.runtime))
         ctx.log(f"calibrate: {reason}")
+
+    def _sweep(self, ctx: Context, student: GenDDStudent, grid: list[SamplerSetting]) -> tuple[list[Result], dict]:
+        """Top-1, agreement with the reference and latency of every setting; plus what the
+        manifest should say about how they were measured."""
+        cc, seed, device = ctx.recipe.calibrate, ctx.recipe.pipeline.seed, ctx.device()
+        fixed_noise_seed = seed
+        noise_seed = 1_000_003 * (seed + 1)  # eval noise, apart from the fixed-noise seed
+        calib = ctx.data().calib
+        n = min(len(calib), cc.limit or len(calib))
+        eval_threads = 1 if device.type == "cpu" else None
+        timer = Timer()
+        with torch_threads(eval_threads):
+            feats, labels = calib_features(ctx, student, n, device)
+        example = model_input(ctx, calib.get_batch(torch.arange(cc.latency_batch) % len(calib)), torch.device("cpu"))
+        results, latency, preds, providers = [], {}, {}, None
+        spent = {"features": timer(), "accuracy": 0.0, "latency": 0.0}
+        with progress_bar(ctx.console, ctx.quiet) as bar, tempfile.TemporaryDirectory(prefix="gendd-calibrate-") as tmp:
+            task = bar.add_task("calibrate", total=len(grid), info="")
+            for s in grid:
+                bar.update(task, info=s.label())
+                t0 = time.perf_counter()
+                with torch_threads(eval_threads):
+                    preds[s] = predict_setting(student, s, feats, noise_seed, fixed_noise_seed)
+                t1 = time.perf_counter()
+                key = structure(s)
+                if key not in latency:
+                    runner = make_runner(cc.runtime, DeployedModel(student, s, fixed_noise_seed).eval(), example, Path(tmp), device)
+                    latency[key] = time_runner(runner, example.numpy(), noise_seed)
+                    providers = runner.providers()
+                    del runner
+                spent["accuracy"] += t1 - t0
+                spent["latency"] += time.perf_counter() - t1
+                results.append(Result(s, top1(preds[s], labels), latency_ms=latency[key]))
+                bar.advance(task)
+        for r in results:
+            r.agreement = (preds[r.setting] == preds[REFERENCE]).float().mean().item()
+        return results, {
+            "calib_images": n,
+            "fixed_noise_seed": fixed_noise_seed,
+            "eval_noise_seed": noise_seed,
+            "eval_threads": eval_threads or torch.get_num_threads(),
+            "latency": {"runtime": cc.runtime, "providers": providers, "batch": cc.latency_batch, "structures": len(latency), "statistic": "median after one warm-up"},
+            "time_s": {k: round(v, 2) for k, v in spent.items()},
+        }
 
     def _no_sampler(self, ctx: Context, draft: Draft, student_art: Artifact) -> None:
         method = student_art.manifest["info"]["method"]
