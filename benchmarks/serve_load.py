@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
             "results": rows,
         }
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}", file=sys.stderr)
 
 

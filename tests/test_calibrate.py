@@ -14,6 +14,7 @@ from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
 from gendd_deploy.stages.calibrate import (
+    MIN_ALPHA_BAR,
     NO_SAMPLER,
     PROBE,
     REFERENCE,
@@ -126,7 +127,7 @@ def test_grid_cap_keeps_cheapest_and_reference(cap):
 
 def test_grid_skips_invalid_t_start():
     grid = build_grid(CalibrateConfig(steps=[1, 8], t_starts=[5], samplers=["ddim"], temperatures=[0.0], guidance=[1.0]), 10)
-    assert [s for s in grid if s.kind == "sampler" and s != REFERENCE] == [SamplerSetting(sampler="ddim", steps=1, draws=1, guidance=1.0, temperature=0.0, noise="zero", t_start=5)]
+    assert [s for s in grid if s.kind == "sampler" and s != REFERENCE] == [SamplerSetting(sampler="ddim", steps=1, draws=1, guidance=1.0, temperature=0.0, noise="zero", t_start=5, min_alpha_bar=MIN_ALPHA_BAR)]
 
 
 def test_structure_ignores_temperature_and_t_start():
