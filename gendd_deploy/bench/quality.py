@@ -56,7 +56,7 @@ def run_quality(make_ctx, seeds: list[int], out: Path, console) -> dict:
         "recipe": base.recipe_path,
         "seeds": seeds,
         "teacher": {"artifact": teacher.ref, "test_top1": teacher.metrics["test_top1"], "model": base.recipe.teacher.model, "model_kwargs": base.recipe.teacher.model_kwargs, "train_s": teacher.metrics.get("train_s")},
-        "student": {"model": cfg.student, "kwargs": cfg.student_kwargs, "epochs": cfg.epochs, "stage1_epochs": cfg.stage1_epochs, "head_width": cfg.head_width, "train_images": len(base.data().train), "test_images": len(base.data().test), "published_eval_images": cfg.eval_limit},
+        "student": {"model": cfg.student, "kwargs": cfg.student_kwargs, "epochs": cfg.epochs, "stage1_epochs": cfg.stage1_epochs, "head_width": cfg.head_width, "train_images": min(len(base.data().train), cfg.train_limit or len(base.data().train)), "test_images": len(base.data().test), "published_eval_images": cfg.eval_limit},
         "rows": rows,
         "runs": runs,
     }
