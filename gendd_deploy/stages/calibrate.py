@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -216,34 +215,15 @@ def torch_threads(n: int | None):
 
 
 def export_for_timing(model: DeployedModel, path: Path, example: torch.Tensor) -> None:
-    """ONNX export for latency only, with the TorchScript exporter: the same graph (same io, dynamic
-    batch, unrolled sampler) as `export_onnx`, whose dynamo exporter takes 4-15 s per setting on a
-    2-core CPU against 0.1-1.5 s here. The export stage makes, and parity-checks, the shipped graph."""
-    from gendd_deploy.runtime.onnx_export import export_onnx, io_names
+    """ONNX export for latency only, with the TorchScript exporter (`export_onnx_fast`): the same
+    graph as `export_onnx`, whose dynamo exporter takes 4-15 s per setting on a 2-core CPU against
+    0.1-1.5 s here. The export stage makes, and parity-checks, the shipped graph."""
+    from gendd_deploy.runtime.onnx_export import export_onnx, export_onnx_fast
 
-    inputs, outputs = io_names(model)
-    args = (example,) + ((torch.zeros(model.noise_shape(example.shape[0])),) if model.needs_noise else ())
-    module = model if model.needs_noise else _ImagesOnly(model)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, args, str(path), input_names=inputs, output_names=outputs, opset_version=18,
-                dynamo=False, dynamic_axes={name: {0: "batch"} for name in inputs + outputs}, do_constant_folding=True,
-            )
+        export_onnx_fast(model, path, example)
     except Exception:  # noqa: BLE001 - a torch without the TorchScript exporter: the slow, shipped path
         export_onnx(model, path, example)
-
-
-class _ImagesOnly(torch.nn.Module):
-    """forward(images): a model without a noise input must not trace an optional noise argument."""
-
-    def __init__(self, model: DeployedModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
 
 
 def make_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp: Path, device: torch.device):
