@@ -39,16 +39,22 @@ def _terminate_as_exception(signum, frame):
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes in the environment; False when not under torchrun."""
+    """Join the process group torchrun describes in the environment; False when not under torchrun.
+
+    With a GPU the group is "cpu:gloo,cuda:nccl": DDP and CUDA tensors go over NCCL, the small
+    CPU-side reductions (images, seconds, objects) over gloo. A one-process torchrun joins a
+    group too, so that the same code path runs with any number of processes.
+    """
     if dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    under_torchrun = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not under_torchrun:
         return False
     use_cuda = torch.cuda.is_available()
-    if use_cuda:
+    if use_cuda and local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(local_rank())
     timeout = datetime.timedelta(minutes=int(os.environ.get("GENDD_DIST_TIMEOUT_MIN", "30")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timeout)
     signal.signal(signal.SIGTERM, _terminate_as_exception)
     return True
 

@@ -1,4 +1,5 @@
-"""cache and distill under torchrun with 2 CPU processes (gloo)."""
+"""cache and distill under torchrun with 2 CPU processes (gloo); pinned to the CPU so that they
+test the same thing on a GPU machine (test_gpu.py covers torchrun on CUDA)."""
 
 import os
 import shutil
@@ -15,10 +16,10 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this python")
 
 
-def gendd(args, root, recipe, nproc=1, env=None):
+def gendd(args, root, recipe, nproc=1, env=None, device="cpu"):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     launcher = [str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc > 1 else [sys.executable, "-m"]
-    cmd = launcher + ["gendd_deploy", *args, "-p", str(recipe), "--artifacts", str(root)]
+    cmd = launcher + ["gendd_deploy", *args, "-p", str(recipe), "--artifacts", str(root), "--set", f"pipeline.device='{device}'"]
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
 
 

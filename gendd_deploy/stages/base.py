@@ -57,7 +57,13 @@ class Context:
             want = "cuda" if torch.cuda.is_available() else "cpu"
         if want == "cuda":
             from gendd_deploy import dist
+            from gendd_deploy.errors import UsageError
 
+            if dist.local_rank() >= torch.cuda.device_count():
+                raise UsageError(
+                    f"process {dist.local_rank()} on this node has no GPU of its own ({torch.cuda.device_count()} visible); "
+                    f"start torchrun with --nproc-per-node={torch.cuda.device_count()}, or set [pipeline] device = 'cpu'"
+                )
             return torch.device("cuda", dist.local_rank())
         return torch.device(want)
 
