@@ -9,6 +9,7 @@ it is). Ratios are computed within this one run. Example: gendd bench -p pipelin
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import tempfile
@@ -47,11 +48,14 @@ def _models(ctx: Context) -> dict[str, DeployedModel]:
     return models
 
 
-def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, name: str):
+def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, name: str, device: torch.device):
+    """A runner of `kind` for the CPU-resident `model`; torch eager and AOTInductor run on `device`
+    (the recipe's: the GPU where there is one), ONNX Runtime on the providers it has."""
     tail = model.noise_shape(1)[1:] if model.needs_noise else None
     slug = "".join(c if c.isalnum() else "_" for c in name)
+    on_device = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     if kind == "torch":
-        return make_runner("torch", model=model)
+        return make_runner("torch", model=on_device, device=device)
     if kind == "onnxruntime":
         from gendd_deploy.runtime.onnx_export import export_onnx
 
@@ -62,8 +66,8 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
         from gendd_deploy.runtime.aoti import export_aoti
 
         path = folder / f"{slug}.pt2"
-        export_aoti(model, path, example)
-        return make_runner("aoti", aoti_path=path, noise_shape_tail=tail)
+        export_aoti(on_device, path, example)
+        return make_runner("aoti", aoti_path=path, noise_shape_tail=tail, device=device)
     return make_runner(kind, model=model, noise_shape_tail=tail)
 
 
@@ -102,12 +106,12 @@ def run_bench(ctx: Context, runtimes: list[str] | None, batches: list[int], reps
     for r, why in skipped.items():
         ctx.log(f"[dim]bench: runtime {r} skipped: {escape(str(why))}[/]")
     rows = []
+    models, device = _models(ctx), ctx.device()  # builds what is missing (training needs grad)
     with tempfile.TemporaryDirectory(prefix="gendd-bench-") as tmp, torch.no_grad():
-        models = _models(ctx)
         for name, model in models.items():
-            torch_ref = make_runner("torch", model=model)
+            torch_ref = make_runner("torch", model=model)  # parity reference: eager on the CPU
             for kind in use:
-                runner = _runner(kind, model, Path(tmp), example, name)
+                runner = _runner(kind, model, Path(tmp), example, name, device)
                 par = parity(torch_ref, runner, test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
                 acc = _top1(runner, test_x, test_y, 64)
                 for b in batches:
@@ -121,7 +125,7 @@ def run_bench(ctx: Context, runtimes: list[str] | None, batches: list[int], reps
                     })
                     ctx.log(f"bench: {name} / {kind} / batch {b}: p50 {p50:.2f} ms")
     ratios = _ratios(rows, models)
-    result = {"pipeline": ctx.pipeline, "rows": rows, "ratios": ratios, "skipped_runtimes": skipped, "test_images": n}
+    result = {"pipeline": ctx.pipeline, "device": str(device), "rows": rows, "ratios": ratios, "skipped_runtimes": skipped, "test_images": n}
     _print(console, rows, ratios)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -122,6 +122,7 @@ class TeacherStage(Stage):
         draft.metrics.update(test_top1=round(acc, 3), test_images=len(test), wall_s=round(timer(), 2), device=str(device), **train_metrics)
         ctx.log(f"teacher: {tc.model} test top-1 {acc:.2f}% on {len(test)} images")
 
+    @torch.enable_grad()  # callers may hold no_grad
     def _train(self, ctx: Context, model: torch.nn.Module, device: torch.device) -> dict:
         tc, dc, data = ctx.recipe.teacher, ctx.recipe.data, ctx.data()
         seed = ctx.recipe.pipeline.seed
