@@ -10,6 +10,7 @@ from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import RUNTIMES, available_runtimes, make_runner, register_runtime, runtime_status
 from gendd_deploy.runtime.base import Runner, make_noise
 from gendd_deploy.runtime.parity import gate, parity
+from conftest import ONNX_IR
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -37,7 +38,7 @@ def linear_onnx(path, with_noise=False, k=3):
         nodes += [helper.make_node("MatMul", ["noise", "w"], ["nz"]), helper.make_node("Add", ["pre", "nz"], ["logits"])]
         inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", 4]))
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k])], [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=ONNX_IR)
     onnx.save(model, str(path))
     return w
 

@@ -624,7 +624,7 @@ print("serve returned", flush=True)
 def test_sigterm_drains_then_exits_zero(onnx_path, runner, tmp_path):
     script = tmp_path / "serve_child.py"
     script.write_text(SERVE_SCRIPT.format(tests=str(REPO / "tests"), onnx=str(onnx_path)))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # keep the caller's path
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()

@@ -13,6 +13,7 @@ from gendd_deploy.artifacts import Store
 from gendd_deploy.config import BuildConfig, ServeConfig
 from gendd_deploy.errors import UsageError
 from gendd_deploy.triton import write_triton_repo
+from conftest import ONNX_IR
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="Triton's model-config protobuf: pip install 'tritonclient[grpc]'"
@@ -43,7 +44,7 @@ def tiny_graph(noise: bool) -> onnx.ModelProto:
         ]
         inits += [helper.make_tensor("axes", TensorProto.INT64, [4], [1, 2, 3, 4]), helper.make_tensor("one", TensorProto.INT64, [1], [1])]
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, [out], inits), opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, [out], inits), opset_imports=[helper.make_opsetid("", 18)], ir_version=ONNX_IR)
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -16,6 +16,7 @@ from gendd_deploy.config import BuildConfig
 from gendd_deploy.errors import ArtifactError, GateError, MissingDependency, UsageError
 from gendd_deploy.trt import plan as P
 from gendd_deploy.trt.precision import convert_precision, gate_conversion, ort_logits
+from conftest import ONNX_IR
 
 NOISE_TAIL = (3, 2, 1, 16)  # (steps+1, draws, tokens, token_dim)
 
@@ -482,7 +483,7 @@ def test_parser_rejects_an_unknown_op_with_numbered_errors(tmp_path):
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("example.custom", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("example.custom", 1)], ir_version=ONNX_IR)
     onnx.save(model, tmp_path / "bad.onnx")
     with pytest.raises(OnnxParseError) as e:
         EngineBuilder(64).build(tmp_path / "bad.onnx", P.precision_plan(10, "fp32"), {"images": ((1, 4), (2, 4), (4, 4))})
