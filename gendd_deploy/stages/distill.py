@@ -195,7 +195,7 @@ class DistillStage(Stage):
                 f_t = bb.pooled_features(teacher, x).float()
         return x, f_t, data.train.labels[idx].to(device)
 
-    @torch.enable_grad()  # callers may hold no_grad (bench builds missing artifacts inside one)
+    @torch.enable_grad()  # callers may hold no_grad
     def _loop(self, ctx, label, epochs, opt, base_lr, step_fn, teacher, cache, device, ckpt_name, modules: dict, beta2=None):
         """Shared epoch loop with LR schedule, checkpoint per epoch and resume."""
         dc, data, seed = ctx.recipe.distill, ctx.data(), student_seed(ctx)
