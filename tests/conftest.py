@@ -66,6 +66,18 @@ parity_limit = 32
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation, costly on a shared CPU.
+    Modules of tiny-tensor tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     p = tmp_path / "tiny.toml"
     p.write_text(TINY_RECIPE)

@@ -34,13 +34,7 @@ from gendd_deploy.stages.distill import DistillStage
 TINY_BACKBONE = {"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 16)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, costly on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def tiny_student(num_classes=10, teacher_dim=32, token_dim=16, seed=0) -> GenDDStudent:

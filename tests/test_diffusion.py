@@ -10,13 +10,7 @@ from gendd_deploy.models.diffusion import DiffusionHead, SamplingSchedule, Train
 D_T, COND, TOK, WIDTH = 128, 16, 64, 64  # 2 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add sync cost, and stall badly on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def make_head(seed=0, randomize=False, **kw):

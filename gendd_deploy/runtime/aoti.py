@@ -36,7 +36,7 @@ def cxx_compiler() -> str | None:
 
 def export_aoti(model: DeployedModel, path: str | Path, example_images: torch.Tensor, max_batch: int = MAX_BATCH) -> dict:
     """Compile `model` for the device of its parameters into the package `path` (written atomically)."""
-    from gendd_deploy.runtime.onnx_export import _Images, example_inputs, io_names
+    from gendd_deploy.runtime.onnx_export import traceable
 
     if not hasattr(torch._inductor, "aoti_compile_and_package"):
         raise MissingDependency(f"torch {torch.__version__} has no AOTInductor packaging; use torch >= 2.6")
@@ -45,10 +45,7 @@ def export_aoti(model: DeployedModel, path: str | Path, example_images: torch.Te
         raise MissingDependency("AOTInductor needs a C++ compiler on the CPU (g++ or clang++); install one or skip --aoti")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    inputs, outputs = io_names(model)
-    args = example_inputs(model, example_images)
-    module = model if model.needs_noise else _Images(model)
+    module, inputs, outputs, args = traceable(model, example_images)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -76,15 +76,22 @@ def _export_dynamo(module, args, tmp: Path, inputs: list[str], outputs: list[str
         )
 
 
+def traceable(model: DeployedModel, example_images: torch.Tensor) -> tuple[torch.nn.Module, list[str], list[str], tuple[torch.Tensor, ...]]:
+    """What every exporter traces (ONNX, AOTInductor): the module in eval mode, taking (images[,
+    noise]) to logits, its input and output names, and example inputs."""
+    model = model.eval()
+    inputs, outputs = io_names(model)
+    module = model if model.needs_noise else _Images(model)
+    return module, inputs, outputs, example_inputs(model, example_images)
+
+
 def export_onnx_fast(model: DeployedModel, path: str | Path, example_images: torch.Tensor, opset: int = 18) -> None:
     """The same graph as `export_onnx` (io, dynamic batch, unrolled sampler) through the TorchScript
     exporter, without the checks: seconds faster per graph, for latency measurements only.
     The shipped graph always comes from `export_onnx`."""
-    model = model.eval()
-    inputs, outputs = io_names(model)
-    module = model if model.needs_noise else _Images(model)
+    module, inputs, outputs, args = traceable(model, example_images)
     with torch.no_grad():
-        _export_torchscript(module, example_inputs(model, example_images), Path(path), inputs, outputs, opset)
+        _export_torchscript(module, args, Path(path), inputs, outputs, opset)
 
 
 def _export_torchscript(module, args, tmp: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
@@ -155,10 +162,7 @@ def export_onnx(model: DeployedModel, path: str | Path, example_images: torch.Te
     onnx = _onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    inputs, outputs = io_names(model)
-    args = example_inputs(model, example_images)
-    module = model if model.needs_noise else _Images(model)
+    module, inputs, outputs, args = traceable(model, example_images)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
     errors = []
     try:
