@@ -41,6 +41,9 @@ class DataConfig(Section):
     crop_padding: int = Field(2, ge=0, description="padding (pixels) for crop augmentation")
     train_limit: int | None = Field(None, gt=0, description="use only the first N training images")
     test_limit: int | None = Field(None, gt=0, description="use only the first N test images")
+    imbalance_factor: float | None = Field(
+        None, ge=1, description="long-tailed training data: class c keeps n_max * factor^(-c/(C-1)) images (test unchanged)"
+    )
     eval_batch_size: int = Field(256, gt=0)
 
 
@@ -57,6 +60,7 @@ class TeacherConfig(Section):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    zero_init_last: bool = Field(False, description="timm's zero init of each residual branch's last BN (off: trains better from scratch)")
 
 
 class CacheConfig(Section):
@@ -72,6 +76,7 @@ class DistillConfig(Section):
     student: str = Field("resnet18", description="timm model name")
     student_kwargs: dict[str, Any] = Field(default_factory=dict)
     small_input: bool = False
+    zero_init_last: bool = Field(False, description="timm's zero init of each residual branch's last BN (off: trains better from scratch)")
     seed: int | None = Field(None, description="student seed (init, order, augmentation); default: [pipeline] seed")
     train_limit: int | None = Field(None, gt=0, description="distil on the first N training images only (the teacher and cache keep all)")
     epochs: int = Field(10, ge=1)
@@ -134,6 +139,7 @@ class CalibrateConfig(Section):
 
 class ExportConfig(Section):
     opset: int = Field(18, ge=13)
+    exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="dynamo (TorchScript as fallback) or TorchScript alone (faster)")
     atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed vs PyTorch")
     min_agreement: float = Field(1.0, ge=0, le=1, description="top-1 agreement required vs PyTorch")
     parity_limit: int | None = Field(512, gt=0, description="calibration images for the parity gate")

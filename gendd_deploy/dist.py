@@ -107,10 +107,18 @@ def shard(order: torch.Tensor) -> torch.Tensor:
     return padded[r::w]
 
 
-def maybe_inject_failure(where: str, epoch: int) -> None:
-    """Fault injection for the failure tests: GENDD_FAIL_RANK=R GENDD_FAIL_AT=stage makes rank R fail there."""
-    if os.environ.get("GENDD_FAIL_AT") == where and os.environ.get("GENDD_FAIL_RANK") == str(rank()):
-        raise RuntimeError(f"injected failure on rank {rank()} in {where}, epoch {epoch} (GENDD_FAIL_AT)")
+def maybe_inject_failure(where: str, epoch: int, step: int = 0) -> None:
+    """Fault injection for the failure tests: GENDD_FAIL_RANK=R GENDD_FAIL_AT=stage makes rank R fail there.
+
+    GENDD_FAIL_AT=stage@E:S fails at step S of epoch E only (a kill in the middle of an epoch).
+    """
+    want = os.environ.get("GENDD_FAIL_AT")
+    if not want or os.environ.get("GENDD_FAIL_RANK", "0") != str(rank()):
+        return
+    name, _, at = want.partition("@")
+    if name != where or (at and at != f"{epoch}:{step}"):
+        return
+    raise RuntimeError(f"injected failure on rank {rank()} in {where}, epoch {epoch} step {step} (GENDD_FAIL_AT)")
 
 
 def finish() -> None:

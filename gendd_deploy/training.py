@@ -42,6 +42,22 @@ def batches(order: torch.Tensor, batch_size: int, drop_last: bool = True) -> lis
     return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def rng_state() -> dict:
+    """The global RNG state (CPU, and CUDA when present), as checkpoint entries of plain tensors."""
+    out = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    """Undo rng_state(): a resumed run draws the numbers an uninterrupted one would have."""
+    if "rng_cpu" in state:
+        torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
 class Checkpointer:
     """One checkpoint file in a stage's work folder, replaced atomically after each epoch."""
 
@@ -63,7 +79,8 @@ class Checkpointer:
         if not self.path.is_file():
             return None
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=False)
+            # weights_only: the work folder sits under a root that may be shared; never unpickle it
+            return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a checkpoint cut short by a kill during save cannot exist (atomic replace), but a corrupt disk can
             raise ArtifactError(f"checkpoint {self.path} is unreadable ({e}); delete it to start this stage over") from None
 

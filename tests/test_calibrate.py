@@ -204,7 +204,7 @@ def publish_student(ctx, method="gendd"):
     """A tiny untrained student artifact under the fingerprint the recipe implies (no training)."""
     data = ctx.data()
     dc = ctx.recipe.distill
-    arch = bb.architecture("resnet18", data.num_classes, data.in_chans, True, TINY_BACKBONE)
+    arch = bb.architecture(bb.create_backbone("resnet18", data.num_classes, data.in_chans, True, TINY_BACKBONE))
     if method == "gendd":
         model = tiny_student(data.num_classes, teacher_dim=32, token_dim=dc.token_dim)
         head = {"width": 32, "depth": 1, "token_dim": dc.token_dim, "teacher_dim": 32, "num_tokens": 32 // dc.token_dim, "train_timesteps": 1000}

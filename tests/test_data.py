@@ -32,7 +32,7 @@ from gendd_deploy.data import (
 )
 from gendd_deploy.data.augment import to_unit
 from gendd_deploy.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT
-from gendd_deploy.data.splits import holdout_calib, stratified_holdout
+from gendd_deploy.data.splits import holdout_calib, long_tail, stratified_holdout
 from gendd_deploy.errors import UsageError
 
 N_TRAIN, N_TEST = 40, 12
@@ -192,6 +192,30 @@ def test_split_functions():
     keep, held = stratified_holdout(labels, 0.2, seed=0)
     assert torch.bincount(labels[held]).tolist() == [5, 5, 5, 5]
     assert sorted(torch.cat([keep, held]).tolist()) == list(range(100))
+
+
+def test_long_tail_profile():
+    labels = torch.arange(10).repeat_interleave(100)  # 10 classes of 100
+    kept = long_tail(labels, 100.0, seed=0)
+    counts = torch.bincount(labels[kept], minlength=10).tolist()
+    # exponential: class c keeps floor(100 * 100 ** (-c / 9)); head keeps all, tail 1/100
+    assert counts == [int(100 * 100 ** (-c / 9)) for c in range(10)]
+    assert counts[0] == 100 and counts[-1] == 1
+    assert torch.equal(kept, long_tail(labels, 100.0, seed=0)) and torch.equal(kept, torch.sort(kept).values)
+
+
+def test_long_tail_data_keeps_test_and_changes_fingerprint(fashion_root: Path):
+    plain = _load("fashion_mnist", fashion_root)
+    lt = _load("fashion_mnist", fashion_root, imbalance_factor=10.0)
+    assert lt.fingerprint != plain.fingerprint
+    assert torch.equal(lt.test.labels, plain.test.labels)  # the test set is unchanged
+    both = torch.cat([lt.train.labels, lt.calib.labels])
+    counts = torch.bincount(both, minlength=lt.num_classes)
+    plain_counts = torch.bincount(torch.cat([plain.train.labels, plain.calib.labels]), minlength=lt.num_classes)
+    n_max = int(plain_counts.max())
+    expect = [max(1, min(int(plain_counts[c]), int(n_max * 10.0 ** (-c / 9)))) for c in range(10)]
+    assert counts.tolist() == expect and expect[0] > expect[-1]  # the exponential profile
+    assert len(lt.train) + len(lt.calib) < len(plain.train) + len(plain.calib)
 
 
 def test_fingerprint_changes(tmp_path: Path, fashion_root: Path):

@@ -253,7 +253,7 @@ def test_deployed_from_artifacts_refuses_a_foreign_sampler(student, tmp_path):
     store = Store(tmp_path)
     with store.draft("p", "student", "a" * 64, {}, []) as d:
         torch.save(student.state_dict(), d.path("model.pt"))
-        arch = {"model": "resnet18", "num_classes": 10, "in_chans": 1, "small_input": True, "model_kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 16]}}
+        arch = {"model": "resnet18", "num_classes": 10, "in_chans": 1, "small_input": True, "model_kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 16]}, "stem_width": 8}
         d.info.update(method="gendd", architecture=arch, head={"teacher_dim": 32, "width": 32, "depth": 1, "token_dim": 16, "train_timesteps": 1000})
         st = d.publish()
     with store.draft("p", "sampler", "b" * 64, {}, []) as d:

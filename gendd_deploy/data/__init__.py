@@ -23,7 +23,7 @@ from gendd_deploy.config import DataConfig
 from gendd_deploy.data.augment import CROP_MODES, apply, normalize, sample_params, to_model_input
 from gendd_deploy.data.preprocess import decode_image, make_spec, preprocess_image, resize_uint8
 from gendd_deploy.data.sources import FolderImageSet, ImageSet, RawSource, TensorImageSet, read_source
-from gendd_deploy.data.splits import holdout_calib, index_digest, take_first
+from gendd_deploy.data.splits import holdout_calib, index_digest, long_tail, take_first
 
 __all__ = [
     "DataBundle",
@@ -95,7 +95,13 @@ def load_data(cfg: DataConfig) -> DataBundle:
     """Read the configured source from local files (never downloads) and split it."""
     raw: RawSource = read_source(cfg.source, cfg.root, cfg.image_size)
 
-    train_idx, calib_idx = holdout_calib(len(raw.train), cfg.calib_fraction, cfg.split_seed)
+    if cfg.imbalance_factor is not None:
+        # long-tailed training data (calibration is held out of it too); test stays as published
+        pool = long_tail(raw.train.labels, cfg.imbalance_factor, cfg.split_seed)
+        train_pos, calib_pos = holdout_calib(len(pool), cfg.calib_fraction, cfg.split_seed)
+        train_idx, calib_idx = pool[train_pos], pool[calib_pos]
+    else:
+        train_idx, calib_idx = holdout_calib(len(raw.train), cfg.calib_fraction, cfg.split_seed)
     train_idx = take_first(train_idx, cfg.train_limit)
     test_idx = take_first(torch.arange(len(raw.test)), cfg.test_limit)
     train = raw.train.subset(train_idx, "train")
@@ -126,6 +132,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
             "calib_fraction": cfg.calib_fraction,
             "train_limit": cfg.train_limit,
             "test_limit": cfg.test_limit,
+            **({"imbalance_factor": cfg.imbalance_factor, "imbalance_profile": "exp"} if cfg.imbalance_factor is not None else {}),
             "indices_sha256": index_digest(train_idx, calib_idx, test_idx),
         },
         "image_size": image_size,

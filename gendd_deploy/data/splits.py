@@ -64,3 +64,22 @@ def index_digest(*parts: torch.Tensor) -> str:
         h.update(len(p).to_bytes(8, "little"))
         h.update(p.numpy().tobytes())
     return h.hexdigest()
+
+
+def long_tail(labels: torch.Tensor, imbalance_factor: float, seed: int) -> torch.Tensor:
+    """Indices (sorted int64) of an exponentially long-tailed subset, as CIFAR-LT builds it.
+
+    Class c (in sorted label order, c = 0..C-1) keeps floor(n_max * factor ** (-c / (C - 1)))
+    images, n_max being the largest class count: the head class keeps all of its images, the last
+    keeps 1/factor of them. Which images a class keeps is a seeded random draw.
+    """
+    classes = torch.unique(labels).tolist()
+    n_max = max(int((labels == c).sum()) for c in classes)
+    gen = torch.Generator().manual_seed(seed)
+    kept = []
+    for rank, c in enumerate(classes):
+        members = torch.nonzero(labels == c).flatten()
+        share = imbalance_factor ** (-rank / max(len(classes) - 1, 1))
+        take = max(1, min(len(members), int(n_max * share)))
+        kept.append(members[torch.randperm(len(members), generator=gen)[:take]])
+    return torch.sort(torch.cat(kept)).values

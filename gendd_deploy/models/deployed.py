@@ -30,11 +30,12 @@ class SamplerSetting:
     noise: Literal["fresh", "fixed", "zero"] = "fresh"
     t_start: int | None = None  # None = the last training timestep (the published sampler)
     min_alpha_bar: float = 0.0
+    clip: bool = True  # clip the x0 estimate to the training targets' range (not in the authors' sampler)
 
     @classmethod
     def published(cls) -> "SamplerSetting":
-        """The authors' evaluation: DDPM, 64 respaced steps, 5 draws, guidance 2.0, temperature 1.0."""
-        return cls()
+        """The authors' evaluation: DDPM, 64 respaced steps, 5 draws, guidance 2.0, temperature 1.0, no clipping."""
+        return cls(clip=False)
 
     @classmethod
     def probe(cls) -> "SamplerSetting":
@@ -62,7 +63,8 @@ class SamplerSetting:
         if self.kind == "probe":
             return "probe"
         t0 = "" if self.t_start is None else f" t{self.t_start}"
-        return f"{self.sampler}-{self.steps} x{self.draws} cfg{self.guidance:g} T{self.temperature:g} {self.noise}{t0}"
+        extra = "" if self.clip else " noclip"
+        return f"{self.sampler}-{self.steps} x{self.draws} cfg{self.guidance:g} T{self.temperature:g} {self.noise}{t0}{extra}"
 
 
 class DeployedModel(nn.Module):
@@ -106,6 +108,6 @@ class DeployedModel(nn.Module):
             raise ValueError(f"sampler '{s.label()}' needs a noise input of shape {self.noise_shape(images.shape[0])}")
         feat = self.model.head.sample(
             z, self.schedule, sampler=s.sampler, draws=s.draws, guidance=s.guidance, temperature=s.temperature,
-            noise=noise, clip=(self.model.clip_lo, self.model.clip_hi),
+            noise=noise, clip=(self.model.clip_lo, self.model.clip_hi) if s.clip else None,
         )  # (B, D_t)
         return self.model.teacher_fc(feat)

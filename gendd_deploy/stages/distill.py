@@ -17,17 +17,18 @@ from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models import backbone as bb
+from gendd_deploy.models import readout
 from gendd_deploy.models.diffusion import SamplingSchedule
 from gendd_deploy.models.student import GenDDStudent, contract, stage1_projector
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
 from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
-from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, epoch_order, lr_at, progress_bar
+from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, epoch_order, lr_at, progress_bar, restore_rng, rng_state
 
 # Deviations from the authors' code, recorded in every student manifest.
 DEVIATIONS = [
     "stage-1 warm-up trains a Linear(D_s, D_t) projection with the backbone; both classifiers stay frozen",
-    "the x0 estimate is clipped to the per-feature range of the training targets while sampling",
+    "deployed samplers may clip the x0 estimate to the per-feature range of the training targets (a calibrate candidate; the published reference does not)",
     "unconditional branch uses z = 0 (as the method page states) rather than a learned null condition",
 ]
 
@@ -43,7 +44,8 @@ def uses_cache(ctx: Context) -> bool:
 
 def build_student(ctx: Context, teacher: nn.Module) -> nn.Module:
     dc, data = ctx.recipe.distill, ctx.data()
-    backbone = bb.create_backbone(dc.student, data.num_classes, data.in_chans, dc.small_input, dc.student_kwargs)
+    backbone = bb.create_backbone(dc.student, data.num_classes, data.in_chans, dc.small_input, dc.student_kwargs, zero_init_last=dc.zero_init_last)
+    bb.check_contract(backbone, data.in_chans, data.image_size)
     if dc.method != "gendd":
         return backbone
     fc = bb.classifier(teacher)
@@ -139,11 +141,15 @@ class DistillStage(Stage):
         timer = Timer()
         stats = self._stage1(ctx, student, teacher, cache, device) if (dc.method == "gendd" and dc.stage1_epochs and dc.labels) else {}
         stats.update(self._train(ctx, student, teacher, cache, device))
-        stats.update(self._evaluate(ctx, student, teacher, device))
+        readouts = self._fit_readouts(ctx, student, teacher, cache, device) if isinstance(student, GenDDStudent) else {}
+        stats.update(self._evaluate(ctx, student, teacher, device, readouts))
         stats["teacher_top1"] = inputs["teacher"].metrics.get("test_top1")
         stats["wall_s"] = round(timer(), 2)
         torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, draft.path("model.pt"))
-        arch = bb.architecture(dc.student, data.num_classes, data.in_chans, dc.small_input, dc.student_kwargs)
+        if readouts:
+            flat = {f"{name}.{k}": v.detach().cpu() for name, lin in readouts.items() for k, v in lin.state_dict().items()}
+            torch.save(flat, draft.path("readouts.pt"))
+        arch = bb.architecture(trainable)
         info = {
             "method": dc.method,
             "labels": dc.labels,
@@ -159,6 +165,8 @@ class DistillStage(Stage):
             "bf16_autocast": dc.amp and device.type == "cuda",
             "channels_last": dc.channels_last and device.type == "cuda",
         }
+        if readouts:
+            info["readouts"] = {name: {"in_features": lin.in_features, "out_features": lin.out_features} for name, lin in readouts.items()}
         if isinstance(student, GenDDStudent):
             info["head"] = {
                 "width": dc.head_width,
@@ -196,14 +204,19 @@ class DistillStage(Stage):
         return x, f_t, data.train.labels[idx].to(device)
 
     @torch.enable_grad()  # callers may hold no_grad
-    def _loop(self, ctx, label, epochs, opt, base_lr, step_fn, teacher, cache, device, ckpt_name, modules: dict, beta2=None):
-        """Shared epoch loop with LR schedule, checkpoint per epoch and resume."""
+    def _loop(self, ctx, label, epochs, opt, base_lr, step_fn, teacher, cache, device, ckpt_name, modules: dict, beta2=None, warmup_epochs=None):
+        """Shared epoch loop with LR schedule, checkpoint per epoch and resume.
+
+        The checkpoint holds the global RNG state with the weights, so a resumed run draws the
+        same diffusion timesteps, noise and mixup as an uninterrupted one and ends bit-identical.
+        """
         dc, data, seed = ctx.recipe.distill, ctx.data(), student_seed(ctx)
         n = min(len(data.train), dc.train_limit or len(data.train))
         steps_per_epoch = len(batches(dist.shard(torch.arange(n)), dc.batch_size))
         if steps_per_epoch == 0:
             raise UsageError(f"[distill] batch_size {dc.batch_size} is larger than the {n} training images; lower it")
         total = steps_per_epoch * epochs
+        warmup_steps = (dc.warmup_epochs if warmup_epochs is None else warmup_epochs) * steps_per_epoch
         ckpt = Checkpointer(self.work_dir(ctx), ckpt_name)
         start, train_s, images = 0, 0.0, 0
         state = ckpt.load()
@@ -212,6 +225,7 @@ class DistillStage(Stage):
                 m.load_state_dict(state[k])
             opt.load_state_dict(state["opt"])
             start, train_s, images = state["epoch"] + 1, state["train_s"], state["images"]
+            restore_rng(state)
             ctx.log(f"distill: {label} resuming after epoch {start}/{epochs}")
         use_amp = dc.amp and device.type == "cuda"
         with progress_bar(ctx.console, ctx.quiet) as bar:
@@ -225,10 +239,10 @@ class DistillStage(Stage):
                 for i, idx in enumerate(batches(dist.shard(epoch_order(n, seed, epoch)), dc.batch_size)):
                     step = epoch * steps_per_epoch + i
                     for g in opt.param_groups:
-                        g["lr"] = lr_at(step, total, dc.warmup_epochs * steps_per_epoch, base_lr)
+                        g["lr"] = lr_at(step, total, warmup_steps, base_lr)
                         if beta2 is not None:
                             g["betas"] = (dc.beta1, beta2(step, total))
-                    dist.maybe_inject_failure("distill", epoch)
+                    dist.maybe_inject_failure("distill", epoch, i)
                     x, f_t, y = self._batch(ctx, idx, views, gen, cache, teacher, device)
                     if device.type == "cuda" and dc.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -243,14 +257,14 @@ class DistillStage(Stage):
                     torch.cuda.synchronize()
                 train_s += timer()
                 state = {k: m.state_dict() for k, m in modules.items()}
-                state.update(opt=opt.state_dict(), epoch=epoch, train_s=train_s, images=images)
+                state.update(opt=opt.state_dict(), epoch=epoch, train_s=train_s, images=images, **rng_state())
                 ckpt.save(state)
         images, train_s = dist.all_reduce_sum(images), dist.all_reduce_max(train_s)
         return {"train_s": round(train_s, 2), "images_per_s": round(images / max(train_s, 1e-9), 1), "epochs": epochs, "world_size": dist.world_size()}
 
     def _stage1(self, ctx, student: GenDDStudent, teacher, cache, device) -> dict:
         dc = ctx.recipe.distill
-        proj = stage1_projector(student.backbone.num_features, student.feature_dim_teacher).to(device)
+        proj = stage1_projector(bb.feature_dim(student.backbone), student.feature_dim_teacher).to(device)
         frozen = {id(p) for p in bb.classifier(student.backbone).parameters()}
         params = [p for p in student.backbone.parameters() if id(p) not in frozen]
         opt = torch.optim.AdamW([{"params": params, "weight_decay": dc.weight_decay}, {"params": proj.parameters(), "weight_decay": 0.0}], lr=dc.lr)
@@ -261,13 +275,17 @@ class DistillStage(Stage):
             loss = F.cross_entropy(net(x), y)
             return loss, {"ce": loss.detach()}
 
-        stats = self._loop(ctx, "distill stage 1", dc.stage1_epochs, opt, dc.lr, step_fn, teacher, cache, device, "stage1.pt", {"student": student, "proj": proj})
+        # its own schedule: cosine from the full lr, no warm-up ramp (it would eat a 1-epoch stage)
+        stats = self._loop(ctx, "distill stage 1", dc.stage1_epochs, opt, dc.lr, step_fn, teacher, cache, device, "stage1.pt", {"student": student, "proj": proj}, warmup_epochs=0)
         return {f"stage1_{k}": v for k, v in stats.items()}
 
     def _train(self, ctx, student, teacher, cache, device) -> dict:
         dc = ctx.recipe.distill
         beta2 = lambda s, t: cosine_ramp(s, t, dc.beta2_start, dc.beta2_end)  # noqa: E731
         if isinstance(student, GenDDStudent):
+            if not dc.labels:
+                # no labels, nothing to train the student's own fc on: frozen, and no probe is reported
+                bb.classifier(student.backbone).requires_grad_(False)
             # no weight decay on the head and on norm layers (1-d params)
             groups = param_groups(student.backbone, dc.weight_decay)
             groups[1]["params"] += list(student.norm.parameters()) + list(student.head.parameters())
@@ -315,35 +333,66 @@ class DistillStage(Stage):
     # ---- evaluation ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _evaluate(self, ctx, student, teacher, device) -> dict:
+    def _fit_readouts(self, ctx, student, teacher, cache, device) -> dict[str, nn.Linear]:
+        """Linear read-outs fitted on the frozen backbone over the training images (models/readout.py)."""
         dc, data = ctx.recipe.distill, ctx.data()
         student.eval()
-        n = len(data.test)
+        n = min(len(data.train), dc.train_limit or len(data.train))
+        views = torch.zeros(n, dtype=torch.long)  # the first cached view (or a seeded augmentation)
+        gen = torch.Generator().manual_seed(student_seed(ctx) + 4242)
+        f_s, f_t, ys = [], [], []
+        with progress_bar(ctx.console, ctx.quiet) as bar:
+            task = bar.add_task("fit read-outs", total=n, info="")
+            for i in range(0, n, ctx.recipe.data.eval_batch_size):
+                idx = torch.arange(i, min(n, i + ctx.recipe.data.eval_batch_size))
+                x, ft, y = self._batch(ctx, idx, views, gen, cache, teacher, device)
+                f_s.append(student.features(x).float().cpu())
+                f_t.append(ft.float().cpu())
+                ys.append(y.cpu())
+                bar.update(task, advance=len(idx))
+        f_s, f_t, ys = torch.cat(f_s), torch.cat(f_t), torch.cat(ys)
+        out = {"fit_ridge": readout.fit_ridge(f_s, f_t, student.teacher_fc.cpu())}
+        if dc.labels:
+            out["fit_ce"] = readout.fit_ce(f_s, ys, data.num_classes)
+        student.teacher_fc.to(device)
+        return {k: v.to(device) for k, v in out.items()}
+
+    @torch.no_grad()
+    def _evaluate(self, ctx, student, teacher, device, readouts: dict | None = None) -> dict:
+        dc, data = ctx.recipe.distill, ctx.data()
+        student.eval()
+        # every read-out is scored on the same test images: all of them unless eval_limit says fewer
+        n = min(len(data.test), dc.eval_limit or len(data.test))
         out: dict = {"test_images": n}
         gendd = isinstance(student, GenDDStudent)
-        probe = (lambda x, i: student.probe_logits(student.features(x))) if gendd else (lambda x, i: student(x))
-        out["probe_top1" if gendd else "test_top1"] = round(self._top1(ctx, device, n, probe, "eval"), 3)
-        if gendd:
-            m = min(n, dc.eval_limit or n)
-            sched = SamplingSchedule(student.head.train_schedule, dc.eval_steps)
-            published = self._sampler_fn(ctx, student, sched, dc.eval_sampler, dc.eval_draws, dc.eval_guidance, dc.eval_temperature)
-            out["published_top1"] = round(self._top1(ctx, device, m, published, f"eval {dc.eval_sampler}-{dc.eval_steps}"), 3)
-            out["published_images"] = m
-            out["published_sampler"] = f"{dc.eval_sampler}-{dc.eval_steps} x{dc.eval_draws} cfg{dc.eval_guidance} T{dc.eval_temperature}"
-            # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
-            ddim0 = self._sampler_fn(ctx, student, SamplingSchedule(student.head.train_schedule, 8, t_start=900), "ddim", 1, 1.0, 0.0)
-            out["ddim0_top1"] = round(self._top1(ctx, device, n, ddim0, "eval ddim-8"), 3)
-            out["test_top1"] = out["published_top1"]
+        if not gendd:
+            out["test_top1"] = round(self._top1(ctx, device, n, lambda x, i: student(x), "eval"), 3)
+            return out
+        if dc.labels:  # unlabelled students have no trained probe to report
+            probe = lambda x, i: student.probe_logits(student.features(x))  # noqa: E731
+            out["probe_top1"] = round(self._top1(ctx, device, n, probe, "eval probe"), 3)
+        # the published reference exactly as the authors run it: no x0 clipping, no alpha_bar floor
+        sched = SamplingSchedule(student.head.train_schedule, dc.eval_steps)
+        published = self._sampler_fn(ctx, student, sched, dc.eval_sampler, dc.eval_draws, dc.eval_guidance, dc.eval_temperature, clip=False)
+        out["published_top1"] = round(self._top1(ctx, device, n, published, f"eval {dc.eval_sampler}-{dc.eval_steps}"), 3)
+        out["published_sampler"] = f"{dc.eval_sampler}-{dc.eval_steps} x{dc.eval_draws} cfg{dc.eval_guidance} T{dc.eval_temperature}"
+        # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
+        ddim0 = self._sampler_fn(ctx, student, SamplingSchedule(student.head.train_schedule, 8, t_start=900), "ddim", 1, 1.0, 0.0)
+        out["ddim0_top1"] = round(self._top1(ctx, device, n, ddim0, "eval ddim-8"), 3)
+        for name, lin in (readouts or {}).items():
+            fn = lambda x, i, lin=lin: lin(student.features(x))  # noqa: E731
+            out[f"{name}_top1"] = round(self._top1(ctx, device, n, fn, f"eval {name}"), 3)
+        out["test_top1"] = out["published_top1"]
         return out
 
-    def _sampler_fn(self, ctx, student, sched, sampler, draws, guidance, temperature):
+    def _sampler_fn(self, ctx, student, sched, sampler, draws, guidance, temperature, clip=True):
         h, seed = student.head, student_seed(ctx) + 12345
 
         def fn(x, batch_index):
             # noise seeded per batch: the same numbers whatever the number of processes
             g = torch.Generator().manual_seed(seed + batch_index)
             noise = torch.randn(h.noise_shape(len(x), draws, len(sched.timesteps), h.num_tokens, h.token_dim), generator=g).to(x.device)
-            return student.sample_logits(x, sched, sampler, draws, guidance, temperature, noise=noise)
+            return student.sample_logits(x, sched, sampler, draws, guidance, temperature, noise=noise, clip=clip)
 
         return fn
 

@@ -174,7 +174,7 @@ class ExportStage(_DeployStage):
         model = deployed_from_artifacts(inputs["student"], inputs.get("sampler"))
         images = calibration_images(ctx, ec.parity_limit)
         t0 = time.perf_counter()
-        io = export_onnx(model, draft.path(ONNX_FILE), torch.from_numpy(images[:2]), opset=ec.opset)
+        io = export_onnx(model, draft.path(ONNX_FILE), torch.from_numpy(images[:2]), opset=ec.opset, exporter=ec.exporter)
         export_s = time.perf_counter() - t0
         ort = OrtRunner(draft.path(ONNX_FILE), providers=["CPUExecutionProvider"])
         result = self._gate(ctx, model, ort, images, "ONNX Runtime (CPU) vs PyTorch")

@@ -17,7 +17,7 @@ from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.training import Checkpointer, Timer, batches, epoch_order, lr_at, predict, progress_bar, top1
+from gendd_deploy.training import Checkpointer, Timer, batches, epoch_order, lr_at, predict, progress_bar, restore_rng, rng_state, top1
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -82,14 +82,17 @@ class TeacherStage(Stage):
                     load_state_dict_file(cfg["checkpoint"])  # raises the helpful error
                 out["checkpoint_sha256"] = sha256_file(Path(cfg["checkpoint"]))
             # training knobs do not shape a loaded teacher
-            for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing"):
+            for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "zero_init_last"):
                 cfg.pop(k)
         return out
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
         tc, data, device = ctx.recipe.teacher, ctx.data(), ctx.device()
         torch.manual_seed(ctx.recipe.pipeline.seed)
-        model = bb.create_backbone(tc.model, data.num_classes, data.in_chans, tc.small_input, tc.model_kwargs, tc.pretrained)
+        model = bb.create_backbone(
+            tc.model, data.num_classes, data.in_chans, tc.small_input, tc.model_kwargs, tc.pretrained, zero_init_last=tc.zero_init_last
+        )
+        feature_dim = bb.check_contract(model, data.in_chans, data.image_size)
         timer = Timer()
         if tc.mode == "load":
             if tc.checkpoint:
@@ -108,10 +111,9 @@ class TeacherStage(Stage):
         pred = predict(model, test.get_batch, len(test), ctx.recipe.data.eval_batch_size, lambda u8: model_input(ctx, u8, device))
         acc = top1(pred, test.labels)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, draft.path("model.pt"))
-        arch = bb.architecture(tc.model, data.num_classes, data.in_chans, tc.small_input, tc.model_kwargs)
         draft.info.update(
-            architecture=arch,
-            feature_dim=bb.feature_dim(model),
+            architecture=bb.architecture(model),
+            feature_dim=feature_dim,
             world_size=dist.world_size(),
             global_batch=tc.batch_size * dist.world_size(),
             params=bb.count_params(model),
@@ -140,6 +142,7 @@ class TeacherStage(Stage):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             start_epoch, train_s, images = state["epoch"] + 1, state["train_s"], state.get("images", 0)
+            restore_rng(state)
             ctx.log(f"teacher: resuming from the checkpoint after epoch {start_epoch}/{tc.epochs}")
         with progress_bar(ctx.console, ctx.quiet) as bar:
             task = bar.add_task("teacher", total=total, completed=start_epoch * steps_per_epoch, info="")
@@ -150,6 +153,7 @@ class TeacherStage(Stage):
                     step = epoch * steps_per_epoch + i
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, tc.warmup_epochs * steps_per_epoch, tc.lr)
+                    dist.maybe_inject_failure("teacher", epoch, i)
                     params = aug.sample_params(len(idx), data.image_size, dc.augment, dc.crop_padding, gen)
                     x = aug.apply(train.get_batch(idx), params, dc.augment, dc.crop_padding, data.image_size)
                     x = aug.normalize(x, data.mean, data.std).to(device)
@@ -161,7 +165,7 @@ class TeacherStage(Stage):
                     images += len(idx)
                     bar.update(task, advance=1, info=f"epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
                 train_s += timer()
-                ckpt.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "train_s": train_s, "images": images})
+                ckpt.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "train_s": train_s, "images": images, **rng_state()})
         images = dist.all_reduce_sum(images)
         train_s = dist.all_reduce_max(train_s)
         return {"train_s": round(train_s, 2), "epochs": tc.epochs, "train_images": len(train), "images_per_s": round(images / max(train_s, 1e-9), 1), "world_size": dist.world_size()}
