@@ -45,6 +45,7 @@ class DataConfig(Section):
         None, ge=1, description="long-tailed training data: class c keeps n_max * factor^(-c/(C-1)) images (test unchanged)"
     )
     eval_batch_size: int = Field(256, gt=0)
+    loader_workers: int = Field(0, ge=0, description="processes decoding imagefolder files ahead of training (same batches, same results)")
 
 
 class TeacherConfig(Section):

@@ -124,3 +124,24 @@ def test_family_as_teacher_and_as_student(family, tmp_path, tree):
     ctx = _run(tmp_path / "s", tree, RESNET, spec)  # the family as student
     student = ctx.store.list(stage="student")[0]
     assert student.manifest["info"]["architecture"]["model"] == spec[0]
+
+
+def test_loader_workers_change_nothing_but_speed(tmp_path, tree):
+    """Teacher, cache and student trained with 2 decoding workers equal those trained without."""
+    import torch
+
+    results = []
+    for workers in (0, 2):
+        path = tmp_path / f"w{workers}"
+        path.mkdir()
+        text = RECIPE.format(root=tree, t_model=RESNET[0], t_kwargs=_toml(RESNET[1]), t_small="true", s_model=RESNET[0], s_kwargs=_toml(RESNET[1]), s_small="true")
+        (path / "r.toml").write_text(text)
+        recipe = load_recipe(path / "r.toml", [f"data.loader_workers={workers}", "data.augment='crop_flip'", "cache.views=2", "cache.batch_size=4", "teacher.batch_size=2", "distill.batch_size=2"])
+        ctx = Context(recipe=recipe, store=Store(path / "artifacts"), console=Console(quiet=True), recipe_path=str(path / "r.toml"), quiet=True)
+        from gendd_deploy.stages.distill import DistillStage
+
+        art = run_chain(DistillStage(), ctx)
+        results.append((art.fingerprint, torch.load(art.file("model.pt"), weights_only=True)))
+    (fp0, w0), (fp2, w2) = results
+    assert fp0 == fp2  # the number of workers is not part of what is made
+    assert all(torch.equal(w0[k], w2[k]) for k in w0)

@@ -23,6 +23,7 @@ import torch
 from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
+from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import ArtifactError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
@@ -110,13 +111,13 @@ class CacheStage(Stage):
         timer, computed = Timer(), 0
         with progress_bar(ctx.console, ctx.quiet) as bar, torch.no_grad():
             task = bar.add_task("cache", total=len(chunks), completed=done, info=f"{V} view(s) x {N} images")
-            for v, start in mine:
+            todo = [(v, s) for v, s in mine if not (chunk_dir / f"v{v}-{s}.npz").is_file()]
+            order = [torch.arange(s, min(N, s + cc.batch_size)) for _, s in todo]
+            for (v, start), images_u8 in zip(todo, batch_stream(train, order, ctx.recipe.data.loader_workers)):
                 target = chunk_dir / f"v{v}-{start}.npz"
-                if target.is_file():
-                    continue
                 stop = min(N, start + cc.batch_size)
                 p = view_params(ctx, v, N)[start:stop]
-                x = aug.apply(train.get_batch(torch.arange(start, stop)), p, ctx.recipe.data.augment, ctx.recipe.data.crop_padding, data.image_size)
+                x = aug.apply(images_u8, p, ctx.recipe.data.augment, ctx.recipe.data.crop_padding, data.image_size)
                 x = aug.normalize(x, data.mean, data.std).to(device)
                 feats = bb.pooled_features(teacher, x).float().cpu().numpy().astype(dtype)
                 tmp = target.with_name(target.stem + ".part.npz")

@@ -15,6 +15,7 @@ from torch import nn
 from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
+from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models import readout
@@ -188,15 +189,17 @@ class DistillStage(Stage):
         g = torch.Generator().manual_seed(seed * 31337 + epoch)
         return torch.randint(0, cache.views, (n,), generator=g)
 
-    def _batch(self, ctx, idx, views, gen, cache, teacher, device):
+    def _batch(self, ctx, idx, views, gen, cache, teacher, device, images_u8=None):
         """Inputs x (n, C, H, W), teacher features f_t (n, D_t), labels y (n,) for one batch."""
         data, dcfg = ctx.data(), ctx.recipe.data
+        if images_u8 is None:
+            images_u8 = data.train.get_batch(idx)
         if cache is not None:
             f_t, params = cache.batch(views[idx], idx)
             f_t = f_t.to(device)
         else:
             params = aug.sample_params(len(idx), data.image_size, dcfg.augment, dcfg.crop_padding, gen)
-        x = aug.apply(data.train.get_batch(idx), params, dcfg.augment, dcfg.crop_padding, data.image_size)
+        x = aug.apply(images_u8, params, dcfg.augment, dcfg.crop_padding, data.image_size)
         x = aug.normalize(x, data.mean, data.std).to(device)
         if cache is None:
             with torch.no_grad():
@@ -236,14 +239,16 @@ class DistillStage(Stage):
                     m.train()
                 gen = torch.Generator().manual_seed(seed * 7919 + epoch * 64 + dist.rank())
                 views = self._views(cache, n, seed, epoch)
-                for i, idx in enumerate(batches(dist.shard(epoch_order(n, seed, epoch)), dc.batch_size)):
+                order = batches(dist.shard(epoch_order(n, seed, epoch)), dc.batch_size)
+                stream = batch_stream(data.train, order, ctx.recipe.data.loader_workers)
+                for i, (idx, images_u8) in enumerate(zip(order, stream)):
                     step = epoch * steps_per_epoch + i
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, warmup_steps, base_lr)
                         if beta2 is not None:
                             g["betas"] = (dc.beta1, beta2(step, total))
                     dist.maybe_inject_failure("distill", epoch, i)
-                    x, f_t, y = self._batch(ctx, idx, views, gen, cache, teacher, device)
+                    x, f_t, y = self._batch(ctx, idx, views, gen, cache, teacher, device, images_u8)
                     if device.type == "cuda" and dc.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

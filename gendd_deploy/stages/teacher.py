@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft, sha256_file
 from gendd_deploy.data import augment as aug
+from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
@@ -149,13 +150,14 @@ class TeacherStage(Stage):
             for epoch in range(start_epoch, tc.epochs):
                 timer, model = Timer(), model.train()
                 gen = torch.Generator().manual_seed(seed * 7919 + epoch * 64 + dist.rank())
-                for i, idx in enumerate(batches(dist.shard(epoch_order(len(train), seed, epoch)), tc.batch_size)):
+                order = batches(dist.shard(epoch_order(len(train), seed, epoch)), tc.batch_size)
+                for i, (idx, images_u8) in enumerate(zip(order, batch_stream(train, order, dc.loader_workers))):
                     step = epoch * steps_per_epoch + i
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, tc.warmup_epochs * steps_per_epoch, tc.lr)
                     dist.maybe_inject_failure("teacher", epoch, i)
                     params = aug.sample_params(len(idx), data.image_size, dc.augment, dc.crop_padding, gen)
-                    x = aug.apply(train.get_batch(idx), params, dc.augment, dc.crop_padding, data.image_size)
+                    x = aug.apply(images_u8, params, dc.augment, dc.crop_padding, data.image_size)
                     x = aug.normalize(x, data.mean, data.std).to(device)
                     y = train.labels[idx].to(device)
                     loss = F.cross_entropy(net(x), y, label_smoothing=tc.label_smoothing)
