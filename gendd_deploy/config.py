@@ -131,7 +131,12 @@ class CalibrateConfig(Section):
     temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0])
     noise_modes: list[Literal["fresh", "fixed", "zero"]] = Field(default_factory=lambda: ["fresh", "fixed", "zero"])
     t_starts: list[int] = Field(default_factory=lambda: [999, 600, 300], description="first timestep of few-step samplers")
-    tolerance: float = Field(0.1, ge=0, description="top-1 points below the best that still counts as as good")
+    tolerance: float = Field(
+        0.1, ge=0, description="a setting counts as good as the best unless it is, with `confidence`, more than this many top-1 points worse (paired bootstrap)"
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="two-sided level of the paired bootstrap interval")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the calibration images")
+    readouts: bool = Field(True, description="fitted linear read-outs of the student are candidates too")
     runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
     latency_batch: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0, description="calibration images to use")

@@ -21,7 +21,9 @@ from gendd_deploy.models.student import GenDDStudent
 
 @dataclass(frozen=True)
 class SamplerSetting:
-    kind: Literal["sampler", "probe"] = "sampler"
+    # sampler: the diffusion head; probe: the in-training linear probe; readout: a Linear fitted on
+    # the frozen backbone after training (models/readout.py), named by `readout`
+    kind: Literal["sampler", "probe", "readout"] = "sampler"
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     steps: int = 64
     draws: int = 5
@@ -31,6 +33,7 @@ class SamplerSetting:
     t_start: int | None = None  # None = the last training timestep (the published sampler)
     min_alpha_bar: float = 0.0
     clip: bool = True  # clip the x0 estimate to the training targets' range (not in the authors' sampler)
+    readout: str | None = None  # kind = "readout": the fitted read-out's name (fit_ce, fit_ridge)
 
     @classmethod
     def published(cls) -> "SamplerSetting":
@@ -42,6 +45,15 @@ class SamplerSetting:
         return cls(kind="probe", steps=0, draws=0, guidance=1.0, temperature=0.0, noise="zero")
 
     @classmethod
+    def fitted(cls, name: str) -> "SamplerSetting":
+        return cls(kind="readout", steps=0, draws=0, guidance=1.0, temperature=0.0, noise="zero", readout=name)
+
+    @property
+    def linear(self) -> bool:
+        """One Linear on the pooled feature: the plain student's graph and cost."""
+        return self.kind in ("probe", "readout")
+
+    @classmethod
     def from_dict(cls, d: dict) -> "SamplerSetting":
         return cls(**d)
 
@@ -51,17 +63,19 @@ class SamplerSetting:
     @property
     def deterministic(self) -> bool:
         """Output independent of noise: the probe, DDIM at temperature 0, or zero/fixed noise."""
-        return self.kind == "probe" or self.noise != "fresh" or (self.sampler == "ddim" and self.temperature == 0.0)
+        return self.linear or self.noise != "fresh" or (self.sampler == "ddim" and self.temperature == 0.0)
 
     def head_passes(self) -> int:
         """Head forward passes per token per image: steps x draws x (2 with guidance)."""
-        if self.kind == "probe":
+        if self.linear:
             return 0
         return self.steps * self.draws * (2 if self.guidance != 1.0 else 1)
 
     def label(self) -> str:
         if self.kind == "probe":
             return "probe"
+        if self.kind == "readout":
+            return f"linear {self.readout}"
         t0 = "" if self.t_start is None else f" t{self.t_start}"
         extra = "" if self.clip else " noclip"
         return f"{self.sampler}-{self.steps} x{self.draws} cfg{self.guidance:g} T{self.temperature:g} {self.noise}{t0}{extra}"
@@ -77,6 +91,9 @@ class DeployedModel(nn.Module):
         self.is_gendd = isinstance(model, GenDDStudent)
         if self.is_gendd and setting is None:
             raise ValueError("a GenDD student needs a SamplerSetting (or SamplerSetting.probe())")
+        if self.is_gendd and setting.kind == "readout" and setting.readout not in getattr(model, "readouts", {}):
+            have = ", ".join(getattr(model, "readouts", {})) or "none"
+            raise ValueError(f"the student has no fitted read-out '{setting.readout}' (it has: {have}); re-run distill")
         self.schedule = None
         if self.is_gendd and setting.kind == "sampler":
             self.schedule = SamplingSchedule(model.head.train_schedule, setting.steps, t_start=setting.t_start, min_alpha_bar=setting.min_alpha_bar)
@@ -99,6 +116,8 @@ class DeployedModel(nn.Module):
         s = self.setting
         if s.kind == "probe":
             return self.model.probe_logits(f_s)
+        if s.kind == "readout":
+            return self.model.readouts[s.readout](f_s)
         z = self.model.condition(f_s)
         if s.noise == "fixed":
             noise = self.fixed_noise.expand(images.shape[0], *self.fixed_noise.shape[1:])

@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +67,8 @@ def canonical(s: SamplerSetting, num_timesteps: int, samplers: tuple | list = ("
       draws are identical, so temperature 0 and one draw;
     - t_start = T - 1 is the default (None).
     """
-    if s.kind == "probe":
-        return PROBE
+    if s.linear:
+        return s
     if s.sampler == "ddpm" and s.steps == 1:
         s = replace(s, sampler="ddim" if "ddim" in samplers else "ddpm", temperature=1.0)
     if s.sampler == "ddim" and s.temperature == 0.0:
@@ -118,8 +118,8 @@ def build_grid(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]
 
 def structure(s: SamplerSetting) -> tuple:
     """What the exported graph depends on; latency is measured once per structure."""
-    if s.kind == "probe":
-        return ("probe",)
+    if s.linear:
+        return ("linear",)  # probe and fitted read-outs: backbone + one Linear, the plain student's graph
     needs_noise = not s.deterministic
     return (s.sampler, s.steps, s.draws, s.guidance != 1.0, needs_noise)
 
@@ -134,6 +134,8 @@ class Result:
     agreement: float = float("nan")  # with the reference's predictions, in [0, 1]
     latency_ms: float = float("nan")  # per batch of latency_batch images
     chosen: bool = False
+    correct: torch.Tensor | None = field(default=None, repr=False)  # (n,) bool, per calibration image
+    interval: tuple[float, float] | None = None  # paired bootstrap interval of top-1 minus the best's, points
 
     def row(self) -> dict:
         return {
@@ -143,18 +145,42 @@ class Result:
             "agreement": round(self.agreement, 4),
             "latency_ms": round(self.latency_ms, 4),
             "head_passes": self.setting.head_passes(),
+            "deterministic": self.setting.deterministic,
+            "vs_best_interval": [round(v, 3) for v in self.interval] if self.interval else None,
             "chosen": self.chosen,
         }
 
 
-def choose(results: list[Result], tolerance: float) -> tuple[Result, Result]:
-    """(chosen, best): the lowest-latency result whose top-1 is within `tolerance` points of the
-    best top-1; ties on latency go to fewer head passes, then higher top-1, then list order."""
+def paired_intervals(results: list[Result], best: Result, resamples: int, confidence: float, seed: int) -> None:
+    """Set r.interval: the bootstrap interval of (r's top-1 - best's top-1) in points, resampling
+    the calibration images with the same draws for every result (a paired comparison)."""
+    n = len(best.correct)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    q = torch.tensor([(1 - confidence) / 2, 1 - (1 - confidence) / 2], dtype=torch.float64)
+    ref = best.correct.to(torch.float64)
+    for r in results:
+        diff = r.correct.to(torch.float64) - ref  # (n,) in {-1, 0, 1}
+        means = diff[idx].mean(dim=1) * 100.0
+        lo, hi = torch.quantile(means, q).tolist()
+        r.interval = (lo, hi)
+
+
+def choose(results: list[Result], tolerance: float, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[Result, Result]:
+    """(chosen, best): the lowest-latency result not shown worse than the best by more than
+    `tolerance` points. With per-image outcomes (`correct`) that is a paired bootstrap: a result
+    is kept when the upper end of its interval vs the best is >= -tolerance; without them, a plain
+    threshold on top-1. Ties on latency go to fewer head passes, then deterministic settings
+    (the same answer for the same image), then higher top-1, then list order."""
     if not results:
         raise ValueError("no calibration results to choose from")
     best = max(results, key=lambda r: r.top1)  # first of equals: the cheaper, grid is cheapest first
-    ok = [(i, r) for i, r in enumerate(results) if r.top1 >= best.top1 - tolerance - 1e-9]
-    _, chosen = min(ok, key=lambda ir: (ir[1].latency_ms, ir[1].setting.head_passes(), -ir[1].top1, ir[0]))
+    if all(r.correct is not None for r in results):
+        paired_intervals(results, best, resamples, confidence, seed)
+        ok = [(i, r) for i, r in enumerate(results) if r.interval[1] >= -tolerance - 1e-9]
+    else:
+        ok = [(i, r) for i, r in enumerate(results) if r.top1 >= best.top1 - tolerance - 1e-9]
+    _, chosen = min(ok, key=lambda ir: (ir[1].latency_ms, ir[1].setting.head_passes(), not ir[1].setting.deterministic, -ir[1].top1, ir[0]))
     return chosen, best
 
 
@@ -293,6 +319,9 @@ class CalibrateStage(Stage):
         student = load_student(student_art, ctx.device())
         T = student.head.train_schedule.num_timesteps
         grid, n_candidates = build_grid(cc, T), len(set(candidates(cc, T)) | {PROBE, REFERENCE})
+        if cc.readouts:
+            fitted = [SamplerSetting.fitted(name) for name in sorted(getattr(student, "readouts", {}))]
+            grid, n_candidates = grid[:1] + fitted + grid[1:], n_candidates + len(fitted)
         if n_candidates > len(grid):
             worst = max(s.head_passes() for s in grid if s != REFERENCE)
             ctx.log(
@@ -300,20 +329,22 @@ class CalibrateStage(Stage):
                 f"(up to {worst} head passes, plus the reference); raise it or narrow the grid to search further"
             )
         results, sweep = self._sweep(ctx, student, grid)
-        chosen, best = choose(results, cc.tolerance)
+        chosen, best = choose(results, cc.tolerance, cc.bootstrap, cc.confidence, ctx.recipe.pipeline.seed)
         chosen.chosen = True
         by = {r.setting: r for r in results}
         ref, probe = by[REFERENCE], by[PROBE]
         n = sweep["calib_images"]
+        lo, hi = chosen.interval or (chosen.top1 - best.top1,) * 2
         reason = (
             f"{chosen.setting.label()}: the lowest latency ({chosen.latency_ms:.3g} ms per {cc.latency_batch} images on {cc.runtime}) "
-            f"among {len(results)} settings within {cc.tolerance:g} top-1 points of the best ({best.setting.label()}, "
-            f"{best.top1:.2f}%); it scores {chosen.top1:.2f}% on {n} calibration images, "
+            f"among {len(results)} settings not shown more than {cc.tolerance:g} top-1 points below the best ({best.setting.label()}, "
+            f"{best.top1:.2f}%); it scores {chosen.top1:.2f}% on {n} calibration images ({cc.confidence:.0%} paired bootstrap interval "
+            f"vs the best: {lo:+.2f} to {hi:+.2f} points), "
             f"{chosen.latency_ms / ref.latency_ms:.3g}x the reference's latency and {chosen.latency_ms / probe.latency_ms:.3g}x the probe's"
         )
         table_json = {"runtime": cc.runtime, "latency_batch": cc.latency_batch, "calib_images": n, "settings": [r.row() for r in results]}
         draft.path("table.json").write_text(json.dumps(table_json, indent=1))
-        plot(results, chosen, draft.path("accuracy_vs_latency.png"), f"{ctx.pipeline}: {n} calibration images, {cc.runtime}, batch {cc.latency_batch}")
+        plot(results, chosen, draft.path("accuracy_vs_latency.png"), f"{ctx.pipeline}: {n} calibration images, {cc.runtime}, batch {cc.latency_batch}", cc.tolerance)
         draft.info.update(
             {
                 "setting": chosen.setting.to_dict(),
@@ -326,6 +357,8 @@ class CalibrateStage(Stage):
                     "best": {"setting": best.setting.to_dict(), "label": best.setting.label(), "top1": round(best.top1, 3)},
                     "chosen": {"label": chosen.setting.label(), "top1": round(chosen.top1, 3), "latency_ms": round(chosen.latency_ms, 4)},
                     "tolerance": cc.tolerance,
+                    "test": f"paired bootstrap over the calibration images, {cc.bootstrap} resamples, {cc.confidence:.0%} interval of top-1 minus the best's",
+                    "interval_vs_best": [round(lo, 3), round(hi, 3)],
                     "latency_vs_probe": round(chosen.latency_ms / probe.latency_ms, 4),
                     "latency_vs_reference": round(chosen.latency_ms / ref.latency_ms, 4),
                 },
@@ -383,7 +416,7 @@ class CalibrateStage(Stage):
                     del runner
                 spent["accuracy"] += t1 - t0
                 spent["latency"] += time.perf_counter() - t1
-                results.append(Result(s, top1(preds[s], labels), latency_ms=latency[key]))
+                results.append(Result(s, top1(preds[s], labels), latency_ms=latency[key], correct=preds[s] == labels))
                 bar.advance(task)
         for r in results:
             r.agreement = (preds[r.setting] == preds[REFERENCE]).float().mean().item()
@@ -428,26 +461,56 @@ def table(results: list[Result], chosen: Result, best: Result, batch: int, runti
     return t
 
 
-def plot(results: list[Result], chosen: Result, path: Path, title: str) -> None:
+def pareto_front(results: list[Result]) -> list[Result]:
+    """Results no other result beats on both latency and top-1, by latency."""
+    front, best = [], -1.0
+    for r in sorted(results, key=lambda r: (r.latency_ms, -r.top1)):
+        if r.top1 > best:
+            front.append(r)
+            best = r.top1
+    return front
+
+
+def plot(results: list[Result], chosen: Result, path: Path, title: str, tolerance: float = 0.0) -> None:
+    """Accuracy vs latency: every setting, the Pareto front, the tolerance band under the best, the
+    chosen point with its interval; the accuracy axis zoomed to where the choice is made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    best = max(results, key=lambda r: r.top1)
+    front = pareto_front(results)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    ax.scatter([r.latency_ms for r in results], [r.top1 for r in results], s=12, alpha=0.6, color="tab:blue", label="setting")
+    ax.scatter([r.latency_ms for r in results], [r.top1 for r in results], s=12, alpha=0.5, color="tab:blue", label="setting")
+    ax.step([r.latency_ms for r in front], [r.top1 for r in front], where="post", color="tab:green", lw=1.2, label="Pareto front")
+    ax.axhspan(best.top1 - tolerance, best.top1, color="tab:green", alpha=0.12, label=f"tolerance {tolerance:g} pts under the best")
     for r in results:
-        name = "reference" if r.setting == REFERENCE else "probe" if r.setting == PROBE else None
+        name = "reference" if r.setting == REFERENCE else "probe" if r.setting == PROBE else r.setting.label() if r.setting.kind == "readout" else None
         if name:
             ax.scatter([r.latency_ms], [r.top1], s=40, color="tab:orange" if name == "reference" else "tab:gray", zorder=3)
-            ax.annotate(name, (r.latency_ms, r.top1), textcoords="offset points", xytext=(5, -10))
-    ax.scatter([chosen.latency_ms], [chosen.top1], s=140, facecolors="none", edgecolors="tab:red", linewidths=2, zorder=4, label=f"chosen: {chosen.setting.label()}")
+            ax.annotate(name, (r.latency_ms, r.top1), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    if chosen.interval:
+        lo, hi = chosen.interval
+        ax.errorbar([chosen.latency_ms], [chosen.top1], yerr=[[chosen.top1 - (best.top1 + lo)], [best.top1 + hi - chosen.top1]],
+                    color="tab:red", capsize=4, lw=1, zorder=4)
+    ax.scatter([chosen.latency_ms], [chosen.top1], s=140, facecolors="none", edgecolors="tab:red", linewidths=2, zorder=5, label=f"chosen: {chosen.setting.label()}")
+    # zoom: from a little under the lowest point that matters (front near the best, chosen) to the best
+    relevant = [r.top1 for r in front if r.top1 >= best.top1 - 5.0] + [chosen.top1, best.top1 - tolerance]
+    if chosen.interval:
+        relevant.append(best.top1 + chosen.interval[0])
+    lo_y, hi_y = min(relevant), best.top1
+    pad = max(0.5, 0.15 * (hi_y - lo_y))
+    ax.set_ylim(lo_y - pad, hi_y + pad)
+    below = sum(1 for r in results if r.top1 < lo_y - pad)
+    if below:
+        ax.text(0.01, 0.02, f"{below} setting(s) below the axis", transform=ax.transAxes, fontsize=8, color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("latency per batch (ms, log scale)")
     ax.set_ylabel("top-1 on the calibration split (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -67,6 +67,15 @@ def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module
     else:
         model = backbone
     model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))
+    if info.get("readouts"):
+        # fitted read-outs live beside the weights (readouts.pt), not in the student's state_dict
+        flat = torch.load(art.file("readouts.pt"), map_location="cpu", weights_only=True)
+        heads = {}
+        for name, shape in info["readouts"].items():
+            lin = nn.Linear(shape["in_features"], shape["out_features"])
+            lin.load_state_dict({"weight": flat[f"{name}.weight"], "bias": flat[f"{name}.bias"]})
+            heads[name] = lin
+        model.readouts = nn.ModuleDict(heads)
     return model.eval().requires_grad_(False).to(device)
 
 

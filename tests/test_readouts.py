@@ -1,0 +1,76 @@
+"""Fitted linear read-outs: fit, calibrate among them, export as a plain student graph."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from gendd_deploy.models import readout
+from gendd_deploy.models.deployed import SamplerSetting
+from gendd_deploy.stages import run_chain
+from gendd_deploy.stages.calibrate import CalibrateStage
+from gendd_deploy.stages.distill import DistillStage, load_student
+from gendd_deploy.stages.export import ExportStage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_fit_ce_separates_and_ridge_recovers_a_linear_teacher():
+    g = torch.Generator().manual_seed(0)
+    f_s = torch.randn(600, 8, generator=g) * 3 + 1
+    true = torch.randn(5, 8, generator=g)
+    y = (f_s @ true.T).argmax(1)
+    lin = readout.fit_ce(f_s, y, 5)
+    assert (lin(f_s).argmax(1) == y).float().mean() > 0.97
+    # the teacher feature is an exact linear function of f_s: ridge + fold reproduces its logits
+    a, c = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    fc = nn.Linear(6, 5)
+    folded = readout.fit_ridge(f_s, f_s @ a.T + c, fc, ridge=1e-8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(f_s), fc(f_s @ a.T + c), atol=1e-3, rtol=1e-3)
+
+
+def test_fitted_readout_beats_the_in_training_probe(tiny_context):
+    art = run_chain(DistillStage(), tiny_context("distill.epochs=2"))
+    m = art.metrics
+    assert m["fit_ce_top1"] > m["probe_top1"], m
+
+
+def test_label_free_fit_with_labels_false(tiny_context):
+    art = run_chain(DistillStage(), tiny_context("distill.epochs=1", "distill.labels=false"))
+    assert set(art.manifest["info"]["readouts"]) == {"fit_ridge"} and "probe_top1" not in art.metrics
+    student = load_student(art)
+    assert isinstance(student.readouts["fit_ridge"], nn.Linear)
+    lin = student.readouts["fit_ridge"]
+    assert lin.weight.shape == (10, art.manifest["info"]["student_feature_dim"]) and torch.isfinite(lin.weight).all()
+    assert 0 <= art.metrics["fit_ridge_top1"] <= 100  # its quality is the unit test's business above
+
+
+def _op_types(path) -> list[str]:
+    return sorted(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_calibrate_can_choose_a_fitted_readout_and_it_exports_as_a_plain_graph(tiny_context, tmp_path):
+    # tolerance 100: every setting qualifies, so the cheapest graph (backbone + Linear) wins, and
+    # among those the best-scoring linear read-out
+    ctx = tiny_context("distill.epochs=2", "calibrate.tolerance=100.0", "export.exporter='torchscript'")
+    sampler = run_chain(CalibrateStage(), ctx)
+    labels = [r["label"] for r in __import__("json").loads(sampler.file("table.json").read_text())["settings"]]
+    assert "linear fit_ce" in labels and "linear fit_ridge" in labels
+    chosen = SamplerSetting.from_dict(sampler.manifest["info"]["setting"])
+    assert chosen.linear and chosen.deterministic
+    art = run_chain(ExportStage(), ctx)
+    info = art.manifest["info"]
+    assert info["needs_noise"] is False and [i["name"] for i in info["io"]["inputs"]] == ["images"]
+    assert art.metrics["top1_agreement"] == 1.0
+    # the same ops as the bare backbone with its own Linear classifier: a plain student's graph
+    from gendd_deploy.models.deployed import DeployedModel
+    from gendd_deploy.runtime.onnx_export import export_onnx_fast
+
+    student = load_student(ctx.store.list(stage="student")[0])
+    plain = tmp_path / "plain.onnx"
+    export_onnx_fast(DeployedModel(student.backbone), plain, torch.zeros(2, 1, 8, 8))
+    onnx_file = next(p for p in art.path.iterdir() if p.suffix == ".onnx")
+    assert _op_types(onnx_file) == _op_types(plain)
