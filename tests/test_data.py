@@ -412,3 +412,24 @@ def test_real_fashion_mnist():
     assert b.train.images.shape[1:] == (1, 28, 28)
     assert abs(b.mean[0] - 0.286) < 1e-3 and abs(b.std[0] - 0.353) < 1e-3
     assert isinstance(b.train, ImageSet)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_cifar_pickle_with_code_is_refused(cifar_root: Path):
+    """A pickle that would call a function (os.system here) is refused before anything runs."""
+    (cifar_root / "train").write_bytes(pickle.dumps({b"data": _Payload(), b"fine_labels": [0]}))
+    with pytest.raises(UsageError, match="refused to load"):
+        _load("cifar100", cifar_root)
+
+
+def test_cifar_pickle_with_numpy_arrays_loads(cifar_root: Path):
+    d = pickle.loads((cifar_root / "train").read_bytes())
+    d[b"data"] = np.asarray(d[b"data"])  # the real release stores an ndarray
+    (cifar_root / "train").write_bytes(pickle.dumps(d))
+    assert len(_load("cifar100", cifar_root).train) > 0

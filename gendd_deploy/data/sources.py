@@ -7,8 +7,9 @@ there, raises a UsageError that says where it looked and how to get the data.
                  It has no official test split, so a fixed stratified 20% (seed DIGITS_TEST_SEED,
                  independent of split_seed) is held out as test.
 - fashion_mnist: the four IDX files (gzipped or not), parsed here with struct + numpy.
-- cifar100:      the python-pickle release (`train`, `test`, `meta`). Pickles can run code when
-                 loaded: only point `root` at files you trust.
+- cifar100:      the python-pickle release (`train`, `test`, `meta`), read by an unpickler that
+                 builds only dicts, lists, strings, numbers and numpy arrays: a pickle that asks
+                 for anything else (a callable, a class) is refused, so it cannot run code.
 - imagefolder:   root/train/<class>/<image> and root/val/<class>/<image> (or test/), decoded lazily
                  by PIL, so the tree is never held in memory.
 
@@ -304,10 +305,26 @@ def _cifar_folder(root: Path) -> Path:
     )
 
 
+class _DataUnpickler(pickle.Unpickler):
+    """Only what the CIFAR release holds: builtin containers and numpy arrays."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name} (only data may be unpickled)")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _DataUnpickler(f, encoding="bytes").load()
     except Exception as e:  # unpickling can fail in many ways (EOFError, UnpicklingError, ...)
         raise UsageError(f"{path}: not a readable CIFAR-100 pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
