@@ -3,18 +3,29 @@
 Layout: `<root>/<pipeline>/<stage>/<version>/` with payload files and `manifest.json`.
 A version is published atomically: files are written into a hidden temporary sibling, the
 manifest is written last, then the folder is renamed into place. A folder without a manifest is
-never listed; `gc` removes such leftovers. Long stages keep resumable state in a `.work-<fp>`
-folder next to the versions, removed once the version is published.
+never listed. Long stages keep resumable state in a `.work-<fp>` folder next to the versions,
+removed once the version is published.
+
+The root may be shared, so nothing here trusts what it reads: a manifest is checked for shape,
+its own digest (any edit shows) and file paths confined to its folder; `gc` removes only the
+folders this store creates (exact `.tmp-<hex>` names, drafts whose owner process is gone),
+never follows a symlink and never leaves the root; one process at a time builds a given
+(pipeline, stage, fingerprint), under a file lock (`.lock-<fp>`), so concurrent runs on one root
+publish one version per fingerprint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +36,10 @@ from gendd_deploy.errors import ArtifactError, UsageError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^v(\d{3,})$")
+_TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{12}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+OWNER_SUFFIX = ".owner"  # beside a draft `.tmp-<hex>`: who is writing it (JSON)
+STALE_DRAFT_S = 24 * 3600  # a draft from another host is left alone for this long
 
 
 def canonical_json(obj: Any) -> str:
@@ -112,13 +127,53 @@ class Artifact:
         }
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own `digest` entry."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def _confined(rel: object) -> bool:
+    """A relative POSIX path that stays inside its folder (no '..', not absolute, no NUL)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel or rel.startswith("/"):
+        return False
+    parts = rel.split("/")
+    return all(p not in ("", ".", "..") for p in parts)
+
+
+def check_manifest(folder: Path, m: object) -> str | None:
+    """Why this parsed manifest cannot be trusted (None: it can)."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    expect = {"schema": int, "pipeline": str, "stage": str, "version": str, "fingerprint": str, "files": list, "metrics": dict, "info": dict, "config": dict, "inputs": list}
+    for key, kind in expect.items():
+        if not isinstance(m.get(key), kind):
+            return f"'{key}' missing or not a {kind.__name__}"
+    if m.get("digest") != manifest_digest(m):
+        return "its digest does not match its content (edited or damaged)"
+    if m["version"] != folder.name or m["stage"] != folder.parent.name or m["pipeline"] != folder.parent.parent.name:
+        return f"it names {m['pipeline']}/{m['stage']}/{m['version']} but lies in {folder.parent.parent.name}/{folder.parent.name}/{folder.name}"
+    if not _HEX64.match(m["fingerprint"]):
+        return "fingerprint is not 64 hex digits"
+    for f in m["files"]:
+        if not isinstance(f, dict) or not _confined(f.get("path")) or not isinstance(f.get("bytes"), int) or not _HEX64.match(str(f.get("sha256", ""))):
+            return f"bad files entry {str(f)[:80]!r} (paths must stay inside the artifact folder)"
+    return None
+
+
 def read_manifest(folder: Path) -> dict:
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        raw = (folder / MANIFEST).read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{folder} has no {MANIFEST}; it is not a published artifact") from None
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{folder / MANIFEST} is corrupt ({e}); run 'gendd artifacts verify'") from None
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{folder / MANIFEST} is corrupt ({type(e).__name__}); delete {folder} and rerun the stage that made it") from None
+    problem = check_manifest(folder, m)
+    if problem:
+        raise ArtifactError(f"{folder / MANIFEST} cannot be trusted: {problem}; delete {folder} and rerun the stage that made it")
+    return m
 
 
 def verify_artifact(art: Artifact) -> list[str]:
@@ -129,6 +184,9 @@ def verify_artifact(art: Artifact) -> list[str]:
         rel = entry["path"]
         listed.add(rel)
         p = art.path / rel
+        if not _confined(rel) or p.is_symlink() or not p.resolve().is_relative_to(art.path.resolve()):
+            problems.append(f"{art.ref}: file path {rel!r} leaves the artifact folder")
+            continue
         if not p.is_file():
             problems.append(f"{art.ref}: missing file {rel}")
             continue
@@ -157,6 +215,9 @@ class Draft:
         stage_dir = store.stage_dir(pipeline, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         self.dir = stage_dir / f".tmp-{uuid.uuid4().hex[:12]}"
+        # who writes this draft, written first: gc leaves the draft alone while that process lives
+        self.owner = self.dir.with_name(self.dir.name + OWNER_SUFFIX)
+        self.owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
         self.dir.mkdir()
         self.published: Artifact | None = None
 
@@ -166,6 +227,7 @@ class Draft:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.published is None:
             shutil.rmtree(self.dir, ignore_errors=True)
+        self.owner.unlink(missing_ok=True)
 
     def path(self, name: str) -> Path:
         p = self.dir / name
@@ -198,6 +260,7 @@ class Draft:
                 "info": self.info,
                 "environment": environment(),
             }
+            manifest["digest"] = manifest_digest(json.loads(json.dumps(manifest, default=str)))
             tmp = self.dir / (MANIFEST + ".part")
             tmp.write_text(json.dumps(manifest, indent=2, default=str))
             with open(tmp, "rb") as f:
@@ -231,21 +294,48 @@ class Store:
         nums = [int(m.group(1)) for p in self.stage_dir(pipeline, stage).glob("v*") if (m := _VERSION_RE.match(p.name))]
         return max(nums, default=0) + 1
 
-    def iter_artifacts(self, pipeline: str | None = None, stage: str | None = None) -> Iterator[Artifact]:
+    def require_root(self) -> None:
+        """For commands that inspect a store: a root that does not exist is a mistake, not empty."""
+        if not self.root.is_dir():
+            raise UsageError(f"artifact root {self.root} does not exist; pass --artifacts DIR (or set GENDD_ARTIFACTS) to an existing store")
+
+    def _dirs(self, folder: Path) -> list[Path]:
+        """Real sub-folders (never a symlink), sorted."""
+        try:
+            return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return []
+
+    def _version_dirs(self, pipeline: str | None = None, stage: str | None = None) -> Iterator[Path]:
         if not self.root.is_dir():
             return
-        for pdir in sorted(self.root.iterdir()):
-            if not pdir.is_dir() or (pipeline and pdir.name != pipeline):
+        for pdir in self._dirs(self.root):
+            if pipeline and pdir.name != pipeline:
                 continue
-            for sdir in sorted(pdir.iterdir()):
-                if not sdir.is_dir() or (stage and sdir.name != stage):
+            for sdir in self._dirs(pdir):
+                if stage and sdir.name != stage:
                     continue
-                for vdir in sorted(sdir.iterdir()):
+                for vdir in self._dirs(sdir):
                     if _VERSION_RE.match(vdir.name) and (vdir / MANIFEST).is_file():
-                        try:
-                            yield Artifact(vdir, read_manifest(vdir))
-                        except ArtifactError:
-                            continue
+                        yield vdir
+
+    def iter_artifacts(self, pipeline: str | None = None, stage: str | None = None) -> Iterator[Artifact]:
+        """Published artifacts whose manifests can be trusted; see `broken()` for the others."""
+        for vdir in self._version_dirs(pipeline, stage):
+            try:
+                yield Artifact(vdir, read_manifest(vdir))
+            except ArtifactError:
+                continue
+
+    def broken(self) -> list[str]:
+        """One message per version folder whose manifest is unreadable or untrustworthy."""
+        out = []
+        for vdir in self._version_dirs():
+            try:
+                read_manifest(vdir)
+            except ArtifactError as e:
+                out.append(str(e))
+        return out
 
     def list(self, pipeline: str | None = None, stage: str | None = None) -> list[Artifact]:
         return list(self.iter_artifacts(pipeline, stage))
@@ -309,17 +399,62 @@ class Store:
             raise ArtifactError(f"{problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "") + f"; rebuild it: {rebuild_hint}")
         return art
 
+    @contextlib.contextmanager
+    def lock(self, pipeline: str, stage: str, fp: str, on_wait=None):
+        """Exclusive lock on building (pipeline, stage, fingerprint), across processes on this
+        root. `on_wait()` is called once if another process holds it."""
+        d = self.stage_dir(pipeline, stage)
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / f".lock-{fp[:16]}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _draft_is_live(self, draft: Path) -> bool:
+        try:
+            owner = json.loads(draft.with_name(draft.name + OWNER_SUFFIX).read_text())
+            pid, host, started = int(owner["pid"]), str(owner["host"]), float(owner["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # no readable owner: a dead draft (the owner file is written first)
+        if host != socket.gethostname():
+            return time.time() - started < STALE_DRAFT_S
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     def leftovers(self) -> list[Path]:
+        """Drafts this store created (`.tmp-<12 hex>`, real folders inside the root) whose owner
+        process is gone. Nothing else is ever a candidate."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("*/*/.tmp-*") if p.is_dir()) + sorted(
-            p for p in self.root.glob("*/*/v*") if p.is_dir() and not (p / MANIFEST).is_file()
-        )
+        root = self.root.resolve()
+        out = []
+        for pdir in self._dirs(self.root):
+            for sdir in self._dirs(pdir):
+                for d in self._dirs(sdir):
+                    if _TMP_RE.match(d.name) and d.resolve().is_relative_to(root) and not self._draft_is_live(d):
+                        out.append(d)
+        return sorted(out)
 
-    def unreachable(self) -> list[Artifact]:
-        """Versions not in the lineage of the latest version of any stage."""
+    def unreachable(self, keep_fingerprints: set[str] | frozenset = frozenset()) -> list[Artifact]:
+        """Versions neither in the lineage of the latest version of any stage nor in the lineage
+        of an artifact with one of `keep_fingerprints` (what the current recipes reuse)."""
         keep: set[str] = set()
         arts = self.list()
+        for a in arts:
+            if a.fingerprint in keep_fingerprints:
+                keep.update(x.path.as_posix() for x in self.lineage(a))
         latest: dict[tuple, Artifact] = {}
         for a in arts:
             k = (a.pipeline, a.stage)

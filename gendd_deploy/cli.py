@@ -7,6 +7,7 @@ missing/corrupt/mismatched, 4 a quality gate failed, 5 a missing dependency or d
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from gendd_deploy import __version__
 from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, section_help
-from gendd_deploy.errors import GenddError, MissingDependency, NotBuiltYet
+from gendd_deploy.errors import GenddError, MissingDependency, NotBuiltYet, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 out = Console()
@@ -90,6 +91,26 @@ def guarded(fn: Callable[[], object]) -> object:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; nothing was published. Run the same command again to resume from the last checkpoint.")
         raise typer.Exit(130) from None
+    except OSError as e:  # a full disk, an unwritable or missing root
+        console.print(f"[red]error:[/] {escape(os_error_message(e))}")
+        raise typer.Exit(1) from None
+    except RuntimeError as e:
+        if "No space left on device" in str(e) or "file write failed" in str(e):  # torch.save's C++ writer
+            console.print(f"[red]error:[/] {escape(os_error_message(OSError(errno.ENOSPC, 'No space left on device')))}")
+            raise typer.Exit(1) from None
+        raise
+
+
+def os_error_message(e: OSError) -> str:
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return (
+            f"no space left on device{where}; free some space and run the same command again: "
+            "nothing half-written was published, finished stages are reused and training resumes from its last checkpoint"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {e.strerror}; choose a writable artifact root with --artifacts DIR (or GENDD_ARTIFACTS)"
+    return f"{e.strerror or e}{where}; check the path"
 
 
 def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: list[str], quiet: bool = False):
@@ -100,6 +121,18 @@ def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: l
 
     path = _recipe_path(pipeline)
     recipe = load_recipe(path, overrides)
+    root = Path(_artifact_root(artifacts))
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"artifact root {root} is a file; pass --artifacts DIR (or GENDD_ARTIFACTS) naming a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"artifact root {root} cannot be created or written ({e.strerror}); pass --artifacts DIR (or GENDD_ARTIFACTS) naming a writable folder"
+        ) from None
     dist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPUs)
     return Context(recipe=recipe, store=Store(_artifact_root(artifacts)), console=console, recipe_path=path, quiet=quiet)
 
@@ -364,7 +397,11 @@ def artifacts_ls(
     """List published artifacts."""
     from gendd_deploy.artifacts import Store
 
-    arts = Store(_artifact_root(artifacts)).list(stage=stage)
+    store = Store(_artifact_root(artifacts))
+    guarded(store.require_root)
+    arts = store.list(stage=stage)
+    for problem in store.broken():
+        console.print(f"[red]unreadable:[/] {escape(problem)}")
     if as_json:
         print(json.dumps([a.summary() for a in arts], indent=2))
         return
@@ -401,7 +438,8 @@ def artifacts_verify(artifacts: ArtifactsOpt = None) -> None:
     from gendd_deploy.artifacts import Store, verify_artifact
 
     store = Store(_artifact_root(artifacts))
-    arts, problems = store.list(), []
+    guarded(store.require_root)
+    arts, problems = store.list(), store.broken()
     for a in arts:
         problems += verify_artifact(a)
     for p in problems:
@@ -414,22 +452,62 @@ def artifacts_verify(artifacts: ArtifactsOpt = None) -> None:
 @artifacts_app.command("gc")
 def artifacts_gc(
     artifacts: ArtifactsOpt = None,
-    unreachable: Annotated[bool, typer.Option("--unreachable", help="also delete versions not in the lineage of the latest of each stage")] = False,
+    unreachable: Annotated[
+        bool, typer.Option("--unreachable", help="also list versions no recipe reaches and not in the lineage of the latest of each stage; deleted only with --yes")
+    ] = False,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="recipe whose artifacts --unreachable keeps (repeat) [default: every pipelines/*.toml]")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="with --unreachable: delete what is listed")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go")] = False,
 ) -> None:
-    """Remove unfinished temporary folders (and, with --unreachable, superseded versions)."""
-    from gendd_deploy.artifacts import Store
+    """Remove abandoned drafts (whose process is gone); with --unreachable, list (and with --yes
+    delete) versions that no recipe reaches. Only folders this store creates are ever touched."""
+    from gendd_deploy.artifacts import OWNER_SUFFIX, Store
 
-    store = Store(_artifact_root(artifacts))
-    doomed = [str(p) for p in store.leftovers()]
-    if unreachable:
-        doomed += [str(a.path) for a in store.unreachable()]
-    for p in doomed:
-        out.print(("would remove " if dry_run else "removed ") + p)
-        if not dry_run:
-            shutil.rmtree(p, ignore_errors=True)
-    if not doomed:
-        out.print("nothing to remove")
+    def go():
+        store = Store(_artifact_root(artifacts))
+        store.require_root()
+        drafts = store.leftovers()
+        for p in drafts:
+            out.print(("would remove " if dry_run else "removed ") + f"abandoned draft {p}")
+            if not dry_run:
+                shutil.rmtree(p, ignore_errors=True)
+                p.with_name(p.name + OWNER_SUFFIX).unlink(missing_ok=True)
+        old = []
+        if unreachable:
+            recipes = keep if keep else sorted(str(p) for p in Path("pipelines").glob("*.toml"))
+            fps = set()
+            for r in recipes:
+                try:
+                    fps |= _recipe_fingerprints(r, artifacts)
+                except GenddError as e:
+                    raise UsageError(f"cannot tell what recipe {r} reaches ({e}); fix it or name the recipes to keep with --keep") from None
+            old = store.unreachable(keep_fingerprints=fps)
+            for a in old:
+                out.print(("removed " if yes and not dry_run else "would remove ") + f"{a.ref} ({a.path})")
+                if yes and not dry_run:
+                    shutil.rmtree(a.path)
+            if old and not yes:
+                out.print(f"{len(old)} version(s) listed above; add --yes to delete them")
+        if not drafts and not old:
+            out.print("nothing to remove")
+
+    guarded(go)
+
+
+def _recipe_fingerprints(recipe: str, artifacts: Optional[str]) -> set[str]:
+    """Fingerprints of every stage the recipe implies (teacher .. build). A stage whose
+    fingerprint needs what this machine lacks (TensorRT for build) keeps all its versions."""
+    from gendd_deploy import stages
+
+    ctx = make_context(recipe, artifacts, [], quiet=True)
+    fps = set()
+    for name in stages.ORDER:
+        stage = stages.get(name)
+        try:
+            fps.add(stage.fingerprint(ctx))
+        except MissingDependency:
+            fps |= {a.fingerprint for a in ctx.store.list(ctx.pipeline, stage.artifact)}
+    return fps
 
 
 def main() -> None:

@@ -70,10 +70,13 @@ class Checkpointer:
         if not dist.is_main():  # one writer; every rank reads it back on resume
             return
         tmp = self.path.with_suffix(".part")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            torch.save(state, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a disk that filled up mid-save leaves no partial file
 
     def load(self) -> dict | None:
         if not self.path.is_file():

@@ -50,7 +50,9 @@ def test_unpublished_draft_is_never_listed(tmp_path):
     d = store.draft("p", "teacher", "c" * 64, {}, [])
     d.path("model.pt").write_bytes(b"x")
     assert store.list() == []  # a crash here would leave only a .tmp folder
-    assert store.leftovers() == [d.dir]
+    assert store.leftovers() == []  # its owner (this process) is alive: not gc's to take
+    d.owner.write_text('{"pid": 999999999, "host": "%s", "started": 0}' % __import__("socket").gethostname())
+    assert store.leftovers() == [d.dir]  # the owner is gone
 
 
 def test_verify_detects_one_changed_byte(tmp_path):

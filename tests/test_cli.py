@@ -69,5 +69,12 @@ def test_artifacts_ls_json_on_empty_store(tmp_path):
 
 
 def test_artifacts_root_from_env(tmp_path):
+    (tmp_path / "envroot").mkdir()
     r = gendd("artifacts", "verify", env={"GENDD_ARTIFACTS": str(tmp_path / "envroot")})
     assert r.returncode == 0 and "0 artifacts verified" in r.stdout
+
+
+@pytest.mark.parametrize("command", [["verify"], ["ls"], ["gc"]])
+def test_store_commands_refuse_a_root_that_does_not_exist(tmp_path, command):
+    r = gendd("artifacts", *command, "--artifacts", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

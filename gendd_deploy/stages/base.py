@@ -153,10 +153,16 @@ class Stage:
         inputs = {name: stage.require(ctx) for name, stage in self.inputs(ctx).items()}
         extra = {"data": ctx.data().fingerprint} if self.uses_data else {}
         if dist.is_main():
-            with ctx.store.draft(ctx.pipeline, self.artifact, fp, self.config(ctx), list(inputs.values()), extra) as draft:
-                self.build(ctx, draft, inputs)
-                art = draft.publish()
-            ctx.log(f"[bold]{self.name}[/]: published {art.ref} (fingerprint {fp[:8]})")
+            wait = lambda: ctx.log(f"[bold]{self.name}[/]: another process is building fingerprint {fp[:8]}; waiting for it")  # noqa: E731
+            with ctx.store.lock(ctx.pipeline, self.artifact, fp, on_wait=wait):
+                art = ctx.store.find(ctx.pipeline, self.artifact, fp)  # published while we waited?
+                if art is not None:
+                    ctx.log(f"[bold]{self.name}[/]: reused {art.ref} (fingerprint {fp[:8]}), published by another process")
+                else:
+                    with ctx.store.draft(ctx.pipeline, self.artifact, fp, self.config(ctx), list(inputs.values()), extra) as draft:
+                        self.build(ctx, draft, inputs)
+                        art = draft.publish()
+                    ctx.log(f"[bold]{self.name}[/]: published {art.ref} (fingerprint {fp[:8]})")
         elif self.distributed:
             with ScratchDraft() as draft:  # same code path, nothing kept
                 self.build(ctx, draft, inputs)
