@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gendd_deploy.errors import UsageError
 
 DEFAULT_PIPELINE = Path("pipelines/quickstart.toml")
+MAX_OPSET = 23  # the newest opset torch's ONNX exporters write
 
 
 class Section(BaseModel):
@@ -123,14 +124,21 @@ class DistillConfig(Section):
         return self
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
 class CalibrateConfig(Section):
-    samplers: list[Literal["ddpm", "ddim"]] = Field(default_factory=lambda: ["ddpm", "ddim"])
-    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    draws: list[int] = Field(default_factory=lambda: [1, 2, 5])
-    guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0])
-    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0])
-    noise_modes: list[Literal["fresh", "fixed", "zero"]] = Field(default_factory=lambda: ["fresh", "fixed", "zero"])
-    t_starts: list[int] = Field(default_factory=lambda: [999, 600, 300], description="first timestep of few-step samplers")
+    samplers: list[Literal["ddpm", "ddim"]] = Field(default_factory=lambda: ["ddpm", "ddim"], min_length=1)
+    steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1, description="sampler steps (each <= [distill] train_timesteps)")
+    draws: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 5], min_length=1)
+    guidance: list[NonNegativeFloat] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
+    temperatures: list[NonNegativeFloat] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
+    noise_modes: list[Literal["fresh", "fixed", "zero"]] = Field(default_factory=lambda: ["fresh", "fixed", "zero"], min_length=1)
+    t_starts: list[NonNegativeInt] = Field(
+        default_factory=lambda: [999, 600, 300], min_length=1, description="first timestep of few-step samplers (each < [distill] train_timesteps)"
+    )
     tolerance: float = Field(
         0.1, ge=0, description="a setting counts as good as the best unless it is, with `confidence`, more than this many top-1 points worse (paired bootstrap)"
     )
@@ -144,7 +152,7 @@ class CalibrateConfig(Section):
 
 
 class ExportConfig(Section):
-    opset: int = Field(18, ge=13)
+    opset: int = Field(18, ge=13, le=MAX_OPSET, description=f"ONNX opset, 13 to {MAX_OPSET}")
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="dynamo (TorchScript as fallback) or TorchScript alone (faster)")
     atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed vs PyTorch")
     min_agreement: float = Field(1.0, ge=0, le=1, description="top-1 agreement required vs PyTorch")
@@ -192,6 +200,19 @@ class Recipe(Section):
 
     source: str | None = Field(None, exclude=True, description="file the recipe came from")
 
+    @model_validator(mode="after")
+    def _cross_section(self) -> "Recipe":
+        T = self.distill.train_timesteps
+        if self.distill.eval_steps > T:
+            raise ValueError(f"distill.eval_steps ({self.distill.eval_steps}) must be <= distill.train_timesteps ({T})")
+        bad = [s for s in self.calibrate.steps if s > T]
+        if bad:
+            raise ValueError(f"calibrate.steps {bad} exceed distill.train_timesteps ({T})")
+        bad = [t for t in self.calibrate.t_starts if t >= T]
+        if bad:
+            raise ValueError(f"calibrate.t_starts {bad} must be < distill.train_timesteps ({T})")
+        return self
+
 
 SECTIONS = [name for name in Recipe.model_fields if name != "source"]
 
@@ -203,6 +224,8 @@ def _describe_error(err: dict, path: str) -> str:
         section = str(err["loc"][0]) if len(err["loc"]) > 1 else None
         known = ", ".join(Recipe.model_fields[section].annotation.model_fields) if section in SECTIONS else ", ".join(SECTIONS)
         return f"{path}: unknown key '{loc}'; remove it or use one of: {known}"
+    if not err["loc"]:  # a rule across sections
+        return f"{path}: {err['msg'].removeprefix('Value error, ')}; fix it in the file or with --set section.key=..."
     value = err.get("input")
     return f"{path}: bad value for '{loc}' ({value!r}): {err['msg']}; fix it in the file or with --set {loc}=..."
 
@@ -223,7 +246,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         hint = "" if p.suffix == ".toml" else " (recipes are .toml files)"
         raise UsageError(f"recipe {p} not found{hint}; pass an existing file with -p/--pipeline, e.g. pipelines/quickstart.toml")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{p}: not UTF-8 text; save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{p}: not valid TOML ({e}); fix the file") from None
     for item in overrides or []:

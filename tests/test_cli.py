@@ -78,3 +78,8 @@ def test_artifacts_root_from_env(tmp_path):
 def test_store_commands_refuse_a_root_that_does_not_exist(tmp_path, command):
     r = gendd("artifacts", *command, "--artifacts", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_one_training_image_is_a_clear_error(tmp_path, tiny_recipe):
+    r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "a"), "--set", "data.train_limit=1")
+    assert r.returncode == 2 and "at least 2 images" in r.stderr and "Traceback" not in r.stderr

@@ -65,3 +65,34 @@ def test_overrides_and_flags(tmp_path):
 def test_cross_field_validation(tmp_path):
     with pytest.raises(UsageError, match="min_batch"):
         load_recipe(write(tmp_path, "[build]\nmin_batch = 64\nopt_batch = 8\n"))
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("calibrate.steps=[]", "calibrate.steps"),
+        ("calibrate.steps=[0]", "calibrate.steps"),
+        ("calibrate.steps=[-4]", "calibrate.steps"),
+        ("calibrate.draws=[0]", "calibrate.draws"),
+        ("calibrate.steps=[5000]", "exceed distill.train_timesteps"),
+        ("calibrate.t_starts=[5000]", "calibrate.t_starts"),
+        ("distill.train_timesteps=10", "distill.eval_steps"),
+        ("export.opset=99", "export.opset"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work(tmp_path, override, needle):
+    from gendd_deploy.config import load_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_text("")
+    with pytest.raises(UsageError, match=needle.replace(".", r"\.")):
+        load_recipe(p, [override])
+
+
+def test_non_utf8_recipe_is_one_line(tmp_path):
+    from gendd_deploy.config import load_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_bytes(b"[teacher]\nmodel = '\xff\xfe'\n")
+    with pytest.raises(UsageError, match="UTF-8"):
+        load_recipe(p)

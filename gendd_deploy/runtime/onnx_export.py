@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gendd_deploy.errors import MissingDependency
+from gendd_deploy.errors import GateError, MissingDependency
 from gendd_deploy.models.deployed import DeployedModel
 
 # ops that draw random numbers inside the graph (ONNX standard domain)
@@ -25,7 +25,7 @@ BATCH = "batch"
 MAX_BATCH = 1 << 16  # upper bound of the symbolic batch dim during tracing (not a runtime limit)
 
 
-class ExportError(RuntimeError):
+class ExportError(GateError):
     """The exporter produced no graph, or a graph that violates the deployment contract."""
 
 

@@ -227,6 +227,8 @@ class DistillStage(Stage):
         steps_per_epoch = len(batches(dist.shard(torch.arange(n)), dc.batch_size))
         if steps_per_epoch == 0:
             raise UsageError(f"[distill] batch_size {dc.batch_size} is larger than the {n} training images; lower it")
+        if min(n, dc.batch_size) < 2:  # batch norm cannot train on one image per batch
+            raise UsageError(f"[distill] needs at least 2 images per batch ({n} training images, batch_size {dc.batch_size}); raise train_limit or batch_size")
         total = steps_per_epoch * epochs
         warmup_steps = (dc.warmup_epochs if warmup_epochs is None else warmup_epochs) * steps_per_epoch
         ckpt = Checkpointer(self.work_dir(ctx), ckpt_name)

@@ -167,7 +167,7 @@ class ExportStage(_DeployStage):
         return ctx.recipe.export.model_dump()
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
-        from gendd_deploy.runtime.onnx_export import export_onnx
+        from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
         from gendd_deploy.runtime.ort import OrtRunner
 
         ec = ctx.recipe.export
@@ -176,6 +176,8 @@ class ExportStage(_DeployStage):
         t0 = time.perf_counter()
         io = export_onnx(model, draft.path(ONNX_FILE), torch.from_numpy(images[:2]), opset=ec.opset, exporter=ec.exporter)
         export_s = time.perf_counter() - t0
+        if io["opset"] != ec.opset:  # never publish one opset under another's fingerprint
+            raise ExportError(f"the {io['exporter']} exporter wrote opset {io['opset']} where [export] opset = {ec.opset}; choose an opset it writes (e.g. 18)")
         ort = OrtRunner(draft.path(ONNX_FILE), providers=["CPUExecutionProvider"])
         result = self._gate(ctx, model, ort, images, "ONNX Runtime (CPU) vs PyTorch")
         self._record(ctx, draft, inputs, model, io, result, ONNX_FILE, export_s)

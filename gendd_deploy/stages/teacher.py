@@ -135,6 +135,8 @@ class TeacherStage(Stage):
         steps_per_epoch = len(batches(dist.shard(torch.arange(len(train))), tc.batch_size))
         if steps_per_epoch == 0:
             raise UsageError(f"[teacher] batch_size {tc.batch_size} is larger than the {len(train)} training images; lower it")
+        if min(len(train), tc.batch_size) < 2:  # batch norm cannot train on one image per batch
+            raise UsageError(f"[teacher] needs at least 2 images per batch ({len(train)} training images, batch_size {tc.batch_size}); raise [data] train_limit or batch_size")
         total = steps_per_epoch * tc.epochs
         ckpt = Checkpointer(self.work_dir(ctx))
         start_epoch, train_s, images = 0, 0.0, 0
