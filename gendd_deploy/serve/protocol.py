@@ -58,7 +58,8 @@ from gendd_deploy.errors import UsageError
 
 IMAGE_INPUT = "image_bytes"
 TOPK_OUTPUT = "top_k"
-MAX_IMAGE_PIXELS = 50_000_000  # refuse larger images before decoding them (memory)
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding (CPU, memory)
+MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS  # all the images of one request together
 
 
 class ProtocolError(Exception):
@@ -271,7 +272,7 @@ def decode_images(model: ServedModel, blobs: list[bytes]) -> np.ndarray:
     """Encoded images -> (n, C, H, W) float32, as `preprocess_image` makes them for training data."""
     if not model.preprocess:
         raise bad(f"this model has no preprocessing spec; send '{model.input_name}' FP32 tensors instead of '{IMAGE_INPUT}'")
-    rows = []
+    rows, budget = [], MAX_REQUEST_PIXELS
     for i, blob in enumerate(blobs):
         try:
             with Image.open(io.BytesIO(blob)) as probe:  # reads the header only
@@ -280,11 +281,17 @@ def decode_images(model: ServedModel, blobs: list[bytes]) -> np.ndarray:
             raise bad(f"input '{IMAGE_INPUT}' element {i}: undecodable image: {e}") from None
         if w * h > MAX_IMAGE_PIXELS:
             raise bad(f"input '{IMAGE_INPUT}' element {i}: {w}x{h} image is larger than {MAX_IMAGE_PIXELS} pixels")
+        budget -= w * h
+        if budget < 0:
+            raise bad(f"input '{IMAGE_INPUT}': the images of one request may hold {MAX_REQUEST_PIXELS} pixels in all; send fewer or smaller images per request")
         try:
             img = decode_image(blob)
         except UsageError as e:
             raise bad(f"input '{IMAGE_INPUT}' element {i}: {e}") from None
-        rows.append(preprocess_image(img, model.preprocess).numpy())
+        try:
+            rows.append(preprocess_image(img, model.preprocess).numpy())
+        except (ValueError, OSError) as e:  # e.g. a LAB or float TIFF that PIL cannot convert
+            raise bad(f"input '{IMAGE_INPUT}' element {i}: cannot convert a {img.mode} image ({e}); send RGB, RGBA, L, P or CMYK images") from None
     arr = np.stack(rows).astype(np.float32, copy=False)
     if arr.shape[1:] != model.input_shape:
         raise ProtocolError(500, f"preprocessing made {arr.shape[1:]}, the model takes {model.input_shape}; the manifest's spec does not fit the model")
@@ -370,6 +377,8 @@ def parse_infer_request(model: ServedModel, body: bytes, header_length: int | No
         req = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"malformed JSON request body: {e}") from None
+    except RecursionError:
+        raise bad("the JSON request nests too deeply; no valid request does") from None
     if not isinstance(req, dict):
         raise bad("the request body must be a JSON object with 'inputs'")
     rid = req.get("id")
@@ -431,6 +440,8 @@ def _serialize_bytes(elements: list[bytes]) -> bytes:
 def build_infer_response(model: ServedModel, req: InferRequest, logits: np.ndarray) -> tuple[bytes, int | None]:
     """(body, json_length): json_length is set when binary outputs follow the JSON header."""
     logits = np.asarray(logits, dtype=np.float32)
+    if not np.isfinite(logits).all():  # JSON has no NaN / Inf; say so instead of writing invalid JSON
+        raise bad("the model's output for this input is not finite (NaN or Inf); check the input values (normalised pixels, not extremes)")
     outputs, blobs = [], []
     for o in req.outputs:
         if o.name == model.output_name and o.k is None:
@@ -453,7 +464,7 @@ def build_infer_response(model: ServedModel, req: InferRequest, logits: np.ndarr
     if model.needs_noise:
         resp["parameters"] = {"seed": req.seed}
     resp["outputs"] = outputs
-    head = json.dumps(resp, separators=(",", ":")).encode()
+    head = json.dumps(resp, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)

@@ -101,6 +101,23 @@ class _HTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
+    def process_request(self, request, client_address) -> None:
+        """One thread per connection, but never more than max_connections: past that the
+        connection gets a 503 at once and is closed, so idle sockets cannot starve the server."""
+        if len(self.app._conns) >= self.app.cfg.max_connections:
+            self.app.metrics.requests.inc(endpoint="connection", code="503")
+            try:
+                body = error_body(f"the server holds {self.app.cfg.max_connections} connections (max_connections); retry shortly")
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up mid-request is routine; anything else gets one line, not a traceback."""
         exc = sys.exc_info()[1]
@@ -122,6 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     def setup(self) -> None:
+        self.timeout = self.server.app.cfg.idle_timeout_s  # before StreamRequestHandler applies it
         super().setup()
         self.server.app._track(self.connection, add=True)
 
@@ -163,6 +181,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
+
+    def do_HEAD(self) -> None:
+        self._send(_Response(405, b"", "text/plain", headers={"Allow": "GET, POST"}), close=False)  # no body to a HEAD
+
+    def do_OPTIONS(self) -> None:
+        self._send(_Response(405, error_body("OPTIONS is not supported; use GET or POST"), headers={"Allow": "GET, POST"}), close=False)
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
 
     def _dispatch(self, method: str) -> None:
         app = self.server.app
@@ -419,7 +446,10 @@ class InferenceServer:
             return _error(503, str(e))
         except Exception as e:
             return _error(500, f"the model failed on this batch: {type(e).__name__}: {e}")
-        payload, json_length = build_infer_response(self.model, req, logits)
+        try:
+            payload, json_length = build_infer_response(self.model, req, logits)
+        except ProtocolError as e:
+            return _error(e.status, e.message)
         extra = {"Inference-Header-Content-Length": json_length} if json_length is not None else {}
         ctype = "application/json" if json_length is None else "application/octet-stream"
         return _Response(200, payload, ctype, extra)

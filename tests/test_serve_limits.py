@@ -1,0 +1,92 @@
+"""The server under hostile input: connection floods, pixel bombs, deep JSON, non-finite outputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gendd_deploy.serve.protocol import MAX_REQUEST_PIXELS
+from gendd_deploy.runtime.base import Runner
+from test_serve import _good, _raw, call, encode, image_request, infer, onnx_path, runner, running, server, tensor_request  # noqa: F401  (fixtures)
+
+TIMEOUT = 30
+
+
+def test_head_and_options_answer_405(server, runner):
+    status, hdrs, _ = call(server.port, "HEAD", "/v2/health/ready")
+    assert status == 405 and "GET" in hdrs["allow"]
+    status, hdrs, _ = call(server.port, "OPTIONS", "/v2")
+    assert status == 405
+    _good(server.port, runner)
+
+
+def test_deeply_nested_json_is_400(server, runner):
+    body = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with running(runner, max_body_mb=1.0) as s:
+        status, _, resp = infer(s.port, body)
+        assert status == 400 and "nests too deeply" in resp["error"]
+        _good(s.port, runner)
+
+
+class NaNRunner(Runner):
+    name = "nan"
+
+    def __init__(self):
+        super().__init__(None)
+
+    def run(self, images, noise=None):
+        out = np.zeros((images.shape[0], 10), dtype=np.float32)
+        out[:, 3] = np.nan
+        return out
+
+
+def test_non_finite_outputs_are_a_valid_json_error():
+    with running(NaNRunner()) as s:
+        status, hdrs, resp = infer(s.port, tensor_request(np.zeros((1, 1, 8, 8), dtype=np.float32)))
+        assert status == 400 and "not finite" in resp["error"]  # parsed as JSON: no bare NaN
+
+
+def test_request_pixel_budget(runner):
+    side = 4000  # each image is under the per-image limit; together they are over the request budget
+    blob = encode(Image.new("L", (side, side)), "PNG")
+    n = MAX_REQUEST_PIXELS // (side * side) + 1
+    with running(runner, max_body_mb=8.0) as s:
+        t0 = time.perf_counter()
+        status, _, resp = infer(s.port, image_request([blob] * n))
+        assert status == 400 and "pixels in all" in resp["error"]
+        assert time.perf_counter() - t0 < 5  # refused from the headers, before decoding
+        _good(s.port, runner)
+
+
+def test_unconvertible_image_mode_names_the_mode(server, runner):
+    img = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8), "RGB").convert("LAB")
+    blob = encode(img, "TIFF")
+    status, _, resp = infer(server.port, image_request([blob]))
+    assert status == 400 and "LAB" in resp["error"], resp
+    _good(server.port, runner)
+
+
+def test_idle_connections_cannot_starve_the_server(runner):
+    with running(runner, max_connections=8, idle_timeout_s=30.0) as s:
+        idle = [socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT) for _ in range(8)]
+        try:
+            deadline = time.monotonic() + 10
+            while len(s._conns) < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # the ninth connection is answered at once with 503, not left hanging
+            t0 = time.perf_counter()
+            reply = _raw(s.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 503") and time.perf_counter() - t0 < 5
+        finally:
+            for c in idle:
+                c.close()
+        deadline = time.monotonic() + 10
+        while s._conns and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _good(s.port, runner)  # served again once the idle sockets are gone
