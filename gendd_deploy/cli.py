@@ -91,13 +91,13 @@ def guarded(fn: Callable[[], object]) -> object:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; nothing was published. Run the same command again to resume from the last checkpoint.")
         raise typer.Exit(130) from None
-    except OSError as e:  # a full disk, an unwritable or missing root
+    except OSError as e:  # a full disk (exit 3, like other storage trouble), an unwritable path
         console.print(f"[red]error:[/] {escape(os_error_message(e))}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(3 if e.errno == errno.ENOSPC else 1) from None
     except RuntimeError as e:
         if "No space left on device" in str(e) or "file write failed" in str(e):  # torch.save's C++ writer
             console.print(f"[red]error:[/] {escape(os_error_message(OSError(errno.ENOSPC, 'No space left on device')))}")
-            raise typer.Exit(1) from None
+            raise typer.Exit(3) from None
         raise
 
 

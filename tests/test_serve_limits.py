@@ -90,3 +90,43 @@ def test_idle_connections_cannot_starve_the_server(runner):
         while s._conns and time.monotonic() < deadline:
             time.sleep(0.05)
         _good(s.port, runner)  # served again once the idle sockets are gone
+
+
+# ---- fuzzing the request parser --------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+_fields = st.sampled_from(["name", "datatype", "shape", "data", "parameters", "inputs", "outputs", "id", "binary_data_size", "class_count", "top_k"])
+_good_body = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}
+
+
+def _mutate(draw_value, key, where):
+    body = json.loads(json.dumps(_good_body))
+    target = body if where == "top" else body["inputs"][0]
+    target[key] = draw_value
+    return body
+
+
+_bodies = st.one_of(
+    _json_values.map(lambda v: json.dumps(v).encode()),
+    st.builds(_mutate, _json_values, _fields, st.sampled_from(["top", "input"])).map(lambda b: json.dumps(b).encode()),
+    st.binary(max_size=200),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=_bodies, binary_header=st.one_of(st.none(), st.integers(-5, 300)))
+def test_fuzzed_requests_get_200_4xx_or_503(server, body, binary_header):
+    headers = {} if binary_header is None else {"Inference-Header-Content-Length": str(binary_header)}
+    status, _, _ = call(server.port, "POST", "/v2/models/tiny/infer", body, headers=headers)
+    assert status == 200 or 400 <= status < 500 or status == 503
+
+
+def test_server_answers_after_the_fuzzing(server, runner):
+    _good(server.port, runner)

@@ -166,3 +166,49 @@ def test_checkpoint_cut_short_by_a_full_disk_leaves_nothing(tmp_path, monkeypatc
 def test_unwritable_root_is_one_line(tmp_path, tiny_recipe):
     r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", "/proc/gendd-x")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "artifact root" in r.stderr
+
+
+# ---- no unpickling from the root -------------------------------------------------------------
+
+
+def test_a_pickle_planted_as_the_work_checkpoint_does_not_run(tmp_path, tiny_recipe):
+    """The checkpoint path is predictable from the recipe; whatever is placed there is loaded with
+    weights_only=True, so a pickle's payload never runs: the stage stops with exit 3."""
+    import pickle
+
+    from gendd_deploy.config import load_recipe
+    from gendd_deploy.stages import Context
+    from gendd_deploy.stages.teacher import TeacherStage
+
+    root = tmp_path / "art"
+    ctx = Context(recipe=load_recipe(tiny_recipe), store=Store(root), recipe_path=str(tiny_recipe), quiet=True)
+    work = TeacherStage().work_dir(ctx)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (work / "checkpoint.pt").write_bytes(pickle.dumps({"epoch": Payload()}))
+    r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", str(root))
+    assert r.returncode == 3 and "unreadable" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def test_disk_full_during_a_stage_is_exit_3_and_one_line(tmp_path, tiny_recipe):
+    """ENOSPC while saving: exit 3, the message names the fix, no partial file blocks the rerun."""
+    script = (
+        "import errno, sys, torch\n"
+        "real = torch.save\n"
+        "def full(obj, f, *a, **k):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', str(f))\n"
+        "torch.save = full\n"
+        "from gendd_deploy.cli import main\n"
+        f"sys.argv = ['gendd', 'teacher', '-p', '{tiny_recipe}', '--artifacts', '{tmp_path / 'art'}', '--epochs', '1']\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and "no space left on device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list((tmp_path / "art").rglob("*.part"))
+    r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "art"), "--epochs", "1")
+    assert r.returncode == 0, r.stderr  # the rerun is not blocked
