@@ -124,9 +124,10 @@ def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: l
     root = Path(_artifact_root(artifacts))
     if root.exists() and not root.is_dir():
         raise UsageError(f"artifact root {root} is a file; pass --artifacts DIR (or GENDD_ARTIFACTS) naming a folder")
+    # writable? probed in the nearest folder that exists, so nothing is created before a stage runs
+    existing = next(p for p in [root, *root.parents] if p.exists())
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
+        probe = existing / f".gendd-write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as e:

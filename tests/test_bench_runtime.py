@@ -22,7 +22,10 @@ def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context
     for r in result["rows"]:
         assert r["p50_ms"] > 0 and r["images_per_s"] > 0 and 0 <= r["top1"] <= 100 and r["top1_images"] == 32
         if r["runtime"] == "onnxruntime":
-            assert r["max_abs_diff_vs_torch"] < 1e-3, r
+            # the published reference runs as the authors do (no x0 clipping, no alpha_bar floor):
+            # at t = 999 its x0 estimate multiplies float32 rounding by ~2e4, so it gets a looser bound
+            bound = 1e-2 if r["model"] == "gendd reference" else 1e-3
+            assert r["max_abs_diff_vs_torch"] < bound, r
     assert result["device"] == str(ctx.device())
     ratios = {(r["runtime"], r["batch"], r["vs"]) for r in result["ratios"]}
     assert ("torch", 8, "student probe") in ratios and ("onnxruntime", 2, "torch eager (same model)") in ratios
