@@ -105,10 +105,6 @@ def test_gc_touches_only_its_own_dead_drafts(tmp_path):
 
 
 def test_gc_unreachable_lists_first_and_keeps_what_a_recipe_reuses(tmp_path, tiny_recipe):
-    from gendd_deploy.stages import run_chain
-    from gendd_deploy.stages.teacher import TeacherStage
-    from tests.conftest import TINY_RECIPE  # noqa: F401  (the recipe file is tiny_recipe)
-
     root = tmp_path / "art"
     r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", str(root), "--epochs", "1")
     assert r.returncode == 0, r.stderr
@@ -125,7 +121,6 @@ def test_gc_unreachable_lists_first_and_keeps_what_a_recipe_reuses(tmp_path, tin
     assert "would remove" in r.stdout and "--yes" in r.stdout and reused.path.is_dir()  # a dry run first
     r = gendd("artifacts", "gc", "--unreachable", "--keep", str(tiny_recipe), "--artifacts", str(root), "--yes")
     assert r.returncode == 0 and not reused.path.exists()
-    del run_chain, TeacherStage
 
 
 # ---- concurrency -----------------------------------------------------------------------------

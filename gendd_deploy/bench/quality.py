@@ -53,6 +53,11 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
     return statistics.fmean(values), std, std / math.sqrt(len(values))
 
 
+def _write(out: Path, obj: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(obj, indent=2, default=str))
+
+
 def _epoch_overrides(method_ov: list[str], stage1: int, epochs: int) -> tuple[list[str], int]:
     """Overrides that give this method the same total epochs as labelled GenDD (stage 1 + GenDD)."""
     total = stage1 + epochs
@@ -94,9 +99,7 @@ def run_quality(make_ctx, seeds: list[int], out: Path, console, long_tail: bool 
             r = rows[-1]
             console.print(f"{name:18} {READOUT[m]:34} {r['mean']:6.2f} +- {r['sem']:.2f} (s.e.)  {' '.join(f'{v:.2f}' for v in r['values'])}")
         # written after every method, so a long run that is stopped keeps what it measured
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"recipe": base.recipe_path, "seeds": seeds, "teachers": teachers, "rows": rows, "runs": runs, "partial": True,
-                                   "wall_s": round(time.perf_counter() - t0, 1)}, indent=2, default=str))
+        _write(out, {"recipe": base.recipe_path, "seeds": seeds, "teachers": teachers, "rows": rows, "runs": runs, "partial": True, "wall_s": round(time.perf_counter() - t0, 1)})
     result = {
         "recipe": base.recipe_path,
         "seeds": seeds,
@@ -116,8 +119,7 @@ def run_quality(make_ctx, seeds: list[int], out: Path, console, long_tail: bool 
         table.add_row(r["method"], r["readout"], str(r["total_epochs"]), f"{r['mean']:.2f}", f"{r['std']:.2f}", f"{r['sem']:.2f}", " ".join(f"{v:.2f}" for v in r["values"]), str(r["train_s_mean"]))
     console.print(table)
     console.print(f"wall time {result['wall_s']:.0f} s")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    _write(out, result)
     console.print(f"wrote {out}")
     return result
 

@@ -63,7 +63,7 @@ def fit_ridge(feats: torch.Tensor, teacher_feats: torch.Tensor, teacher_fc: nn.L
     n, d = x.shape
     gram = x.T @ x / n + ridge * torch.eye(d, dtype=torch.float64)
     a = torch.linalg.solve(gram, x.T @ (y - y_mean) / n).T  # (D_t, D_s), on standardised inputs
-    w_t, b_t = teacher_fc.weight.detach().double(), teacher_fc.bias.detach().double()
+    w_t, b_t = teacher_fc.weight.detach().cpu().double(), teacher_fc.bias.detach().cpu().double()
     weight = w_t @ a  # (C, D_s)
     bias = w_t @ y_mean + b_t
     return _fold(weight, bias, mean, std).float()

@@ -367,10 +367,9 @@ class DistillStage(Stage):
                 ys.append(y.cpu())
                 bar.update(task, advance=len(idx))
         f_s, f_t, ys = torch.cat(f_s), torch.cat(f_t), torch.cat(ys)
-        out = {"fit_ridge": readout.fit_ridge(f_s, f_t, student.teacher_fc.cpu())}
+        out = {"fit_ridge": readout.fit_ridge(f_s, f_t, student.teacher_fc)}
         if dc.labels:
             out["fit_ce"] = readout.fit_ce(f_s, ys, data.num_classes)
-        student.teacher_fc.to(device)
         return {k: v.to(device) for k, v in out.items()}
 
     @torch.no_grad()
