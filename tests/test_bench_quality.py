@@ -16,7 +16,7 @@ def test_quality_benchmark_writes_every_method(tiny_context, tmp_path):
     methods = {r["method"] for r in saved["rows"]}
     assert methods == {"ce", "kd", "gendd", "kd-KL unlabelled", "gendd unlabelled", "ce long-tail", "kd long-tail", "gendd long-tail"}
     gendd = {r["metric"] for r in saved["rows"] if r["method"] == "gendd"}
-    assert gendd == {"published_top1", "ddim0_top1", "probe_top1", "fit_ce_top1", "fit_ridge_top1"}
+    assert gendd == {"published_top1", "ddim0_top1", "probe_top1", "fit_ce_top1", "fit_ridge_top1", "fit_sampler_top1"}
     unlabelled = {r["metric"] for r in saved["rows"] if r["method"] == "gendd unlabelled"}
     assert "probe_top1" not in unlabelled and "fit_ridge_top1" in unlabelled
     # every method trains for the same total epochs (gendd: stage 1 + gendd)

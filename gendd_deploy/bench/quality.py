@@ -22,8 +22,8 @@ from gendd_deploy.stages import Context, run_chain
 from gendd_deploy.stages.cache import CacheStage
 from gendd_deploy.stages.distill import DistillStage
 
-GENDD_READOUTS = ["published_top1", "ddim0_top1", "probe_top1", "fit_ce_top1", "fit_ridge_top1"]
-GENDD_UNLABELLED_READOUTS = ["published_top1", "ddim0_top1", "fit_ridge_top1"]
+GENDD_READOUTS = ["published_top1", "ddim0_top1", "probe_top1", "fit_ce_top1", "fit_ridge_top1", "fit_sampler_top1"]
+GENDD_UNLABELLED_READOUTS = ["published_top1", "ddim0_top1", "fit_ridge_top1", "fit_sampler_top1"]
 LONG_TAIL = ["data.imbalance_factor=100"]
 
 # (row name, setting overrides, method overrides, read-outs reported); "total" = equal total epochs
@@ -44,6 +44,7 @@ READOUT = {
     "probe_top1": "in-training probe",
     "fit_ce_top1": "fitted linear (CE)",
     "fit_ridge_top1": "fitted linear (label-free ridge)",
+    "fit_sampler_top1": "fitted linear (sampler-distilled)",
 }
 
 

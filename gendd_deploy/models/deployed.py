@@ -33,7 +33,7 @@ class SamplerSetting:
     t_start: int | None = None  # None = the last training timestep (the published sampler)
     min_alpha_bar: float = 0.0
     clip: bool = True  # clip the x0 estimate to the training targets' range (not in the authors' sampler)
-    readout: str | None = None  # kind = "readout": the fitted read-out's name (fit_ce, fit_ridge)
+    readout: str | None = None  # kind = "readout": the fitted read-out's name (fit_ce, fit_ridge, fit_sampler)
 
     @classmethod
     def published(cls) -> "SamplerSetting":

@@ -9,8 +9,11 @@ information at the plain student's cost. Two fits, both on training images only:
 - `fit_ridge`: label-free. Closed-form ridge regression from f_s to the teacher feature f_t, then
   composed with the frozen teacher classifier: logits = W_t (A f_s + a) + b_t, folded into one
   Linear. Works for unlabelled students.
+- `fit_sampler` (sampler distillation): the same closed-form ridge, but towards the teacher-like
+  features the deterministic sampler (DDIM-8 from zero noise) draws for each training image, so
+  the Linear imitates the sampler rather than the teacher. Label-free as well.
 
-Both return a plain `nn.Linear`, which exports as exactly a plain student's graph.
+Each returns a plain `nn.Linear`, which exports as exactly a plain student's graph.
 """
 
 from __future__ import annotations

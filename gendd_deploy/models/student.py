@@ -90,10 +90,19 @@ class GenDDStudent(nn.Module):
             parts["probe_ce"] = ce.detach()
         return loss, parts
 
+    def sample_features(self, f_s: torch.Tensor, schedule: SamplingSchedule, sampler: str, draws: int, guidance: float, temperature: float, noise=None, clip: bool = True) -> torch.Tensor:
+        """Teacher-like features (B, D_t) sampled by the head, conditioned on student features f_s."""
+        z = self.condition(f_s).float()
+        return self.head.sample(z, schedule, sampler=sampler, draws=draws, guidance=guidance, temperature=temperature, noise=noise, clip=(self.clip_lo, self.clip_hi) if clip else None)
+
     def sample_logits(self, x: torch.Tensor, schedule: SamplingSchedule, sampler: str, draws: int, guidance: float, temperature: float, noise=None, clip: bool = True) -> torch.Tensor:
-        z = self.condition(self.features(x)).float()
-        feat = self.head.sample(z, schedule, sampler=sampler, draws=draws, guidance=guidance, temperature=temperature, noise=noise, clip=(self.clip_lo, self.clip_hi) if clip else None)
-        return self.teacher_fc(feat)
+        return self.teacher_fc(self.sample_features(self.features(x), schedule, sampler, draws, guidance, temperature, noise, clip))
+
+
+def deterministic_schedule(student: GenDDStudent) -> SamplingSchedule:
+    """DDIM-8 from t = 900: with temperature 0 (x_T = 0) the cheap deterministic sampler that
+    distill reports as ddim0 and that the sampler-distilled read-out is fitted to."""
+    return SamplingSchedule(student.head.train_schedule, 8, t_start=900)
 
 
 def stage1_projector(d_s: int, d_t: int) -> nn.Linear:

@@ -20,7 +20,7 @@ from gendd_deploy.errors import UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models import readout
 from gendd_deploy.models.diffusion import SamplingSchedule
-from gendd_deploy.models.student import GenDDStudent, contract, stage1_projector
+from gendd_deploy.models.student import GenDDStudent, contract, deterministic_schedule, stage1_projector
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
 from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
@@ -356,18 +356,25 @@ class DistillStage(Stage):
         n = min(len(data.train), dc.train_limit or len(data.train))
         views = torch.zeros(n, dtype=torch.long)  # the first cached view (or a seeded augmentation)
         gen = torch.Generator().manual_seed(student_seed(ctx) + 4242)
-        f_s, f_t, ys = [], [], []
-        with progress_bar(ctx.console, ctx.quiet) as bar:
+        ddim0 = deterministic_schedule(student)
+        f_s, f_t, f_d, ys = [], [], [], []
+        with progress_bar(ctx.console, ctx.quiet) as bar, torch.no_grad():
             task = bar.add_task("fit read-outs", total=n, info="")
             for i in range(0, n, ctx.recipe.data.eval_batch_size):
                 idx = torch.arange(i, min(n, i + ctx.recipe.data.eval_batch_size))
                 x, ft, y = self._batch(ctx, idx, views, gen, cache, teacher, device)
-                f_s.append(student.features(x).float().cpu())
+                fs = student.features(x)
+                f_s.append(fs.float().cpu())
                 f_t.append(ft.float().cpu())
+                # sampler distillation: the deterministic sampler's teacher-like feature is the target
+                f_d.append(student.sample_features(fs, ddim0, "ddim", 1, 1.0, 0.0).float().cpu())
                 ys.append(y.cpu())
                 bar.update(task, advance=len(idx))
-        f_s, f_t, ys = torch.cat(f_s), torch.cat(f_t), torch.cat(ys)
-        out = {"fit_ridge": readout.fit_ridge(f_s, f_t, student.teacher_fc)}
+        f_s, f_t, f_d, ys = torch.cat(f_s), torch.cat(f_t), torch.cat(f_d), torch.cat(ys)
+        out = {
+            "fit_ridge": readout.fit_ridge(f_s, f_t, student.teacher_fc),
+            "fit_sampler": readout.fit_ridge(f_s, f_d, student.teacher_fc),
+        }
         if dc.labels:
             out["fit_ce"] = readout.fit_ce(f_s, ys, data.num_classes)
         return {k: v.to(device) for k, v in out.items()}
@@ -392,7 +399,7 @@ class DistillStage(Stage):
         out["published_top1"] = round(self._top1(ctx, device, n, published, f"eval {dc.eval_sampler}-{dc.eval_steps}"), 3)
         out["published_sampler"] = f"{dc.eval_sampler}-{dc.eval_steps} x{dc.eval_draws} cfg{dc.eval_guidance} T{dc.eval_temperature}"
         # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
-        ddim0 = self._sampler_fn(ctx, student, SamplingSchedule(student.head.train_schedule, 8, t_start=900), "ddim", 1, 1.0, 0.0)
+        ddim0 = self._sampler_fn(ctx, student, deterministic_schedule(student), "ddim", 1, 1.0, 0.0)
         out["ddim0_top1"] = round(self._top1(ctx, device, n, ddim0, "eval ddim-8"), 3)
         for name, lin in (readouts or {}).items():
             fn = lambda x, i, lin=lin: lin(student.features(x))  # noqa: E731
