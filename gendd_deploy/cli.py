@@ -240,21 +240,23 @@ def bench(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
+    models: Annotated[Optional[list[str]], typer.Option("--models", help="models to measure, repeatable: teacher, ce, kd, calibrated, reference, probe [default: all but probe]")] = None,
     runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="runtimes to measure [default: torch, onnxruntime, tensorrt where available]; add aoti explicitly")] = None,
     batch: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 32, 256],
     reps: Annotated[int, typer.Option(help="timed runs per point (after one warm-up)")] = 20,
-    budget_s: Annotated[float, typer.Option(help="stop timing a point after this many seconds (at least 2 runs)")] = 5.0,
-    limit: Annotated[int, typer.Option(help="test images for top-1")] = 1000,
+    budget_s: Annotated[float, typer.Option(help="stop timing a model at a batch size after this many seconds of its runs (at least 2 runs)")] = 5.0,
+    limit: Annotated[int, typer.Option(help="test images for each row's top-1 (0: all)")] = 1000,
     out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output [default: benchmarks/results/bench_<pipeline>.json]")] = None,
 ) -> None:
-    """Latency (p50/p95), images/s, parity and top-1 of teacher, plain student and GenDD student (reference and calibrated sampler) on every available runtime; or a named benchmark below."""
+    """Latency (p50/p95), images/s, parity and top-1 of the teacher, plain ce and kd students and the GenDD student (as calibrated, and with the published sampler) on every available runtime, models timed in turn; or a named benchmark below."""
     if ctx.invoked_subcommand is not None:
         return
     from gendd_deploy.bench.runtime import run_bench
 
     def go():
-        c = make_context(pipeline, artifacts, list(set_ or []))
-        run_bench(c, runtime, list(batch), reps, limit, budget_s, _bench_out(out_file, "bench", c.pipeline), out)
+        base = make_context(pipeline, artifacts, list(set_ or []))
+        mk = lambda ov: base if not ov else make_context(pipeline, artifacts, list(set_ or []) + ov)  # noqa: E731
+        run_bench(mk, models=models, runtimes=runtime, batches=list(batch), reps=reps, limit=limit, budget_s=budget_s, out=_bench_out(out_file, "bench", base.pipeline), console=out)
 
     guarded(go)
 

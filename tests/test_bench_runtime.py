@@ -3,21 +3,36 @@ model on every runtime asked for, checks parity against eager PyTorch and writes
 
 import json
 
+import pytest
 import torch
 from rich.console import Console
 
 from gendd_deploy.bench.runtime import run_bench
+from gendd_deploy.errors import UsageError
+
+SMALL_GRID = ("calibrate.steps=[1]", "calibrate.draws=[1]", "calibrate.t_starts=[999]")
+
+
+def _maker(tiny_context):
+    return lambda ov: tiny_context(*SMALL_GRID, *ov)
 
 
 def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context, tmp_path):
-    ctx = tiny_context("calibrate.steps=[1]", "calibrate.draws=[1]", "calibrate.t_starts=[999]")
     out = tmp_path / "bench.json"
+    mk = _maker(tiny_context)
     with torch.no_grad():  # a caller's no_grad must not stop the missing stages from training
-        result = run_bench(ctx, ["torch", "onnxruntime"], [2, 8], reps=2, limit=32, budget_s=0.5, out=out, console=Console(quiet=True))
+        result = run_bench(
+            mk, models=["teacher", "ce", "kd", "calibrated", "reference", "probe"], runtimes=["torch", "onnxruntime"],
+            batches=[2, 8], reps=2, limit=32, budget_s=0.5, out=out, console=Console(quiet=True),
+        )
+    ctx = mk([])
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert {a.stage for a in ctx.store.list()} >= {"teacher", "teacher_features", "student", "sampler"}
+    methods = {a.manifest["info"].get("method") for a in ctx.store.list() if a.stage == "student"}
+    assert methods == {"gendd", "ce", "kd"}  # the plain students were trained for the bench
     models = {r["model"] for r in result["rows"]}
-    assert {"teacher", "student probe", "gendd reference"} <= models and any(m.startswith("gendd calibrated") for m in models)
+    assert {"teacher", "ce student", "kd student", "gendd probe", "gendd reference"} <= models
+    assert any(m.startswith("gendd calibrated") for m in models)
     assert len(result["rows"]) == len(models) * 2 * 2  # every model x runtime x batch
     for r in result["rows"]:
         assert r["p50_ms"] > 0 and r["images_per_s"] > 0 and 0 <= r["top1"] <= 100 and r["top1_images"] == 32
@@ -28,4 +43,17 @@ def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context
             assert r["max_abs_diff_vs_torch"] < bound, r
     assert result["device"] == str(ctx.device())
     ratios = {(r["runtime"], r["batch"], r["vs"]) for r in result["ratios"]}
-    assert ("torch", 8, "student probe") in ratios and ("onnxruntime", 2, "torch eager (same model)") in ratios
+    assert ("torch", 8, "kd student") in ratios and ("onnxruntime", 2, "ce student") in ratios
+    assert ("onnxruntime", 2, "torch eager (same model)") in ratios
+    summary = result["readouts"]  # the deployed student against the read-outs distill scored
+    assert summary["best_top1"] == max(summary["readouts"].values()) and "published" in summary["readouts"]
+    assert summary["gap"] == pytest.approx(summary["best_top1"] - summary["calibrated_top1"], abs=0.01)
+
+
+def test_bench_models_selects_what_is_built_and_timed(tiny_context, tmp_path):
+    mk = _maker(tiny_context)
+    result = run_bench(mk, models=["calibrated"], runtimes=["torch"], batches=[2], reps=2, limit=16, budget_s=0.2, out=tmp_path / "b.json", console=Console(quiet=True))
+    assert len(result["models"]) == 1 and result["models"][0].startswith("gendd calibrated")
+    assert {a.stage for a in mk([]).store.list()} == {"teacher", "teacher_features", "student", "sampler"}  # no reference export, no plain students
+    with pytest.raises(UsageError, match="--models sampler: unknown"):
+        run_bench(mk, models=["sampler"], runtimes=["torch"], batches=[2], reps=2, limit=16, budget_s=0.2, out=tmp_path / "c.json", console=Console(quiet=True))

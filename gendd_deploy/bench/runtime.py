@@ -1,7 +1,8 @@
 """Runtime benchmark: latency, throughput, parity and top-1 of teacher and students per runtime.
 
-Models: the teacher, the plain student (its linear probe, no sampling), the GenDD student with the
-published reference sampler and with the calibrated sampler. Runtimes: torch eager, ONNX Runtime,
+Models (`--models`): the teacher, plain ce and kd students (the recipe's student trained with that
+method for the same total epochs), the GenDD student as calibrate chose to deploy it and with the
+published reference sampler, and (on request) the in-training probe. Runtimes: torch eager, ONNX Runtime,
 AOTInductor (opt-in: compiling takes minutes) and TensorRT where registered and available.
 Each model is exported for the bench into a temporary folder (the published onnx artifact stays as
 it is). Ratios are computed within this one run. Example: gendd bench -p pipelines/quickstart.toml
@@ -21,6 +22,7 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
+from gendd_deploy.errors import UsageError
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, runtime_status
 from gendd_deploy.runtime.parity import parity
@@ -28,24 +30,57 @@ from gendd_deploy.stages import Context, run_chain
 
 SEED = 1234
 
+# what `--models` can name; the default leaves out only the in-training probe
+MODEL_CHOICES = ("teacher", "ce", "kd", "calibrated", "reference", "probe")
+DEFAULT_MODELS = ("teacher", "ce", "kd", "calibrated", "reference")
+PLAIN = ("ce student", "kd student", "student")
 
-def _models(ctx: Context) -> dict[str, DeployedModel]:
+
+def _plain_student(make_ctx, ctx: Context, method: str) -> DeployedModel:
+    """The recipe's student trained as a plain `method` student, with the same total epochs."""
+    from gendd_deploy.bench.quality import _epoch_overrides
+    from gendd_deploy.stages.distill import DistillStage, load_student
+
+    dc = ctx.recipe.distill
+    epoch_ov, _ = _epoch_overrides([f"distill.method='{method}'"], dc.stage1_epochs, dc.epochs)
+    art = run_chain(DistillStage(), make_ctx([f"distill.method='{method}'", *epoch_ov]))
+    return DeployedModel(load_student(art))
+
+
+def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, DeployedModel], dict]:
+    """The models `wanted` names, building what is missing; and the student's distill metrics."""
     from gendd_deploy.stages.calibrate import CalibrateStage
     from gendd_deploy.stages.distill import DistillStage, load_student
     from gendd_deploy.stages.teacher import TeacherStage, load_teacher
 
-    sampler_art = run_chain(CalibrateStage(), ctx)
-    student = load_student(DistillStage().require(ctx))
-    models = {"teacher": DeployedModel(load_teacher(TeacherStage().require(ctx)))}
-    if not hasattr(student, "head"):
-        models["student"] = DeployedModel(student)
-        return models
-    setting = SamplerSetting.from_dict(sampler_art.manifest["info"]["setting"])
-    seed = int(sampler_art.manifest["info"].get("fixed_noise_seed") or 0)
-    models["student probe"] = DeployedModel(student, SamplerSetting.probe())
-    models["gendd reference"] = DeployedModel(student, SamplerSetting.published())
-    models[f"gendd calibrated ({setting.label()})"] = DeployedModel(student, setting, seed)
-    return models
+    gendd = ctx.recipe.distill.method == "gendd"
+    models: dict[str, DeployedModel] = {}
+    if "teacher" in wanted:
+        models["teacher"] = DeployedModel(load_teacher(run_chain(TeacherStage(), ctx)))
+    for method in ("ce", "kd"):
+        if method in wanted and gendd and (method == "kd" or ctx.recipe.distill.labels):
+            models[f"{method} student"] = _plain_student(make_ctx, ctx, method)
+    gendd_wanted = [m for m in ("calibrated", "reference", "probe") if m in wanted]
+    if not gendd:  # a kd / ce recipe: its student is the plain student, there is no sampler
+        student_art = run_chain(DistillStage(), ctx)
+        models["student"] = DeployedModel(load_student(student_art))
+        if gendd_wanted:
+            ctx.log(f"[dim]bench: {', '.join(gendd_wanted)} skipped: the recipe's distill.method is {ctx.recipe.distill.method}, not gendd[/]")
+        return models, dict(student_art.metrics)
+    if not gendd_wanted:
+        return models, {}
+    sampler_art = run_chain(CalibrateStage(), ctx) if "calibrated" in wanted else None
+    student_art = DistillStage().require(ctx) if sampler_art else run_chain(DistillStage(), ctx)
+    student = load_student(student_art)
+    if "calibrated" in wanted:
+        setting = SamplerSetting.from_dict(sampler_art.manifest["info"]["setting"])
+        seed = int(sampler_art.manifest["info"].get("fixed_noise_seed") or 0)
+        models[f"gendd calibrated ({setting.label()})"] = DeployedModel(student, setting, seed)
+    if "reference" in wanted:
+        models["gendd reference"] = DeployedModel(student, SamplerSetting.published())
+    if "probe" in wanted and ctx.recipe.distill.labels:  # unlabelled students have no trained probe
+        models["gendd probe"] = DeployedModel(student, SamplerSetting.probe())
+    return models, dict(student_art.metrics)
 
 
 def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, name: str, device: torch.device):
@@ -71,15 +106,26 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
     return make_runner(kind, model=model, noise_shape_tail=tail)
 
 
-def _latency(runner, images: np.ndarray, batch: int, reps: int, budget_s: float) -> list[float]:
+def _interleaved_latency(runners: dict, images: np.ndarray, batch: int, reps: int, budget_s: float) -> dict[str, list[float]]:
+    """Milliseconds per run of every runner at `batch`, timed in turn (one run of each per round),
+    so drifts in machine load fall on all models alike and ratios within the run stay fair.
+    A runner leaves the rotation after `reps` runs, or after `budget_s` of its own time (>= 2 runs)."""
     x = np.ascontiguousarray(np.resize(images, (batch,) + images.shape[1:]), dtype=np.float32)
-    noise = runner.noise(batch, SEED)
-    runner.run(x, noise)  # warm-up
-    times, start = [], time.perf_counter()
-    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        runner.run(x, noise)
-        times.append(1000.0 * (time.perf_counter() - t0))
+    noise = {name: r.noise(batch, SEED) for name, r in runners.items()}
+    for name, r in runners.items():
+        r.run(x, noise[name])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    spent = dict.fromkeys(runners, 0.0)
+    active = list(runners)
+    while active:
+        for name in list(active):
+            t0 = time.perf_counter()
+            runners[name].run(x, noise[name])
+            dt = time.perf_counter() - t0
+            times[name].append(1000.0 * dt)
+            spent[name] += dt
+            if len(times[name]) >= reps or (len(times[name]) >= 2 and spent[name] >= budget_s):
+                active.remove(name)
     return times
 
 
@@ -91,42 +137,79 @@ def _top1(runner, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
     return 100.0 * correct / max(1, len(images))
 
 
-def run_bench(ctx: Context, runtimes: list[str] | None, batches: list[int], reps: int, limit: int, budget_s: float, out: Path, console) -> dict:
+def _readout_summary(models: dict, metrics: dict, calibrated_top1: float | None) -> dict | None:
+    """The calibrated student's test top-1 (all test images) against the best GenDD read-out the
+    distill stage scored on the same images."""
+    calibrated = next((m for m in models if m.startswith("gendd calibrated")), None)
+    scored = {k[: -len("_top1")]: v for k, v in metrics.items() if k.endswith("_top1") and k not in ("test_top1", "teacher_top1")}
+    if calibrated is None or calibrated_top1 is None or not scored:
+        return None
+    best = max(scored, key=scored.get)
+    return {
+        "calibrated": calibrated, "calibrated_top1": round(calibrated_top1, 2), "test_images": metrics.get("test_images"),
+        "best_readout": best, "best_top1": scored[best], "gap": round(scored[best] - calibrated_top1, 2), "readouts": scored,
+    }
+
+
+def run_bench(
+    make_ctx, *, models: list[str] | None = None, runtimes: list[str] | None = None, batches: list[int],
+    reps: int, limit: int, budget_s: float, out: Path, console,
+) -> dict:
+    """make_ctx(overrides) -> Context (the plain ce / kd students are the recipe with another method)."""
     from gendd_deploy.data.augment import to_model_input
 
+    ctx = make_ctx([])
+    wanted = list(models or DEFAULT_MODELS)
+    bad = [m for m in wanted if m not in MODEL_CHOICES]
+    if bad:
+        raise UsageError(f"--models {', '.join(bad)}: unknown; choose from {', '.join(MODEL_CHOICES)}")
     data = ctx.data()
-    n = min(limit, len(data.test))
-    test_x = to_model_input(data.test.get_batch(torch.arange(n)), data.mean, data.std).numpy()
-    test_y = data.test.labels[:n].numpy()
+    n = min(limit, len(data.test)) if limit > 0 else len(data.test)
+    all_x = to_model_input(data.test.get_batch(torch.arange(len(data.test))), data.mean, data.std).numpy()
+    all_y = data.test.labels.numpy()
+    test_x, test_y = all_x[:n], all_y[:n]
     example = torch.from_numpy(test_x[:2])
     status = runtime_status()
-    wanted = runtimes or [r for r in ("torch", "onnxruntime", "tensorrt") if r in status]
-    skipped = {r: status.get(r, "not registered") for r in wanted if status.get(r, "not registered") is not None}
-    use = [r for r in wanted if r not in skipped]
+    wanted_rt = runtimes or [r for r in ("torch", "onnxruntime", "tensorrt") if r in status]
+    skipped = {r: status.get(r, "not registered") for r in wanted_rt if status.get(r, "not registered") is not None}
+    use = [r for r in wanted_rt if r not in skipped]
     for r, why in skipped.items():
         ctx.log(f"[dim]bench: runtime {r} skipped: {escape(str(why))}[/]")
     rows = []
-    models, device = _models(ctx), ctx.device()  # builds what is missing (training needs grad)
+    chosen, student_metrics = _models(make_ctx, ctx, wanted)  # builds what is missing (training needs grad)
+    device = ctx.device()
+    calibrated_top1 = None
     with tempfile.TemporaryDirectory(prefix="gendd-bench-") as tmp, torch.no_grad():
-        for name, model in models.items():
-            torch_ref = make_runner("torch", model=model)  # parity reference: eager on the CPU
-            for kind in use:
-                runner = _runner(kind, model, Path(tmp), example, name, device)
-                par = parity(torch_ref, runner, test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
-                acc = _top1(runner, test_x, test_y, 64)
-                for b in batches:
-                    ts = _latency(runner, test_x, b, reps, budget_s)
+        refs = {name: make_runner("torch", model=m) for name, m in chosen.items()}  # parity reference: eager on the CPU
+        cal = next((m for m in chosen if m.startswith("gendd calibrated")), None)
+        if cal is not None:  # the deployed student on the test images distill scored its read-outs on
+            m = int(student_metrics.get("test_images") or len(all_x))
+            calibrated_top1 = _top1(refs[cal], all_x[:m], all_y[:m], 256)
+        for kind in use:
+            runners, quality = {}, {}
+            for name, model in chosen.items():
+                runners[name] = _runner(kind, model, Path(tmp), example, name, device)
+                par = parity(refs[name], runners[name], test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
+                quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else par["max_abs_diff"])
+                console.print(f"bench: {escape(name)} / {kind}: top-1 {quality[name][0]:.2f} on {n} test images")
+            for b in batches:
+                times = _interleaved_latency(runners, test_x, b, reps, budget_s)
+                for name, ts in times.items():
                     p50 = statistics.median(ts)
                     rows.append({
-                        "model": name, "runtime": kind, "providers": runner.providers(), "batch": b,
+                        "model": name, "runtime": kind, "providers": runners[name].providers(), "batch": b,
                         "p50_ms": round(p50, 3), "p95_ms": round(float(np.percentile(ts, 95)), 3), "reps": len(ts),
-                        "images_per_s": round(1000.0 * b / p50, 1), "top1": round(acc, 2), "top1_images": n,
-                        "max_abs_diff_vs_torch": None if par is None else par["max_abs_diff"],
+                        "images_per_s": round(1000.0 * b / p50, 1), "top1": round(quality[name][0], 2), "top1_images": n,
+                        "max_abs_diff_vs_torch": quality[name][1],
                     })
-                    ctx.log(f"bench: {name} / {kind} / batch {b}: p50 {p50:.2f} ms")
-    ratios = _ratios(rows, models)
-    result = {"pipeline": ctx.pipeline, "device": str(device), "rows": rows, "ratios": ratios, "skipped_runtimes": skipped, "test_images": n}
-    _print(console, rows, ratios)
+                    console.print(f"bench: {escape(name)} / {kind} / batch {b}: p50 {p50:.3f} ms, {rows[-1]['images_per_s']:.0f} images/s")
+    ratios = _ratios(rows, chosen)
+    summary = _readout_summary(chosen, student_metrics, calibrated_top1)
+    result = {
+        "pipeline": ctx.pipeline, "device": str(device), "models": list(chosen), "rows": rows, "ratios": ratios,
+        "readouts": summary, "skipped_runtimes": skipped, "test_images": n,
+    }
+    _print(console, rows, ratios, summary)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     console.print(f"wrote {out}")
@@ -134,7 +217,8 @@ def run_bench(ctx: Context, runtimes: list[str] | None, batches: list[int], reps
 
 
 def _ratios(rows: list[dict], models: dict) -> list[dict]:
-    """Calibrated GenDD student's p50 latency over the plain student, reference sampler and teacher."""
+    """Calibrated GenDD student's p50 latency over the plain students, the probe, the reference
+    sampler and the teacher (the target: <= 1.05x a plain student); and ORT over eager."""
     calibrated = next((m for m in models if m.startswith("gendd calibrated")), None)
     if calibrated is None:
         return []
@@ -143,7 +227,7 @@ def _ratios(rows: list[dict], models: dict) -> list[dict]:
     for (model, runtime, batch), p50 in by.items():
         if model != calibrated:
             continue
-        for other in ("student probe", "gendd reference", "teacher"):
+        for other in (*PLAIN, "gendd probe", "gendd reference", "teacher"):
             if (other, runtime, batch) in by:
                 out.append({"runtime": runtime, "batch": batch, "vs": other, "ratio": round(p50 / by[(other, runtime, batch)], 3)})
     for runtime in {r["runtime"] for r in rows}:  # ORT vs eager for the deployed student
@@ -153,18 +237,23 @@ def _ratios(rows: list[dict], models: dict) -> list[dict]:
     return out
 
 
-def _print(console, rows, ratios) -> None:
+def _print(console, rows, ratios, summary) -> None:
     t = Table(title="gendd bench")
     for col in ("model", "runtime", "batch", "p50 ms", "p95 ms", "images/s", "top-1", "max |diff| vs torch"):
         t.add_column(col)
     for r in rows:
         d = r["max_abs_diff_vs_torch"]
-        t.add_row(r["model"], r["runtime"], str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['images_per_s']:.0f}", f"{r['top1']:.2f}", "-" if d is None else f"{d:.1e}")
+        t.add_row(escape(r["model"]), r["runtime"], str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p95_ms']:.3f}", f"{r['images_per_s']:.0f}", f"{r['top1']:.2f}", "-" if d is None else f"{d:.1e}")
     console.print(t)
     if ratios:
-        rt = Table(title="latency ratios, calibrated GenDD student (p50, same run)")
+        rt = Table(title="latency ratios, calibrated GenDD student (p50, same run, timed in turn)")
         for col in ("runtime", "batch", "vs", "ratio"):
             rt.add_column(col)
         for r in ratios:
             rt.add_row(r["runtime"], str(r["batch"]), r["vs"], f"{r['ratio']:.3f}")
         console.print(rt)
+    if summary:
+        console.print(
+            f"calibrated student {escape(summary['calibrated'])}: {summary['calibrated_top1']:.2f}% on all {summary['test_images']} test images; "
+            f"best GenDD read-out {summary['best_readout']} {summary['best_top1']:.2f}% (the calibrated student is {summary['gap']:.2f} points below it)"
+        )
