@@ -48,6 +48,13 @@ def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context
     summary = result["readouts"]  # the deployed student against the read-outs distill scored
     assert summary["best_top1"] == max(summary["readouts"].values()) and "published" in summary["readouts"]
     assert summary["gap"] == pytest.approx(summary["best_top1"] - summary["calibrated_top1"], abs=0.01)
+    # a linear read-out (the probe here) deploys as exactly the plain students' graph, a sampler does
+    # not; the summary says so for the calibrated choice, whichever calibrate made
+    ops = result["onnx_ops"]
+    assert ops["ce student"] == ops["kd student"] == ops["gendd probe"]
+    assert ops["gendd reference"] != ops["ce student"]
+    linear = summary["calibrated"].endswith(("probe)", "linear fit_ce)", "linear fit_ridge)", "linear fit_sampler)"))
+    assert summary["same_graph_as"] == (["ce student", "kd student"] if linear else [])
 
 
 def test_bench_models_selects_what_is_built_and_timed(tiny_context, tmp_path):

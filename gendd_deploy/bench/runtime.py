@@ -87,7 +87,7 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
     """A runner of `kind` for the CPU-resident `model`; torch eager and AOTInductor run on `device`
     (the recipe's: the GPU where there is one), ONNX Runtime on the providers it has."""
     tail = model.noise_shape(1)[1:] if model.needs_noise else None
-    slug = "".join(c if c.isalnum() else "_" for c in name)
+    slug = _slug(name)
     on_device = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     if kind == "torch":
         return make_runner("torch", model=on_device, device=device)
@@ -104,6 +104,25 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
         export_aoti(on_device, path, example)
         return make_runner("aoti", aoti_path=path, noise_shape_tail=tail, device=device)
     return make_runner(kind, model=model, noise_shape_tail=tail)
+
+
+def _graph_ops(folder: Path, name: str) -> dict[str, int] | None:
+    """Op-type counts of the ONNX graph the bench exported for `name` (None if it exported none):
+    two models with the same counts and the same weight shapes run the same computation."""
+    import onnx
+
+    path = folder / f"{_slug(name)}.onnx"
+    if not path.exists():
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return dict(sorted(ops.items()))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _interleaved_latency(runners: dict, images: np.ndarray, batch: int, reps: int, budget_s: float) -> dict[str, list[float]]:
@@ -178,7 +197,7 @@ def run_bench(
     rows = []
     chosen, student_metrics = _models(make_ctx, ctx, wanted)  # builds what is missing (training needs grad)
     device = ctx.device()
-    calibrated_top1 = None
+    calibrated_top1, graphs = None, {}
     with tempfile.TemporaryDirectory(prefix="gendd-bench-") as tmp, torch.no_grad():
         refs = {name: make_runner("torch", model=m) for name, m in chosen.items()}  # parity reference: eager on the CPU
         cal = next((m for m in chosen if m.startswith("gendd calibrated")), None)
@@ -192,6 +211,8 @@ def run_bench(
                 par = parity(refs[name], runners[name], test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
                 quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else par["max_abs_diff"])
                 console.print(f"bench: {escape(name)} / {kind}: top-1 {quality[name][0]:.2f} on {n} test images")
+                if kind == "onnxruntime":
+                    graphs[name] = _graph_ops(Path(tmp), name)
             for b in batches:
                 times = _interleaved_latency(runners, test_x, b, reps, budget_s)
                 for name, ts in times.items():
@@ -205,9 +226,12 @@ def run_bench(
                     console.print(f"bench: {escape(name)} / {kind} / batch {b}: p50 {p50:.3f} ms, {rows[-1]['images_per_s']:.0f} images/s")
     ratios = _ratios(rows, chosen)
     summary = _readout_summary(chosen, student_metrics, calibrated_top1)
+    if summary and graphs:  # latency ratios of equal graphs are noise; say when the graphs are equal
+        cal_ops = graphs.get(summary["calibrated"])
+        summary["same_graph_as"] = [m for m in PLAIN if m in graphs and cal_ops is not None and graphs[m] == cal_ops]
     result = {
         "pipeline": ctx.pipeline, "device": str(device), "models": list(chosen), "rows": rows, "ratios": ratios,
-        "readouts": summary, "skipped_runtimes": skipped, "test_images": n,
+        "readouts": summary, "onnx_ops": graphs, "skipped_runtimes": skipped, "test_images": n,
     }
     _print(console, rows, ratios, summary)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +277,11 @@ def _print(console, rows, ratios, summary) -> None:
             rt.add_row(r["runtime"], str(r["batch"]), r["vs"], f"{r['ratio']:.3f}")
         console.print(rt)
     if summary:
+        gap = summary["gap"]
+        where = "level with it" if abs(gap) < 0.005 else (f"{gap:.2f} points below it" if gap > 0 else f"{-gap:.2f} points above it")
         console.print(
             f"calibrated student {escape(summary['calibrated'])}: {summary['calibrated_top1']:.2f}% on all {summary['test_images']} test images; "
-            f"best GenDD read-out {summary['best_readout']} {summary['best_top1']:.2f}% (the calibrated student is {summary['gap']:.2f} points below it)"
+            f"best GenDD read-out {summary['best_readout']} {summary['best_top1']:.2f}% ({where})"
         )
+        if summary.get("same_graph_as"):
+            console.print(f"its ONNX graph has the same operators as the {' and the '.join(summary['same_graph_as'])}'s")
