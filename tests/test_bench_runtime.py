@@ -59,7 +59,10 @@ def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context
 
 def test_bench_models_selects_what_is_built_and_timed(tiny_context, tmp_path):
     mk = _maker(tiny_context)
-    result = run_bench(mk, models=["calibrated"], runtimes=["torch"], batches=[2], reps=2, limit=16, budget_s=0.2, out=tmp_path / "b.json", console=Console(quiet=True))
+    result = run_bench(mk, models=["calibrated"], runtimes=["torch", "tensorrt"], batches=[2], reps=2, limit=16, budget_s=0.2, out=tmp_path / "b.json", console=Console(quiet=True))
+    if result["skipped_runtimes"]:  # TensorRT absent: listed as skipped with its reason, never silently dropped
+        assert "TensorRT" in result["skipped_runtimes"]["tensorrt"]
+    assert {r["runtime"] for r in result["rows"]} == ({"torch"} if result["skipped_runtimes"] else {"torch", "tensorrt"})
     assert len(result["models"]) == 1 and result["models"][0].startswith("gendd calibrated")
     assert {a.stage for a in mk([]).store.list()} == {"teacher", "teacher_features", "student", "sampler"}  # no reference export, no plain students
     with pytest.raises(UsageError, match="--models sampler: unknown"):

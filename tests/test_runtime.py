@@ -57,11 +57,27 @@ class FakeRunner(Runner):
 
 
 def test_registry_lists_the_built_in_runtimes():
-    assert {"torch", "onnxruntime", "aoti"} <= set(RUNTIMES)
+    assert {"torch", "onnxruntime", "aoti", "tensorrt"} <= set(RUNTIMES)
     status = runtime_status()
     assert status["torch"] is None and status["onnxruntime"] is None
     assert {"torch", "onnxruntime"} <= set(available_runtimes())
     assert all(isinstance(why, str) for name, why in status.items() if name not in available_runtimes())
+
+
+def test_tensorrt_is_registered_and_says_why_it_is_absent():
+    why = runtime_status()["tensorrt"]
+    try:
+        import tensorrt  # noqa: F401
+
+        present = torch.cuda.is_available()
+    except ImportError:
+        present = False
+    if present:
+        assert why is None
+    else:
+        assert "TensorRT" in why and "pip install" in why
+        with pytest.raises(MissingDependency, match="runtime 'tensorrt' is not available here"):
+            make_runner("tensorrt", onnx_path="model.onnx")
 
 
 def test_make_runner_refuses_unknown_and_unavailable_runtimes():
@@ -197,7 +213,7 @@ def _build_aoti(model, tmp_path):
 
 
 # runtime -> how to make its model file from a DeployedModel; a new runtime adds its builder here
-BUILDERS = {"torch": _build_torch, "onnxruntime": _build_onnxruntime, "aoti": _build_aoti}
+BUILDERS = {"torch": _build_torch, "onnxruntime": _build_onnxruntime, "aoti": _build_aoti, "tensorrt": _build_onnxruntime}  # TensorRT builds an fp32 engine from the graph
 SLOW = {"aoti"}  # compiles C++: ~20 s warm, minutes on a busy 2-core box
 
 

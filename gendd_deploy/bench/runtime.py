@@ -91,12 +91,13 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
     on_device = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     if kind == "torch":
         return make_runner("torch", model=on_device, device=device)
-    if kind == "onnxruntime":
+    if kind in ("onnxruntime", "tensorrt"):  # TensorRT builds an fp32 engine from the same graph
         from gendd_deploy.runtime.onnx_export import export_onnx
 
         path = folder / f"{slug}.onnx"
-        export_onnx(model, path, example)
-        return make_runner("onnxruntime", onnx_path=path, noise_shape_tail=tail)
+        if not path.exists():
+            export_onnx(model, path, example)
+        return make_runner(kind, onnx_path=path, noise_shape_tail=tail)
     if kind == "aoti":
         from gendd_deploy.runtime.aoti import export_aoti
 

@@ -4,9 +4,9 @@
     logits = runner.run(images, runner.noise(len(images), seed=0))
 
 `RUNTIMES` is the registry: name -> (factory, availability check). A new runtime registers itself
-with `register_runtime` (TensorRT: `register_runtime("tensorrt", make_trt_runner, trt_unavailable)`,
-its factory reading e.g. `engine_path=` from the keyword arguments of `make_runner`); tests and
-`gendd bench` are parametrized over `available_runtimes()`.
+with `register_runtime` (TensorRT is registered below: its factory reads `engine_path=` or
+`onnx_path=` from the keyword arguments of `make_runner`, and where TensorRT or a GPU is absent
+`runtime_status()` says why); tests and `gendd bench` are parametrized over `available_runtimes()`.
 """
 
 from __future__ import annotations
@@ -91,9 +91,50 @@ def _aoti_unavailable() -> str | None:
     return None
 
 
+# ---- TensorRT (optional, NVIDIA GPUs only)
+
+def _trt_runner(engine_path=None, onnx_path=None, path=None, noise_shape_tail=None, max_batch: int = 256, **_):
+    """From an engine (`engine_path`: a plan file or an engine artifact folder, as `gendd build`
+    writes), or from `onnx_path`, built here into an fp32 engine beside it (batch 1 to max_batch)."""
+    from gendd_deploy.trt.runner import TrtRunner
+
+    engine = engine_path or path
+    if engine is None:
+        engine = _fp32_engine(_need("tensorrt", "engine_path or onnx_path", onnx_path), max_batch)
+    return TrtRunner(engine, noise_shape_tail=noise_shape_tail)
+
+
+def _fp32_engine(onnx_path, max_batch: int):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from gendd_deploy.trt import require_tensorrt
+    from gendd_deploy.trt.builder import EngineBuilder
+    from gendd_deploy.trt.plan import precision_plan, profile_shapes, read_io, trt_major
+
+    here = require_tensorrt("the TensorRT runtime")
+    batches = SimpleNamespace(min_batch=1, opt_batch=min(32, max_batch), max_batch=max_batch)
+    built = EngineBuilder().build(onnx_path, precision_plan(trt_major(here["tensorrt"]), "fp32"), profile_shapes(read_io(onnx_path), batches))
+    out = Path(onnx_path).with_suffix(".plan")
+    out.write_bytes(built.plan)
+    return out
+
+
+def _trt_unavailable() -> str | None:
+    from gendd_deploy.errors import MissingDependency
+    from gendd_deploy.trt import require_tensorrt
+
+    try:
+        require_tensorrt("the TensorRT runtime")
+    except MissingDependency as e:
+        return str(e)
+    return None
+
+
 register_runtime("torch", _torch_runner, _torch_unavailable)
 register_runtime("onnxruntime", _ort_runner, _ort_unavailable)
 register_runtime("aoti", _aoti_runner, _aoti_unavailable)
+register_runtime("tensorrt", _trt_runner, _trt_unavailable)
 
 
 def runtime_status() -> dict[str, str | None]:
