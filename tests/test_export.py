@@ -206,7 +206,8 @@ def test_export_stage_end_to_end(tiny_context):
     from gendd_deploy.artifacts import verify_artifact
     from gendd_deploy.stages import run_chain
     from gendd_deploy.stages.distill import DistillStage
-    from gendd_deploy.stages.export import ExportStage, deployed_from_artifacts, deployed_from_export, load_onnx_runner
+    from gendd_deploy.loaders import deployed_from_artifacts, deployed_from_export, load_onnx_runner
+    from gendd_deploy.stages.export import ExportStage
 
     ctx = tiny_context("teacher.epochs=1", "distill.epochs=1", "data.train_limit=128", "data.test_limit=32", "export.parity_limit=24")
     with pytest.raises(ArtifactError, match="no student artifact"):
@@ -274,6 +275,6 @@ def test_deployed_from_artifacts_refuses_a_foreign_sampler(student, tmp_path):
 
 
 def deployed_from_artifacts_(*a):
-    from gendd_deploy.stages.export import deployed_from_artifacts
+    from gendd_deploy.loaders import deployed_from_artifacts
 
     return deployed_from_artifacts(*a)

@@ -22,7 +22,8 @@ from gendd_deploy.runtime.torch_runner import TorchRunner
 from gendd_deploy.stages import run_chain
 from gendd_deploy.stages.cache import CacheStage
 from gendd_deploy.stages.distill import load_student
-from gendd_deploy.stages.export import ExportStage, calibration_images, deployed_from_export, load_onnx_runner
+from gendd_deploy.loaders import deployed_from_export, load_onnx_runner
+from gendd_deploy.stages.export import ExportStage, calibration_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible here)")
 

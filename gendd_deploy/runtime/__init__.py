@@ -43,7 +43,7 @@ def _torch_runner(model=None, device="cpu", artifact=None, ctx=None, **_):
     from gendd_deploy.runtime.torch_runner import TorchRunner
 
     if model is None and artifact is not None:
-        from gendd_deploy.stages.export import deployed_from_export
+        from gendd_deploy.loaders import deployed_from_export
 
         model = deployed_from_export(artifact, ctx.store if ctx is not None else None, device)
     return TorchRunner(_need("torch", "model", model), device=device)

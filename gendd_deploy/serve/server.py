@@ -44,7 +44,7 @@ import numpy as np
 
 from gendd_deploy import __version__
 from gendd_deploy.config import ServeConfig
-from gendd_deploy.errors import ArtifactError, NotBuiltYet, UsageError
+from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
 from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -562,10 +562,7 @@ def _described_by(ctx: "Context", art: "Artifact") -> "Artifact":
 
 def _make_runner(ctx: "Context", runtime: str, art: "Artifact") -> tuple[Runner, "Artifact"]:
     """(runner, the artifact it runs) for `runtime`, from the onnx artifact `art` or one of its siblings."""
-    try:
-        from gendd_deploy.stages import export as ex
-    except ImportError:
-        raise NotBuiltYet("the export stage (gendd_deploy.stages.export) is not available in this build") from None
+    from gendd_deploy import loaders as ex
     hint = ctx.command("export")
     if runtime == "onnxruntime":
         if art.stage != "onnx":

@@ -17,6 +17,7 @@ from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import UsageError
+from gendd_deploy.loaders import load_student  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models import readout
 from gendd_deploy.models.diffusion import SamplingSchedule
@@ -54,29 +55,6 @@ def build_student(ctx: Context, teacher: nn.Module) -> nn.Module:
     if d_t % dc.token_dim:
         raise UsageError(f"teacher feature dim {d_t} is not a multiple of [distill] token_dim {dc.token_dim}; pick a divisor of {d_t}")
     return GenDDStudent(backbone, fc, dc.head_width, dc.head_depth, dc.token_dim, dc.train_timesteps)
-
-
-def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild a student (GenDDStudent or bare backbone) from its artifact, in eval mode."""
-    info = art.manifest["info"]
-    backbone = bb.build_from_architecture(info["architecture"])
-    if info["method"] == "gendd":
-        h = info["head"]
-        fc = nn.Linear(h["teacher_dim"], info["architecture"]["num_classes"])
-        model = GenDDStudent(backbone, fc, h["width"], h["depth"], h["token_dim"], h["train_timesteps"])
-    else:
-        model = backbone
-    model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))
-    if info.get("readouts"):
-        # fitted read-outs live beside the weights (readouts.pt), not in the student's state_dict
-        flat = torch.load(art.file("readouts.pt"), map_location="cpu", weights_only=True)
-        heads = {}
-        for name, shape in info["readouts"].items():
-            lin = nn.Linear(shape["in_features"], shape["out_features"])
-            lin.load_state_dict({"weight": flat[f"{name}.weight"], "bias": flat[f"{name}.bias"]})
-            heads[name] = lin
-        model.readouts = nn.ModuleDict(heads)
-    return model.eval().requires_grad_(False).to(device)
 
 
 class RangeTracker(nn.Module):

@@ -15,76 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gendd_deploy.artifacts import Artifact, Draft, Store
-from gendd_deploy.errors import ArtifactError, UsageError
-from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.artifacts import Artifact, Draft
+from gendd_deploy.errors import UsageError
+from gendd_deploy.loaders import AOTI_FILE, ONNX_FILE, deployed_from_artifacts
+from gendd_deploy.models.deployed import DeployedModel
 from gendd_deploy.runtime.parity import gate, parity
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.stages.distill import DistillStage, load_student
+from gendd_deploy.stages.distill import DistillStage
 
-ONNX_FILE = "model.onnx"
-AOTI_FILE = "model.pt2"
-
-
-# ---- library: the deployed model and its runners, from artifacts ---------------------------------
-
-
-def deployed_from_artifacts(student_art: Artifact, sampler_art: Artifact | None = None, device: str | torch.device = "cpu") -> DeployedModel:
-    """The shipped module: a GenDD student with its calibrated sampler, or a kd / ce student as is."""
-    student = load_student(student_art, device)
-    if not isinstance(student, GenDDStudent):
-        return DeployedModel(student).eval()
-    if sampler_art is None:
-        raise ArtifactError(f"{student_art.ref} is a GenDD student and needs a sampler artifact; run 'gendd calibrate'")
-    parents = {i.get("fingerprint") for i in sampler_art.manifest.get("inputs", []) if i.get("stage") == "student"}
-    if student_art.fingerprint not in parents:
-        raise ArtifactError(
-            f"sampler {sampler_art.ref} was calibrated for another student than {student_art.ref} ({student_art.short}); "
-            "run 'gendd calibrate' for this student"
-        )
-    info = sampler_art.manifest.get("info", {})
-    if not info.get("setting"):
-        raise ArtifactError(f"sampler {sampler_art.ref} holds no sampler setting; run 'gendd calibrate' for {student_art.ref}")
-    setting = SamplerSetting.from_dict(info["setting"])
-    return DeployedModel(student, setting, int(info.get("fixed_noise_seed") or 0)).eval().to(device)
-
-
-def _input(store: Store, art: Artifact, stage: str) -> Artifact | None:
-    for i in art.manifest.get("inputs", []):
-        if i.get("stage") == stage and "version" in i:
-            found = store.find(i.get("pipeline", art.pipeline), stage, i["fingerprint"])
-            if found is None:
-                raise ArtifactError(f"{art.ref} was made from {stage} {i['fingerprint'][:8]}, which is no longer in {store.root}")
-            return found
-    return None
-
-
-def deployed_from_export(art: Artifact, store: Store | None = None, device: str | torch.device = "cpu") -> DeployedModel:
-    """The PyTorch model an onnx / aoti artifact was exported from (from its student and sampler inputs)."""
-    store = store or Store(art.path.parents[2])  # <root>/<pipeline>/<stage>/<version>
-    student = _input(store, art, "student")
-    if student is None:
-        raise ArtifactError(f"{art.ref} records no student input; re-export it with 'gendd export'")
-    return deployed_from_artifacts(student, _input(store, art, "sampler"), device)
-
-
-def _noise_tail(art: Artifact) -> tuple | None:
-    info = art.manifest.get("info", {})
-    return tuple(info["noise_shape_tail"]) if info.get("needs_noise") else None
-
-
-def load_onnx_runner(onnx_art: Artifact, providers: list[str] | None = None):
-    """An OrtRunner for the artifact's model.onnx, its noise shape taken from the manifest."""
-    from gendd_deploy.runtime.ort import OrtRunner
-
-    return OrtRunner(onnx_art.file(ONNX_FILE), providers=providers, noise_shape_tail=_noise_tail(onnx_art))
-
-
-def load_aoti_runner(aoti_art: Artifact, device: str = "cpu"):
-    from gendd_deploy.runtime.aoti import AotiRunner
-
-    return AotiRunner(aoti_art.file(AOTI_FILE), noise_shape_tail=_noise_tail(aoti_art), device=device)
 
 
 def calibration_images(ctx: Context, limit: int | None) -> np.ndarray:

@@ -16,6 +16,7 @@ from gendd_deploy.artifacts import Artifact, Draft, sha256_file
 from gendd_deploy.data import augment as aug
 from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import UsageError
+from gendd_deploy.loaders import load_teacher  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.training import Checkpointer, Timer, batches, epoch_order, lr_at, predict, progress_bar, restore_rng, rng_state, top1
@@ -44,14 +45,6 @@ def load_state_dict_file(path: str) -> dict:
     if not isinstance(obj, dict):
         raise UsageError(f"teacher checkpoint {p} holds a {type(obj).__name__}, not a state_dict")
     return obj
-
-
-def load_teacher(art: Artifact, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild the frozen teacher from its artifact (eval mode, no grad)."""
-    model = bb.build_from_architecture(art.manifest["info"]["architecture"])
-    model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))
-    model.eval().requires_grad_(False)
-    return model.to(device)
 
 
 def model_input(ctx: Context, images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
