@@ -40,10 +40,10 @@ artifacts_app = typer.Typer(help="Inspect, verify and clean the artifact store."
 app.add_typer(artifacts_app, name="artifacts")
 
 PipelineOpt = Annotated[
-    Optional[str], typer.Option("--pipeline", "-p", help="TOML recipe [default: pipelines/quickstart.toml]", show_default=False)
+    Optional[str], typer.Option("--pipeline", "-p", help="TOML recipe \\[default: pipelines/quickstart.toml]", show_default=False)
 ]
 ArtifactsOpt = Annotated[
-    Optional[str], typer.Option("--artifacts", help="artifact root [env GENDD_ARTIFACTS, default ./artifacts]", show_default=False)
+    Optional[str], typer.Option("--artifacts", help="artifact root \\[env GENDD_ARTIFACTS, default ./artifacts]", show_default=False)
 ]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="override any recipe field: --set distill.epochs=3 (repeatable)", show_default=False)
@@ -240,13 +240,13 @@ def bench(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
-    models: Annotated[Optional[list[str]], typer.Option("--models", help="models to measure, repeatable: teacher, ce, kd, calibrated, reference, probe [default: all but probe]")] = None,
-    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="runtimes to measure [default: torch, onnxruntime, tensorrt where available]; add aoti explicitly")] = None,
+    models: Annotated[Optional[list[str]], typer.Option("--models", help="models to measure, repeatable: teacher, ce, kd, calibrated, reference, probe \\[default: all but probe]")] = None,
+    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="runtimes to measure \\[default: torch, onnxruntime, tensorrt where available]; add aoti explicitly")] = None,
     batch: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 32, 256],
     reps: Annotated[int, typer.Option(help="timed runs per point (after one warm-up)")] = 20,
     budget_s: Annotated[float, typer.Option(help="stop timing a model at a batch size after this many seconds of its runs (at least 2 runs)")] = 5.0,
     limit: Annotated[int, typer.Option(help="test images for each row's top-1 (0: all)")] = 1000,
-    out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output [default: benchmarks/results/bench_<pipeline>.json]")] = None,
+    out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output \\[default: benchmarks/results/bench_<pipeline>.json]")] = None,
 ) -> None:
     """Latency (p50/p95), images/s, parity and top-1 of the teacher, plain ce and kd students and the GenDD student (as calibrated, and with the published sampler) on every available runtime, models timed in turn; or a named benchmark below."""
     if ctx.invoked_subcommand is not None:
@@ -271,7 +271,7 @@ def bench_quality(
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
     seeds: Annotated[list[int], typer.Option("--seeds", help="student seeds (repeat the option)")] = [0, 1, 2],
-    out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output [default: benchmarks/results/quality_<pipeline>.json]")] = None,
+    out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output \\[default: benchmarks/results/quality_<pipeline>.json]")] = None,
 ) -> None:
     """Top-1 of ce, kd, gendd (labelled) and kd-KL, gendd (unlabelled) students over several seeds, with the teacher."""
     from gendd_deploy.bench.quality import run_quality
@@ -310,7 +310,7 @@ def serve(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
-    artifact: Annotated[Optional[str], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN) [default: latest onnx of the pipeline]")] = None,
+    artifact: Annotated[Optional[str], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN) \\[default: latest onnx of the pipeline]")] = None,
 ) -> None:
     """Serve the deployed student over HTTP (Open Inference Protocol v2, as KServe and Triton speak): --host, --port, --runtime, --max-batch, --max-delay-ms ..."""
 
@@ -325,7 +325,7 @@ def serve(
 
 @app.command()
 def run(
-    pipeline: Annotated[Optional[str], typer.Argument(help="TOML recipe [default: pipelines/quickstart.toml]", show_default=False)] = None,
+    pipeline: Annotated[Optional[str], typer.Argument(help="TOML recipe \\[default: pipelines/quickstart.toml]", show_default=False)] = None,
     pipeline_opt: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
@@ -458,7 +458,7 @@ def artifacts_gc(
     unreachable: Annotated[
         bool, typer.Option("--unreachable", help="also list versions no recipe reaches and not in the lineage of the latest of each stage; deleted only with --yes")
     ] = False,
-    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="recipe whose artifacts --unreachable keeps (repeat) [default: every pipelines/*.toml]")] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="recipe whose artifacts --unreachable keeps (repeat) \\[default: every pipelines/*.toml]")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="with --unreachable: delete what is listed")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go")] = False,
 ) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,17 @@ def test_help_for_every_command(cmd):
     result = CliRunner().invoke(app, cmd + ["--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output and len(result.output) > 200
+
+
+def test_help_shows_defaults_and_env_vars():
+    # rich markup must not swallow bracketed hints such as "[default: ...]" as unknown tags
+    def flat(args):  # the help text without its box drawing, one space between words
+        return " ".join(re.sub("[\u2500-\u257f]", " ", CliRunner().invoke(app, args).output).split())
+
+    text = flat(["--help"])
+    assert "[default: pipelines/quickstart.toml]" in text and "[env GENDD_ARTIFACTS, default ./artifacts]" in text
+    bench = flat(["bench", "--help"])
+    assert "[default: all but probe]" in bench
 
 
 def gendd(*args, env=None, cwd=None):
