@@ -130,3 +130,36 @@ def test_fuzzed_requests_get_200_4xx_or_503(server, body, binary_header):
 
 def test_server_answers_after_the_fuzzing(server, runner):
     _good(server.port, runner)
+
+
+class CountingRunner(Runner):
+    """Sleeps per call and counts the images it was given."""
+
+    name = "counting"
+
+    def __init__(self, delay_s: float):
+        super().__init__(None)
+        self.delay_s, self.images_run = delay_s, 0
+
+    def run(self, images, noise=None):
+        time.sleep(self.delay_s)
+        self.images_run += images.shape[0]
+        return np.zeros((images.shape[0], 10), dtype=np.float32)
+
+
+def test_a_timed_out_request_stops_its_running_batch():
+    from gendd_deploy.config import ServeConfig
+    from gendd_deploy.serve.server import InferenceServer
+    from test_serve import META
+
+    slow = CountingRunner(delay_s=0.1)  # 40 images in chunks of 2: 20 calls, 2 s if run to the end
+    cfg = ServeConfig(host="127.0.0.1", port=0, max_batch=2, max_delay_ms=0.0)
+    srv = InferenceServer(slow, META, cfg, request_timeout_s=0.35, log=lambda msg: None).start()
+    try:
+        status, _, resp = infer(srv.port, tensor_request(np.zeros((40, 1, 8, 8), dtype=np.float32)))
+        assert status == 503 and "timed out" in resp["error"]
+        time.sleep(1.0)  # long enough for the rest of the batch to run, had it not been stopped
+        assert slow.images_run <= 12, slow.images_run  # stopped a chunk or two after the timeout
+        assert "gendd_abandoned_images_total" in call(srv.port, "GET", "/metrics")[2].decode()
+    finally:
+        srv.stop(drain_timeout_s=5)

@@ -9,6 +9,8 @@ one runner call. A request larger than `max_batch` on its own runs in chunks of 
 Noise, for models that take it, is made per request from the request's seed
 (`runner.noise(n, seed)`), so a request's answer does not depend on what it was batched with.
 The queue holds at most `queue_size` requests; `submit` raises `QueueFull` beyond that.
+`abandon(future)` gives a request up (its client timed out): queued, it is never run; running, the
+batch stops at its next chunk of `max_batch` images once every request in it is abandoned.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class DynamicBatcher:
         self._carry: _Job | None = None  # taken from the queue but did not fit the last batch
         self._lock = threading.Lock()  # orders submit() against close()
         self._closed = False
+        self._abandoned: set[Future] = set()  # futures whose requests were given up while running
         self._thread = threading.Thread(target=self._loop, name="gendd-batcher", daemon=True)
 
     def start(self) -> "DynamicBatcher":
@@ -142,6 +145,14 @@ class DynamicBatcher:
         self.metrics.queue_depth.set(self.pending())
         return jobs
 
+    def abandon(self, future: Future) -> None:
+        """Give up the request behind `future`: not run if still queued, cut short if running."""
+        if not future.cancel():
+            with self._lock:
+                self._abandoned = {f for f in self._abandoned if not f.done()}  # answered since: nothing to stop
+                if not future.done():
+                    self._abandoned.add(future)
+
     def _loop(self) -> None:
         while True:
             jobs = self._collect()
@@ -163,6 +174,9 @@ class DynamicBatcher:
                 noise = parts[0] if len(parts) == 1 else np.concatenate(parts)
             outs = []
             for start in range(0, images.shape[0], self.max_batch):
+                if start and self._all_abandoned(jobs):
+                    self.metrics.abandoned.inc(images.shape[0] - start)
+                    raise TimeoutError("every request of this batch was given up; the rest of it was not run")
                 chunk = images[start : start + self.max_batch]
                 t0 = time.perf_counter()
                 out = self.runner.run(chunk, None if noise is None else noise[start : start + self.max_batch])
@@ -177,7 +191,14 @@ class DynamicBatcher:
             for j in jobs:
                 j.future.set_exception(e)
             return
+        finally:
+            with self._lock:
+                self._abandoned.difference_update(j.future for j in jobs)
         start = 0
         for j in jobs:
             j.future.set_result(logits[start : start + j.n])
             start += j.n
+
+    def _all_abandoned(self, jobs: list[_Job]) -> bool:
+        with self._lock:
+            return all(j.future in self._abandoned for j in jobs)

@@ -148,7 +148,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("gendd_queue_depth", "infer requests waiting for the batcher")
         self.queued = Counter("gendd_queued_requests_total", "infer requests accepted into the batching queue")
         self.images = Counter("gendd_images_total", "images run through the model")
-        self._all = [self.requests, self.latency, self.batch_size, self.batch_latency, self.queue_depth, self.queued, self.images]
+        self.abandoned = Counter("gendd_abandoned_images_total", "images not run because every request of their batch had timed out")
+        self._all = [self.requests, self.latency, self.batch_size, self.batch_latency, self.queue_depth, self.queued, self.images, self.abandoned]
 
     def render(self) -> str:
         lines: list[str] = []

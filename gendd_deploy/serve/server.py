@@ -440,7 +440,7 @@ class InferenceServer:
         try:
             logits = future.result(timeout=self.request_timeout_s)
         except TimeoutError:
-            future.cancel()
+            self.batcher.abandon(future)  # queued: never run; running: stopped at its next chunk
             return _error(503, f"timed out after {self.request_timeout_s:g} s waiting for the model; the server is overloaded")
         except ShuttingDown as e:
             return _error(503, str(e))
