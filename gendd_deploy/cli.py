@@ -240,7 +240,7 @@ def bench(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
-    models: Annotated[Optional[list[str]], typer.Option("--models", help="models to measure, repeatable: teacher, ce, kd, calibrated, reference, probe \\[default: all but probe]")] = None,
+    models: Annotated[Optional[list[str]], typer.Option("--models", help="models to measure, repeatable: teacher, ce, kd, calibrated, reference, probe \\[default: teacher, ce, kd, calibrated]")] = None,
     runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="runtimes to measure \\[default: torch, onnxruntime, tensorrt where available]; add aoti explicitly")] = None,
     batch: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 32, 256],
     reps: Annotated[int, typer.Option(help="timed runs per point (after one warm-up)")] = 20,

@@ -35,6 +35,9 @@ def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context
     assert any(m.startswith("gendd calibrated") for m in models)
     assert len(result["rows"]) == len(models) * 2 * 2  # every model x runtime x batch
     for r in result["rows"]:
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["mean_ms"] > 0
+        if r["runtime"] == "onnxruntime":
+            assert r["model_mb"] > 0
         assert r["p50_ms"] > 0 and r["images_per_s"] > 0 and 0 <= r["top1"] <= 100 and r["top1_images"] == 32
         if r["runtime"] == "onnxruntime":
             # the published reference runs as the authors do (no x0 clipping, no alpha_bar floor):

@@ -32,7 +32,7 @@ def test_help_shows_defaults_and_env_vars():
     text = flat(["--help"])
     assert "[default: pipelines/quickstart.toml]" in text and "[env GENDD_ARTIFACTS, default ./artifacts]" in text
     bench = flat(["bench", "--help"])
-    assert "[default: all but probe]" in bench
+    assert "[default: teacher, ce, kd, calibrated]" in bench
 
 
 def gendd(*args, env=None, cwd=None):
