@@ -109,9 +109,9 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
     return make_runner(kind, model=model, noise_shape_tail=tail)
 
 
-def _graph_ops(folder: Path, name: str) -> dict[str, int] | None:
-    """Op-type counts of the ONNX graph the bench exported for `name` (None if it exported none):
-    two models with the same counts and the same weight shapes run the same computation."""
+def _graph_ops(folder: Path, name: str) -> dict | None:
+    """Op-type counts and weight shapes of the ONNX graph the bench exported for `name` (None if it
+    exported none): two models with equal ones run the same computation at the same cost."""
     import onnx
 
     path = folder / f"{_slug(name)}.onnx"
@@ -121,7 +121,8 @@ def _graph_ops(folder: Path, name: str) -> dict[str, int] | None:
     ops: dict[str, int] = {}
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return dict(sorted(ops.items()))
+    weights = sorted("x".join(map(str, t.dims)) for t in graph.initializer)
+    return {"ops": dict(sorted(ops.items())), "weight_shapes": weights}
 
 
 def _slug(name: str) -> str:
@@ -294,4 +295,4 @@ def _print(console, rows, ratios, summary) -> None:
             f"published sampler {summary['readouts'].get('published', float('nan')):.2f}%"
         )
         if summary.get("same_graph_as"):
-            console.print(f"its ONNX graph has the same operators as the {' and the '.join(summary['same_graph_as'])}'s")
+            console.print(f"its ONNX graph has the same operators and weight shapes as the {' and the '.join(summary['same_graph_as'])}'s")
