@@ -59,7 +59,7 @@ def _write(out: Path, obj: dict) -> None:
     out.write_text(json.dumps(obj, indent=2, default=str))
 
 
-def _epoch_overrides(method_ov: list[str], stage1: int, epochs: int) -> tuple[list[str], int]:
+def equal_epoch_overrides(method_ov: list[str], stage1: int, epochs: int) -> tuple[list[str], int]:
     """Overrides that give this method the same total epochs as labelled GenDD (stage 1 + GenDD)."""
     total = stage1 + epochs
     labelled_gendd = "distill.method='gendd'" in method_ov and "distill.labels=false" not in method_ov
@@ -81,7 +81,7 @@ def run_quality(make_ctx, seeds: list[int], out: Path, console, long_tail: bool 
             cache = run_chain(CacheStage(), sctx)
             t = sctx.store.find(sctx.pipeline, "teacher", cache.manifest["info"]["teacher_fingerprint"])
             teachers[key] = {"artifact": t.ref, "test_top1": t.metrics["test_top1"], "train_s": t.metrics.get("train_s"), "train_images": len(sctx.data().train)}
-        epoch_ov, total = _epoch_overrides(method_ov, cfg.stage1_epochs, cfg.epochs)
+        epoch_ov, total = equal_epoch_overrides(method_ov, cfg.stage1_epochs, cfg.epochs)
         per_metric: dict[str, list[float]] = {m: [] for m in readouts}
         times = []
         for seed in seeds:

@@ -22,6 +22,7 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
+from gendd_deploy.bench.quality import equal_epoch_overrides
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, runtime_status
@@ -40,11 +41,10 @@ PLAIN = ("ce student", "kd student", "student")
 
 def _plain_student(make_ctx, ctx: Context, method: str) -> DeployedModel:
     """The recipe's student trained as a plain `method` student, with the same total epochs."""
-    from gendd_deploy.bench.quality import _epoch_overrides
     from gendd_deploy.stages.distill import DistillStage, load_student
 
     dc = ctx.recipe.distill
-    epoch_ov, _ = _epoch_overrides([f"distill.method='{method}'"], dc.stage1_epochs, dc.epochs)
+    epoch_ov, _ = equal_epoch_overrides([f"distill.method='{method}'"], dc.stage1_epochs, dc.epochs)
     art = run_chain(DistillStage(), make_ctx([f"distill.method='{method}'", *epoch_ov]))
     return DeployedModel(load_student(art))
 
