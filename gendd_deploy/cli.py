@@ -22,7 +22,7 @@ from rich.table import Table
 
 from gendd_deploy import __version__
 from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, section_help
-from gendd_deploy.errors import GenddError, MissingDependency, NotBuiltYet, UsageError
+from gendd_deploy.errors import GenddError, MissingDependency, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 out = Console()
@@ -142,19 +142,10 @@ def _stage_command(command: str, section: str, ctx: typer.Context, pipeline, art
     from gendd_deploy import stages
 
     def go():
-        if not stages.available(command):
-            raise NotBuiltYet(f"'gendd {command}' is not available in gendd {__version__} yet; its stage has not been built")
         overrides = list(set_ or []) + flags_to_overrides(section, ctx.args)
         c = make_context(pipeline, artifacts, overrides)
         art = stages.get(command).run(c)
         out.print(str(art.path))
-
-    guarded(go)
-
-
-def _not_built(command: str) -> None:
-    def go():
-        raise NotBuiltYet(f"'gendd {command}' is not available in gendd {__version__} yet; its stage has not been built")
 
     guarded(go)
 
@@ -337,9 +328,6 @@ def run(
         c = make_context(pipeline or pipeline_opt, artifacts, list(set_ or []))
         built = {}
         for command in stages.ORDER:
-            if not stages.available(command):
-                c.log(f"[dim]{command}: stage not built yet, skipped[/]")
-                continue
             if command == "build":
                 from gendd_deploy.trt import require_tensorrt
 

@@ -30,8 +30,3 @@ class MissingDependency(GenddError):
 
     exit_code = 5
 
-
-class NotBuiltYet(GenddError):
-    """A command whose stage does not exist yet."""
-
-    exit_code = 6

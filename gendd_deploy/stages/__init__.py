@@ -27,10 +27,6 @@ ORDER = ["teacher", "cache", "distill", "calibrate", "export", "build"]
 _INSTANCES: dict[str, Stage] = {}
 
 
-def available(command: str) -> bool:
-    return command in _REGISTRY
-
-
 def get(command: str) -> Stage:
     if command not in _INSTANCES:
         module, cls = _REGISTRY[command]
@@ -45,4 +41,4 @@ def run_chain(stage: Stage, ctx: Context):
     return stage.run(ctx)
 
 
-__all__ = ["Context", "Stage", "ORDER", "available", "get", "run_chain"]
+__all__ = ["Context", "Stage", "ORDER", "get", "run_chain"]
