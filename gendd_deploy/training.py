@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gendd_deploy import seeds
 from gendd_deploy.errors import ArtifactError
 
 
@@ -32,8 +33,7 @@ def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled index order of one epoch; a function of (seed, epoch) so resume replays it."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=seeds.epoch_order(seed, epoch))
 
 
 def batches(order: torch.Tensor, batch_size: int, drop_last: bool = True) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ import hashlib
 
 import torch
 
+from gendd_deploy import seeds
 from gendd_deploy.errors import UsageError
 
 
@@ -26,7 +27,7 @@ def holdout_calib(n: int, calib_fraction: float, seed: int) -> tuple[torch.Tenso
     if n < 2:
         raise UsageError(f"need at least 2 training images to hold out a calibration split, got {n}")
     k = max(1, round(calib_fraction * n))
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     perm = torch.randperm(n, generator=gen)
     calib = perm[:k].clone()
     train = torch.sort(perm[k:]).values
@@ -39,7 +40,7 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tupl
     Classes are visited in sorted order and draw from one generator, so the result depends only
     on the labels, the fraction and the seed.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     held = []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()  # (count_c,), sorted
@@ -75,7 +76,7 @@ def long_tail(labels: torch.Tensor, imbalance_factor: float, seed: int) -> torch
     """
     classes = torch.unique(labels).tolist()
     n_max = max(int((labels == c).sum()) for c in classes)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     kept = []
     for rank, c in enumerate(classes):
         members = torch.nonzero(labels == c).flatten()

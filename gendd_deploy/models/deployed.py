@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gendd_deploy import seeds
 from gendd_deploy.models.diffusion import SamplingSchedule
 from gendd_deploy.models.student import GenDDStudent
 
@@ -98,7 +99,7 @@ class DeployedModel(nn.Module):
         if self.is_gendd and setting.kind == "sampler":
             self.schedule = SamplingSchedule(model.head.train_schedule, setting.steps, t_start=setting.t_start, min_alpha_bar=setting.min_alpha_bar)
             if setting.noise == "fixed":
-                g = torch.Generator().manual_seed(fixed_noise_seed)
+                g = seeds.generator(fixed_noise_seed)
                 self.register_buffer("fixed_noise", torch.randn(self.noise_shape(1), generator=g))
 
     @property

@@ -12,11 +12,12 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from gendd_deploy import seeds
+
 
 def make_noise(shape: tuple, seed: int) -> np.ndarray:
     """Standard normal noise from torch's CPU generator: the same numbers for every runtime."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).numpy()
+    return torch.randn(shape, generator=seeds.generator(seed)).numpy()
 
 
 class Runner(ABC):

@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from gendd_deploy import dist
+from gendd_deploy import dist, seeds
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.data.loader import batch_stream
@@ -45,7 +45,7 @@ def num_views(ctx: Context) -> int:
 def view_params(ctx: Context, view: int, n: int) -> torch.Tensor:
     """Augmentation parameters of one view for all n training images; a function of (seed, view)."""
     d, dc = ctx.data(), ctx.recipe.data
-    g = torch.Generator().manual_seed(ctx.recipe.pipeline.seed * 1000 + view)
+    g = seeds.cache_view(ctx.recipe.pipeline.seed, view)
     return aug.sample_params(n, d.image_size, dc.augment, dc.crop_padding, g)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gendd_deploy import seeds
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.config import CalibrateConfig
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
@@ -155,7 +156,7 @@ def paired_intervals(results: list[Result], best: Result, resamples: int, confid
     """Set r.interval: the bootstrap interval of (r's top-1 - best's top-1) in points, resampling
     the calibration images with the same draws for every result (a paired comparison)."""
     n = len(best.correct)
-    g = torch.Generator().manual_seed(seed)
+    g = seeds.generator(seed)
     idx = torch.randint(0, n, (resamples, n), generator=g)
     q = torch.tensor([(1 - confidence) / 2, 1 - (1 - confidence) / 2], dtype=torch.float64)
     ref = best.correct.to(torch.float64)
@@ -390,7 +391,7 @@ class CalibrateStage(Stage):
         manifest should say about how they were measured."""
         cc, seed, device = ctx.recipe.calibrate, ctx.recipe.pipeline.seed, ctx.device()
         fixed_noise_seed = seed
-        noise_seed = 1_000_003 * (seed + 1)  # eval noise, apart from the fixed-noise seed
+        noise_seed = seeds.calibration_noise_base(seed)
         calib = ctx.data().calib
         n = min(len(calib), cc.limit or len(calib))
         eval_threads = 1 if device.type == "cpu" else None

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gendd_deploy import dist
+from gendd_deploy import dist, seeds
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.data.loader import batch_stream
@@ -86,6 +86,23 @@ class Stage1Net(nn.Module):
         return self.student.teacher_fc(self.proj(self.student.features(x)))
 
 
+# The [distill] fields each method's fingerprint hashes: an allowlist, so a field added to the
+# recipe changes no existing fingerprint until it is placed here (tests/test_fingerprints.py fails
+# on a field that is in no list).
+SHARED_FIELDS = (
+    "method", "labels", "student", "student_kwargs", "small_input", "zero_init_last", "seed", "train_limit",
+    "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "beta1", "beta2_start", "beta2_end",
+    "kd_temperature", "kd_weight", "ce_weight", "amp", "channels_last", "compile",
+)  # fmt: skip
+GENDD_FIELDS = (
+    "stage1_epochs", "head_width", "head_depth", "token_dim", "smooth", "mixup_beta", "cfg_drop",
+    "diffusion_batch_mul", "train_timesteps", "probe_ce",
+    "eval_sampler", "eval_steps", "eval_draws", "eval_guidance", "eval_temperature", "eval_limit",
+)  # fmt: skip
+UNHASHED_FIELDS = ("use_cache",)  # how teacher features are read (cache or online), not what is trained
+FINGERPRINT_FIELDS = {"ce": SHARED_FIELDS, "kd": SHARED_FIELDS, "gendd": SHARED_FIELDS + GENDD_FIELDS}
+
+
 class DistillStage(Stage):
     name = command = "distill"
     artifact = "student"
@@ -101,12 +118,8 @@ class DistillStage(Stage):
         dc = ctx.recipe.distill
         if dc.method == "ce" and not dc.labels:
             raise UsageError(f"{ctx.recipe.source}: [distill] method = 'ce' needs labels; set labels = true or method = 'gendd' / 'kd'")
-        cfg = dc.model_dump(exclude={"use_cache"})
+        cfg = dc.model_dump(include=set(FINGERPRINT_FIELDS[dc.method]))
         cfg["seed"] = student_seed(ctx)  # an explicit seed equal to the pipeline's is the same run
-        if dc.method != "gendd":  # head / sampler fields do not shape a kd or ce student
-            for k in list(cfg):
-                if k.startswith(("head_", "eval_")) or k in ("token_dim", "smooth", "mixup_beta", "cfg_drop", "diffusion_batch_mul", "train_timesteps", "probe_ce", "stage1_epochs"):
-                    cfg.pop(k)
         # The number of processes is not part of the fingerprint (the recipe is the same run); the
         # global batch it implies is recorded in the manifest (info.global_batch).
         return {"distill": cfg, "seed": student_seed(ctx), "augment": ctx.recipe.data.augment}
@@ -125,7 +138,7 @@ class DistillStage(Stage):
         if device.type == "cuda" and dc.channels_last:
             student = student.to(memory_format=torch.channels_last)
         trainable = student.backbone if isinstance(student, GenDDStudent) else student
-        torch.manual_seed(student_seed(ctx) * 1000 + dist.rank() + 1)  # t, noise, cfg dropout differ per rank
+        torch.manual_seed(seeds.global_draws(student_seed(ctx), dist.rank()))
         timer = Timer()
         stats = self._stage1(ctx, student, teacher, cache, device) if (dc.method == "gendd" and dc.stage1_epochs and dc.labels) else {}
         stats.update(self._train(ctx, student, teacher, cache, device))
@@ -173,8 +186,7 @@ class DistillStage(Stage):
     def _views(self, cache, n: int, seed: int, epoch: int) -> torch.Tensor:
         if cache is None or cache.views == 1:
             return torch.zeros(n, dtype=torch.long)
-        g = torch.Generator().manual_seed(seed * 31337 + epoch)
-        return torch.randint(0, cache.views, (n,), generator=g)
+        return torch.randint(0, cache.views, (n,), generator=seeds.view_choice(seed, epoch))
 
     def _batch(self, ctx, idx, views, gen, cache, teacher, device, images_u8=None):
         """Inputs x (n, C, H, W), teacher features f_t (n, D_t), labels y (n,) for one batch."""
@@ -226,7 +238,7 @@ class DistillStage(Stage):
                 timer = Timer()
                 for m in modules.values():
                     m.train()
-                gen = torch.Generator().manual_seed(seed * 7919 + epoch * 64 + dist.rank())
+                gen = seeds.augmentation(seed, epoch, dist.rank())
                 views = self._views(cache, n, seed, epoch)
                 order = batches(dist.shard(epoch_order(n, seed, epoch)), dc.batch_size)
                 stream = batch_stream(data.train, order, ctx.recipe.data.loader_workers)
@@ -333,7 +345,7 @@ class DistillStage(Stage):
         student.eval()
         n = min(len(data.train), dc.train_limit or len(data.train))
         views = torch.zeros(n, dtype=torch.long)  # the first cached view (or a seeded augmentation)
-        gen = torch.Generator().manual_seed(student_seed(ctx) + 4242)
+        gen = seeds.readout_fit(student_seed(ctx))
         ddim0 = deterministic_schedule(student)
         f_s, f_t, f_d, ys = [], [], [], []
         with progress_bar(ctx.console, ctx.quiet) as bar, torch.no_grad():
@@ -386,11 +398,11 @@ class DistillStage(Stage):
         return out
 
     def _sampler_fn(self, ctx, student, sched, sampler, draws, guidance, temperature, clip=True):
-        h, seed = student.head, student_seed(ctx) + 12345
+        h, seed = student.head, student_seed(ctx)
 
         def fn(x, batch_index):
             # noise seeded per batch: the same numbers whatever the number of processes
-            g = torch.Generator().manual_seed(seed + batch_index)
+            g = seeds.eval_noise(seed, batch_index)
             noise = torch.randn(h.noise_shape(len(x), draws, len(sched.timesteps), h.num_tokens, h.token_dim), generator=g).to(x.device)
             return student.sample_logits(x, sched, sampler, draws, guidance, temperature, noise=noise, clip=clip)
 

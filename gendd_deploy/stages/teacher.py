@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gendd_deploy import dist
+from gendd_deploy import dist, seeds
 from gendd_deploy.artifacts import Artifact, Draft, sha256_file
 from gendd_deploy.data import augment as aug
 from gendd_deploy.data.loader import batch_stream
@@ -144,7 +144,7 @@ class TeacherStage(Stage):
             task = bar.add_task("teacher", total=total, completed=start_epoch * steps_per_epoch, info="")
             for epoch in range(start_epoch, tc.epochs):
                 timer, model = Timer(), model.train()
-                gen = torch.Generator().manual_seed(seed * 7919 + epoch * 64 + dist.rank())
+                gen = seeds.augmentation(seed, epoch, dist.rank())
                 order = batches(dist.shard(epoch_order(len(train), seed, epoch)), tc.batch_size)
                 for i, (idx, images_u8) in enumerate(zip(order, batch_stream(train, order, dc.loader_workers))):
                     step = epoch * steps_per_epoch + i

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gendd_deploy import seeds
 from gendd_deploy.artifacts import MANIFEST, Artifact
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.runtime.base import Runner
@@ -143,7 +144,7 @@ class TrtRunner(Runner):
         import torch
 
         shape = tuple(self.engine.get_tensor_profile_shape(self.images_name, 0)[1])[1:]
-        g = torch.Generator().manual_seed(seed)
+        g = seeds.generator(seed)
         x = torch.randn((batch,) + shape, generator=g).to(self.device)
         z = torch.randn((batch,) + self.noise_shape_tail, generator=g).to(self.device) if self.needs_noise else None
         for _ in range(warmup):
