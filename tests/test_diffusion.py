@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gendd_deploy.models.diffusion import DiffusionHead, SamplingSchedule, TrainSchedule
+from gendd_deploy.models.diffusion import DiffusionHead
+from gendd_deploy.models.schedule import SamplingSchedule, TrainSchedule
 
 D_T, COND, TOK, WIDTH = 128, 16, 64, 64  # 2 tokens
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gendd_deploy import seeds
-from gendd_deploy.models.diffusion import SamplingSchedule
+from gendd_deploy.models.schedule import SamplingSchedule
 from gendd_deploy.models.student import GenDDStudent
 
 

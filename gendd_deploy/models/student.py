@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gendd_deploy.models import backbone as bb
-from gendd_deploy.models.diffusion import DiffusionHead, SamplingSchedule
+from gendd_deploy.models.diffusion import DiffusionHead
+from gendd_deploy.models.schedule import SamplingSchedule
 
 
 @torch.no_grad()

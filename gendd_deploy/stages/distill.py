@@ -20,7 +20,7 @@ from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import load_student  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models import readout
-from gendd_deploy.models.diffusion import SamplingSchedule
+from gendd_deploy.models.schedule import SamplingSchedule
 from gendd_deploy.models.student import GenDDStudent, contract, deterministic_schedule, stage1_projector
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
