@@ -20,8 +20,9 @@ A kd / ce student has no sampler: the artifact says so (setting null) so later s
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
+import itertools
 import json
 import statistics
 import tempfile
@@ -81,29 +82,29 @@ def canonical(s: SamplerSetting, num_timesteps: int, samplers: tuple | list = ("
     return s
 
 
+def _chains(cfg: CalibrateConfig, num_timesteps: int) -> list[tuple[int, int | None]]:
+    """(steps, t_start) pairs of the grid: t_start only shapes few-step chains (longer ones start
+    at the default T - 1), and a t_start the chain cannot start at is dropped."""
+    pairs = []
+    for steps in (s for s in cfg.steps if s <= num_timesteps):
+        for t_start in (cfg.t_starts or [None]) if steps <= FEW_STEPS else [None]:
+            if t_start is None or steps - 1 <= t_start < num_timesteps:
+                pairs.append((steps, t_start))
+    return pairs
+
+
 def candidates(cfg: CalibrateConfig, num_timesteps: int) -> list[SamplerSetting]:
     """Every distinct sampler setting of the config's grid (equivalents collapsed, invalid t_start
     dropped), cheapest first (head passes); at equal cost deterministic settings first
     (gendd-method.md: they read out best), then grid order, so a cap is reproducible."""
     seen: dict[SamplerSetting, None] = {}
-    for sampler in cfg.samplers:
-        for steps in cfg.steps:
-            if steps > num_timesteps:
-                continue
-            # t_start only shapes few-step chains; longer ones start at the default T - 1
-            for t_start in (cfg.t_starts or [None]) if steps <= FEW_STEPS else [None]:
-                if t_start is not None and not steps - 1 <= t_start < num_timesteps:
-                    continue
-                for draws in cfg.draws:
-                    for guidance in cfg.guidance:
-                        for temperature in cfg.temperatures:
-                            for noise in cfg.noise_modes:
-                                s = SamplerSetting(
-                                    sampler=sampler, steps=steps, draws=draws, guidance=float(guidance),
-                                    temperature=float(temperature), noise=noise, t_start=t_start,
-                                    min_alpha_bar=MIN_ALPHA_BAR,
-                                )
-                                seen.setdefault(canonical(s, num_timesteps, cfg.samplers), None)
+    grid = itertools.product(cfg.samplers, _chains(cfg, num_timesteps), cfg.draws, cfg.guidance, cfg.temperatures, cfg.noise_modes)
+    for sampler, (steps, t_start), draws, guidance, temperature, noise in grid:
+        s = SamplerSetting(
+            sampler=sampler, steps=steps, draws=draws, guidance=float(guidance), temperature=float(temperature),
+            noise=noise, t_start=t_start, min_alpha_bar=MIN_ALPHA_BAR,
+        )
+        seen.setdefault(canonical(s, num_timesteps, cfg.samplers), None)
     return sorted(seen, key=lambda s: (s.head_passes(), not s.deterministic))
 
 
