@@ -7,11 +7,13 @@ imports nothing from `stages/` (tests/test_layers.py checks the direction). Weig
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from gendd_deploy.artifacts import Artifact, Store
-from gendd_deploy.errors import ArtifactError
+from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
@@ -106,3 +108,87 @@ def load_aoti_runner(aoti_art: Artifact, device: str = "cpu"):
     from gendd_deploy.runtime.aoti import AotiRunner
 
     return AotiRunner(aoti_art.file(AOTI_FILE), noise_shape_tail=noise_tail(aoti_art), device=device)
+
+
+# ---- what `gendd serve` and the serving benchmark run -----------------------------------------
+
+SERVABLE = {"onnx": "onnxruntime", "aoti": "aoti", "engine": "tensorrt"}  # artifact stage -> its own runtime
+RUNTIME_NAMES = "onnxruntime, aoti, torch or tensorrt"
+
+
+def servable_artifact(store: Store, pipeline: str, version: str | None, command: Callable[[str], str]) -> Artifact:
+    """The artifact to serve, verified: `version` (any 'gendd artifacts show' handle, an onnx, aoti
+    or engine artifact), else the pipeline's newest onnx artifact. `command(stage)` spells the
+    command that makes a stage's artifact, for the messages."""
+    if version:
+        art = store.resolve(version)
+        if art.stage not in SERVABLE:
+            raise UsageError(f"{art.ref} is a {art.stage} artifact; serve an onnx artifact (made by '{command('export')}'), or an aoti or engine one")
+    else:
+        art = store.latest(pipeline, "onnx")
+        if art is None:
+            raise ArtifactError(f"no onnx artifact for pipeline '{pipeline}' under {store.root}; run '{command('export')}'")
+    return store.check_input(art, f"delete {art.path} and run '{command('export')}'")
+
+
+def _model_inputs(art: Artifact) -> set[tuple[str, str]]:
+    """(stage, fingerprint) of the student / sampler an onnx or aoti artifact was exported from."""
+    return {(i.get("stage"), i.get("fingerprint")) for i in art.manifest.get("inputs", []) if i.get("stage") in ("student", "sampler")}
+
+
+def _newest(store: Store, art: Artifact, stage: str, match: Callable[[Artifact], bool]) -> Artifact | None:
+    """The newest `stage` artifact of art's pipeline that `match` accepts."""
+    hits = [a for a in store.list(art.pipeline, stage) if match(a)]
+    return max(hits, key=lambda a: int(a.version[1:])) if hits else None
+
+
+def describing_artifact(store: Store, art: Artifact) -> Artifact:
+    """The artifact whose manifest holds preprocess / class names: art, or for an engine its onnx input."""
+    if art.manifest.get("info", {}).get("preprocess"):
+        return art
+    for i in art.manifest.get("inputs", []):
+        if i.get("stage") == "onnx":
+            parent = store.find(i.get("pipeline", art.pipeline), "onnx", i["fingerprint"])
+            if parent is not None:
+                return parent
+    return art
+
+
+def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Callable[[], torch.device], command: Callable[[str], str]):
+    """(runner, the artifact it runs) for `runtime`, from the onnx artifact `art` or its sibling
+    made from the same student (aoti package, TensorRT engine); torch runs the model it was
+    exported from on `device()`."""
+    hint = command("export")
+    if runtime == "onnxruntime":
+        if art.stage != "onnx":
+            raise UsageError(f"runtime onnxruntime serves an onnx artifact, not {art.ref}; pass --runtime {SERVABLE[art.stage]}")
+        return load_onnx_runner(art), art
+    if runtime == "aoti":
+        if art.stage == "onnx":
+            want = _model_inputs(art)
+            aoti = _newest(store, art, "aoti", lambda a: _model_inputs(a) == want)
+            if aoti is None:
+                raise ArtifactError(f"no AOTInductor package exported from the same student as {art.ref}; run '{hint} --aoti'")
+            art = store.check_input(aoti, f"delete {aoti.path} and run '{hint} --aoti'")
+        elif art.stage != "aoti":
+            raise UsageError(f"runtime aoti serves an onnx or aoti artifact, not {art.ref}")
+        return load_aoti_runner(art), art
+    if runtime == "torch":
+        if art.stage not in ("onnx", "aoti"):
+            raise UsageError(f"runtime torch serves the model behind an onnx or aoti artifact, not {art.ref}")
+        from gendd_deploy.runtime.torch_runner import TorchRunner
+
+        where = device()
+        return TorchRunner(deployed_from_export(art, store, where), where), art
+    if runtime == "tensorrt":
+        if art.stage == "onnx":
+            engine = _newest(store, art, "engine", lambda a: any(i.get("fingerprint") == art.fingerprint for i in a.manifest.get("inputs", [])))
+            if engine is None:
+                raise ArtifactError(f"no TensorRT engine built from {art.ref}; run '{command('build')}'")
+            art = store.check_input(engine, f"delete {engine.path} and run '{command('build')}'")
+        elif art.stage != "engine":
+            raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
+        from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
+
+        return TrtRunner(art), art
+    raise UsageError(f"unknown runtime '{runtime}'; use {RUNTIME_NAMES}")

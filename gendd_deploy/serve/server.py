@@ -42,7 +42,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from gendd_deploy import __version__
+from gendd_deploy import __version__, loaders
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.runtime.base import Runner
@@ -499,9 +499,7 @@ def serve(
             signal.signal(sig, handler)
 
 
-# ---- from the artifact store -------------------------------------------------------------------
-
-SERVABLE = {"onnx": "onnxruntime", "aoti": "aoti", "engine": "tensorrt"}  # artifact stage -> its own runtime
+# ---- from the artifact store (lookup and runners: gendd_deploy/loaders.py) --------------------
 
 
 def _io_name(io: dict, kind: str, default: str) -> str:
@@ -537,68 +535,6 @@ def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> Se
     )
 
 
-def _model_inputs(art: "Artifact") -> set[tuple[str, str]]:
-    """(stage, fingerprint) of the student / sampler an onnx or aoti artifact was exported from."""
-    return {(i.get("stage"), i.get("fingerprint")) for i in art.manifest.get("inputs", []) if i.get("stage") in ("student", "sampler")}
-
-
-def _derived(ctx: "Context", art: "Artifact", stage: str, match: Callable[["Artifact"], bool]) -> "Artifact | None":
-    """The newest `stage` artifact of art's pipeline that `match` accepts."""
-    hits = [a for a in ctx.store.list(art.pipeline, stage) if match(a)]
-    return max(hits, key=lambda a: int(a.version[1:])) if hits else None
-
-
-def _described_by(ctx: "Context", art: "Artifact") -> "Artifact":
-    """The artifact whose manifest holds preprocess / class names: art, or for an engine its onnx input."""
-    if art.manifest.get("info", {}).get("preprocess"):
-        return art
-    for i in art.manifest.get("inputs", []):
-        if i.get("stage") == "onnx":
-            parent = ctx.store.find(i.get("pipeline", art.pipeline), "onnx", i["fingerprint"])
-            if parent is not None:
-                return parent
-    return art
-
-
-def _make_runner(ctx: "Context", runtime: str, art: "Artifact") -> tuple[Runner, "Artifact"]:
-    """(runner, the artifact it runs) for `runtime`, from the onnx artifact `art` or one of its siblings."""
-    from gendd_deploy import loaders as ex
-    hint = ctx.command("export")
-    if runtime == "onnxruntime":
-        if art.stage != "onnx":
-            raise UsageError(f"runtime onnxruntime serves an onnx artifact, not {art.ref}; pass --runtime {SERVABLE[art.stage]}")
-        return ex.load_onnx_runner(art), art
-    if runtime == "aoti":
-        if art.stage == "onnx":
-            want = _model_inputs(art)
-            aoti = _derived(ctx, art, "aoti", lambda a: _model_inputs(a) == want)
-            if aoti is None:
-                raise ArtifactError(f"no AOTInductor package exported from the same student as {art.ref}; run '{hint} --aoti'")
-            art = ctx.store.check_input(aoti, f"delete {aoti.path} and run '{hint} --aoti'")
-        elif art.stage != "aoti":
-            raise UsageError(f"runtime aoti serves an onnx or aoti artifact, not {art.ref}")
-        return ex.load_aoti_runner(art), art
-    if runtime == "torch":
-        if art.stage not in ("onnx", "aoti"):
-            raise UsageError(f"runtime torch serves the model behind an onnx or aoti artifact, not {art.ref}")
-        from gendd_deploy.runtime.torch_runner import TorchRunner
-
-        device = ctx.device()
-        return TorchRunner(ex.deployed_from_export(art, ctx.store, device), device), art
-    if runtime == "tensorrt":
-        if art.stage == "onnx":
-            engine = _derived(ctx, art, "engine", lambda a: any(i.get("fingerprint") == art.fingerprint for i in a.manifest.get("inputs", [])))
-            if engine is None:
-                raise ArtifactError(f"no TensorRT engine built from {art.ref}; run '{ctx.command('build')}'")
-            art = ctx.store.check_input(engine, f"delete {engine.path} and run '{ctx.command('build')}'")
-        elif art.stage != "engine":
-            raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
-        from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
-
-        return TrtRunner(art), art
-    raise UsageError(f"unknown runtime '{runtime}'; use onnxruntime, aoti, torch or tensorrt")
-
-
 def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: str | None = None) -> tuple[Runner, ServedModel]:
     """The deployed model and its description.
 
@@ -607,19 +543,10 @@ def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: s
     model it was exported from). `version` (any 'gendd artifacts show' handle) picks an onnx, aoti
     or engine artifact instead.
     """
-    store = ctx.store
-    if version:
-        art = store.resolve(version)
-        if art.stage not in SERVABLE:
-            raise UsageError(f"{art.ref} is a {art.stage} artifact; serve an onnx artifact (made by '{ctx.command('export')}'), or an aoti or engine one")
-    else:
-        art = store.latest(ctx.pipeline, "onnx")
-        if art is None:
-            raise ArtifactError(f"no onnx artifact for pipeline '{ctx.pipeline}' under {store.root}; run '{ctx.command('export')}'")
-    store.check_input(art, f"delete {art.path} and run '{ctx.command('export')}'")
-    runner, served = _make_runner(ctx, runtime, art)
+    art = loaders.servable_artifact(ctx.store, ctx.pipeline, version, ctx.command)
+    runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command)
     name = ctx.recipe.serve.model_name or ctx.pipeline
-    model = served_model_from_manifest(_described_by(ctx, served), name, runner)
+    model = served_model_from_manifest(loaders.describing_artifact(ctx.store, served), name, runner)
     return runner, replace(model, version=served.version, extra={**model.extra, "artifact": served.ref, "fingerprint": served.fingerprint})
 
 
@@ -636,6 +563,6 @@ def serve_artifacts(
         try:
             cfg = ServeConfig.model_validate({**cfg.model_dump(), "runtime": runtime})
         except Exception:
-            raise UsageError(f"unknown runtime '{runtime}'; use onnxruntime, aoti, torch or tensorrt") from None
+            raise UsageError(f"unknown runtime '{runtime}'; use {loaders.RUNTIME_NAMES}") from None
     runner, model = load_artifact_model(ctx, cfg.runtime, version)
     serve(runner, model, cfg, ready_event, stop_event, log=lambda msg: ctx.console.print(msg, markup=False, highlight=False))
