@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.config import BuildConfig
 from gendd_deploy.errors import ArtifactError, GateError, MissingDependency, UsageError
 from gendd_deploy.trt import plan as P
@@ -161,13 +162,15 @@ def test_timing_cache_key_is_gpu_capability_and_tensorrt():
 
 def test_parity_gate_reports_the_measured_numbers():
     ref = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
-    P.check_parity(P.parity(ref, ref + 0.01), atol=0.05, min_agreement=1.0, what="x")
-    with pytest.raises(GateError, match=r"max \|diff\| 0.1 > atol 0.05"):
-        P.check_parity(P.parity(ref, ref + 0.1), atol=0.05, min_agreement=1.0, what="x")
+    gate(compare(ref, ref + 0.01), atol=0.05, min_agreement=1.0, what="x")
+    with pytest.raises(GateError, match=r"max abs logit diff 0.1 > atol 0.05"):
+        gate(compare(ref, ref + 0.1), atol=0.05, min_agreement=1.0, what="x")
     with pytest.raises(GateError, match="top-1 agreement 0.5000 < 1"):
-        P.check_parity(P.parity(ref, ref[[0, 0]]), atol=10, min_agreement=1.0, what="x")
+        gate(compare(ref, ref[[0, 0]]), atol=10, min_agreement=1.0, what="x")
     with pytest.raises(GateError, match="non-finite"):
-        P.check_parity(P.parity(ref, np.full_like(ref, np.nan)), atol=10, min_agreement=0.0, what="x")
+        gate(compare(ref, np.full_like(ref, np.nan)), atol=10, min_agreement=0.0, what="x")
+    with pytest.raises(GateError, match="output shapes differ"):
+        compare(ref, ref[:1])
 
 
 def test_parser_errors_are_reported_one_by_one():
@@ -443,8 +446,8 @@ def test_engine_builds_matches_onnxruntime_and_runs(onnx_models, tmp_path, preci
 
     runner = TrtRunner(tmp_path / "model.plan", noise_shape_tail=NOISE_TAIL if kind == "noise" else None, check=False)
     images, noise = inputs_for(kind, n=48)  # 48 > max_batch: the runner splits
-    report = P.parity(ort_logits(onnx_models[kind], images, noise), runner.run(images, noise))
-    P.check_parity(report, cfg.atol, cfg.min_agreement, f"{precision} engine")
+    report = compare(ort_logits(onnx_models[kind], images, noise), runner.run(images, noise))
+    gate(report, cfg.atol, cfg.min_agreement, f"{precision} engine")
     lat = runner.latency_ms(8, iters=10, warmup=2)
     assert lat["median_ms"] > 0
     print(f"\n{kind} {precision}: TensorRT {trt.__version__} median {lat['median_ms']:.3f} ms/batch of 8, max |diff| {report['max_abs_diff']:.2e}")

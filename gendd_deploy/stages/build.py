@@ -15,11 +15,11 @@ import numpy as np
 
 from gendd_deploy.artifacts import Artifact, Draft, fingerprint, sha256_file
 from gendd_deploy.runtime.base import make_noise
+from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.trt import require_tensorrt
 from gendd_deploy.trt.plan import (
-    check_parity,
-    parity,
+    GATE_HINT,
     precision_plan,
     profile_shapes,
     profile_to_json,
@@ -152,8 +152,8 @@ class BuildStage(Stage):
         ctx.log(f"build: engine built in {built.build_s:.1f}s; timing cache {cache_out.ref}" + (" (reused)" if cache_in else " (new)"))
 
         runner = TrtRunner(draft.path(ENGINE_FILE), noise_shape_tail=tail, check=False)
-        report = parity(ref, runner.run(images, noise))
-        check_parity(report, bc.atol, bc.min_agreement, f"TensorRT {bc.precision} engine vs ONNX Runtime fp32")
+        report = compare(ref, runner.run(images, noise))
+        gate(report, bc.atol, bc.min_agreement, f"TensorRT {bc.precision} engine vs ONNX Runtime fp32", images="calibration images", hint=GATE_HINT)
         latency = runner.latency_ms(bc.opt_batch)
 
         draft.metrics.update(

@@ -10,7 +10,7 @@ Everything here is pure (numpy and onnx at most) so it is tested on any machine:
   input, the batch dim from the recipe, every other dim fixed by the graph.
 - `check_compatible(engine_info, here)`: an engine runs only with the TensorRT version and the GPU
   model it was built with; anything else is refused with both sides named.
-- `parity` / `check_parity`: the logit gate shared by the conversion and the engine.
+- `GATE_HINT`: what the build's parity gates (runtime/parity.py) suggest when they fail.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
-from gendd_deploy.errors import ArtifactError, GateError, UsageError
+from gendd_deploy.errors import ArtifactError, UsageError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -178,35 +176,9 @@ def check_compatible(engine_info: Mapping, here: Mapping, rebuild_hint: str = "g
         )
 
 
-# ---- parity gate -----------------------------------------------------------------------------
+# ---- parity gate (runtime/parity.py) ---------------------------------------------------------
 
-
-def parity(ref: np.ndarray, got: np.ndarray) -> dict:
-    """Max abs logit difference and top-1 agreement of `got` vs `ref`, both (N, K)."""
-    ref = np.asarray(ref, dtype=np.float64)
-    got = np.asarray(got, dtype=np.float64)
-    if ref.shape != got.shape:
-        raise GateError(f"output shapes differ: reference {ref.shape}, candidate {got.shape}")
-    finite = bool(np.isfinite(got).all())
-    diff = float(np.abs(ref - got).max()) if ref.size and finite else (float("inf") if not finite else 0.0)
-    agree = float((ref.argmax(1) == got.argmax(1)).mean()) if ref.size else 1.0
-    return {"max_abs_diff": diff, "top1_agreement": agree, "n": int(ref.shape[0]), "finite": finite}
-
-
-def check_parity(report: Mapping, atol: float, min_agreement: float, what: str) -> None:
-    """GateError naming the measured numbers when `report` (from parity()) misses either bound."""
-    bad = []
-    if not report["finite"]:
-        bad.append("non-finite logits (overflow in reduced precision?)")
-    elif report["max_abs_diff"] > atol:
-        bad.append(f"max |diff| {report['max_abs_diff']:.3g} > atol {atol:g}")
-    if report["top1_agreement"] < min_agreement:
-        bad.append(f"top-1 agreement {report['top1_agreement']:.4f} < {min_agreement:g}")
-    if bad:
-        raise GateError(
-            f"{what} parity gate failed on {report['n']} calibration images: {'; '.join(bad)}; "
-            "loosen [build] atol / min_agreement only if this is acceptable, or use precision = 'fp32'"
-        )
+GATE_HINT = "loosen [build] atol / min_agreement only if this is acceptable, or use precision = 'fp32'"
 
 
 # ---- parser errors ---------------------------------------------------------------------------

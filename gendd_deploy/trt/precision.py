@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from gendd_deploy.errors import UsageError
-from gendd_deploy.trt.plan import check_parity, parity
+from gendd_deploy.runtime.parity import compare, gate
+from gendd_deploy.trt.plan import GATE_HINT
 
 CONVERSION_VERSION = 1
 FP16_MAX = 65504.0
@@ -300,8 +301,8 @@ def gate_conversion(
         sess, reason = None, str(e).splitlines()[0][:300]
     if sess is not None:
         got = ort_logits(None, images, noise, batch, session=sess)
-        report = {"gate": "full", "cpu_runnable": True, "reason": None, **parity(ref, got)}
-        check_parity(report, atol, min_agreement, f"{precision} ONNX conversion (ONNX Runtime CPU)")
+        report = {"gate": "full", "cpu_runnable": True, "reason": None, **compare(ref, got)}
+        gate(report, atol, min_agreement, f"{precision} ONNX conversion (ONNX Runtime CPU)", images="calibration images", hint=GATE_HINT)
         return report
     if precision == "fp16":  # ORT CPU runs fp16 graphs; failing to load one is a real error
         raise UsageError(f"ONNX Runtime CPU cannot load the fp16 graph: {reason}")
@@ -312,7 +313,7 @@ def gate_conversion(
         "cpu_runnable": False,
         "reason": f"ONNX Runtime CPU cannot run the {precision} graph ({reason}); gated here: type check and "
         f"{precision}-rounded weights in a float32 graph; {precision} activations are gated by the engine parity gate on the GPU",
-        **parity(ref, got),
+        **compare(ref, got),
     }
-    check_parity(report, atol, min_agreement, f"{precision} weight rounding (ONNX Runtime CPU)")
+    gate(report, atol, min_agreement, f"{precision} weight rounding (ONNX Runtime CPU)", images="calibration images", hint=GATE_HINT)
     return report
