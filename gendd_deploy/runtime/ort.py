@@ -34,16 +34,24 @@ def requested_providers(providers: list[str] | None = None) -> list[str]:
 class OrtRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None, noise_shape_tail: tuple | None = None):
+    def __init__(self, path, providers: list[str] | None = None, intra_op_threads: int | None = None, noise_shape_tail: tuple | None = None):
+        """`path`: an .onnx file, or a graph in memory (an onnx.ModelProto or its bytes), which is
+        how the build stage runs converted graphs it never writes to disk."""
         ort = _ort()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"no ONNX model at {self.path}")
+        if hasattr(path, "SerializeToString"):
+            path = path.SerializeToString()
+        if isinstance(path, bytes):
+            self.path, source = Path("<in-memory graph>"), path
+        else:
+            self.path = Path(path)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no ONNX model at {self.path}")
+            source = str(self.path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
         self.requested = requested_providers(providers) or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.requested)
+        self.session = ort.InferenceSession(source, sess_options=opts, providers=self.requested)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.images_name = self.input_names[0] if "images" not in self.input_names else "images"

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gendd_deploy.errors import UsageError
+from gendd_deploy.runtime.ort import OrtRunner
 from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.trt.plan import GATE_HINT
 
@@ -238,25 +239,19 @@ def convert_builtin(model, precision: str):
 # ---- running and gating on ONNX Runtime CPU ----------------------------------------------------
 
 
-def _session(model_or_path):
-    import onnxruntime as ort
-
-    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
-    return ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+def _cpu_runner(model_or_path) -> OrtRunner:
+    return OrtRunner(model_or_path, providers=["CPUExecutionProvider"])
 
 
-def ort_logits(model_or_path, images: np.ndarray, noise: np.ndarray | None, batch: int = 64, session=None) -> np.ndarray:
-    """float32 logits of an ONNX graph on ORT CPU, in batches; feeds 'images' [+ 'noise'] by name."""
-    sess = session or _session(model_or_path)
-    names = [i.name for i in sess.get_inputs()]
+def ort_logits(model_or_path, images: np.ndarray, noise: np.ndarray | None, batch: int = 64, runner: OrtRunner | None = None) -> np.ndarray:
+    """float32 logits of an ONNX graph (a file or in memory) on ORT CPU, in batches."""
+    runner = runner or _cpu_runner(model_or_path)
+    if runner.noise_name and noise is None:
+        raise UsageError(f"the graph takes a '{runner.noise_name}' input but no noise was given")
     outs = []
     for s in range(0, len(images), batch):
-        feed = {names[0]: np.ascontiguousarray(images[s : s + batch], dtype=np.float32)}
-        if len(names) > 1:
-            if noise is None:
-                raise UsageError(f"the graph takes a '{names[1]}' input but no noise was given")
-            feed[names[1]] = np.ascontiguousarray(noise[s : s + batch], dtype=np.float32)
-        outs.append(sess.run(None, feed)[0].astype(np.float32))
+        z = noise[s : s + batch] if runner.noise_name else None
+        outs.append(np.asarray(runner.run(images[s : s + batch], z), dtype=np.float32))
     return np.concatenate(outs)
 
 
@@ -296,11 +291,11 @@ def gate_conversion(
     if ref is None:
         ref = ort_logits(src, images, noise, batch)
     try:
-        sess = _session(converted)
+        runner = _cpu_runner(converted)
     except Exception as e:  # noqa: BLE001 - ORT raises its own NOT_IMPLEMENTED / Fail types
-        sess, reason = None, str(e).splitlines()[0][:300]
-    if sess is not None:
-        got = ort_logits(None, images, noise, batch, session=sess)
+        runner, reason = None, str(e).splitlines()[0][:300]
+    if runner is not None:
+        got = ort_logits(None, images, noise, batch, runner=runner)
         report = {"gate": "full", "cpu_runnable": True, "reason": None, **compare(ref, got)}
         gate(report, atol, min_agreement, f"{precision} ONNX conversion (ONNX Runtime CPU)", images="calibration images", hint=GATE_HINT)
         return report
