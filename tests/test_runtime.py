@@ -1,5 +1,7 @@
 """Runners, the runtime registry and the parity gate (gendd_deploy.runtime)."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,22 @@ def test_every_available_runtime_matches_torch(runtime, tmp_path):
     for batch in (1, 7):
         res = parity(make_runner("torch", model=model), runner, images, batch=batch, seed=0)
         assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0, (batch, res)
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+
+def test_time_in_turn_interleaves_and_stops_each_entry_on_its_own_budget():
+    from gendd_deploy.runtime.timing import summary, time_in_turn
+
+    order = []
+    calls = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.02))}
+    ms = time_in_turn(calls, max_runs=50, min_runs=3, min_s=0.05, warmup=1)
+    assert order[:2] == ["fast", "slow"]  # one warm-up call each, untimed
+    assert order[2:6] == ["fast", "slow", "fast", "slow"]  # then one call of each per round
+    assert len(ms["fast"]) == 50  # never reaches min_s: capped by max_runs
+    assert 3 <= len(ms["slow"]) <= 4 and min(ms["slow"]) >= 20.0  # leaves once it has spent min_s
+    s = summary(ms["slow"])
+    assert s["reps"] == len(ms["slow"]) and s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"]
+    with pytest.raises(ValueError, match="max_runs"):
+        time_in_turn(calls, max_runs=0)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,8 @@ from gendd_deploy.errors import UsageError
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, runtime_status
 from gendd_deploy.runtime.parity import parity
+from gendd_deploy.runtime.timing import summary as timing_summary
+from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages import Context, run_chain
 
 SEED = 1234
@@ -130,26 +130,11 @@ def _slug(name: str) -> str:
 
 
 def _interleaved_latency(runners: dict, images: np.ndarray, batch: int, reps: int, budget_s: float) -> dict[str, list[float]]:
-    """Milliseconds per run of every runner at `batch`, timed in turn (one run of each per round),
-    so drifts in machine load fall on all models alike and ratios within the run stay fair.
-    A runner leaves the rotation after `reps` runs, or after `budget_s` of its own time (>= 2 runs)."""
+    """Milliseconds per run of every runner at `batch`, timed in turn (runtime/timing.py): at most
+    `reps` runs each, or `budget_s` of its own time (>= 2 runs)."""
     x = np.ascontiguousarray(np.resize(images, (batch,) + images.shape[1:]), dtype=np.float32)
-    noise = {name: r.noise(batch, SEED) for name, r in runners.items()}
-    for name, r in runners.items():
-        r.run(x, noise[name])  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    spent = dict.fromkeys(runners, 0.0)
-    active = list(runners)
-    while active:
-        for name in list(active):
-            t0 = time.perf_counter()
-            runners[name].run(x, noise[name])
-            dt = time.perf_counter() - t0
-            times[name].append(1000.0 * dt)
-            spent[name] += dt
-            if len(times[name]) >= reps or (len(times[name]) >= 2 and spent[name] >= budget_s):
-                active.remove(name)
-    return times
+    calls = {name: (lambda r=r, z=r.noise(batch, SEED): r.run(x, z)) for name, r in runners.items()}
+    return time_in_turn(calls, max_runs=reps, min_runs=2, min_s=budget_s)
 
 
 def _top1(runner, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
@@ -221,11 +206,10 @@ def run_bench(
             for b in batches:
                 times = _interleaved_latency(runners, test_x, b, reps, budget_s)
                 for name, ts in times.items():
-                    p50 = statistics.median(ts)
+                    stats = timing_summary(ts)
+                    p50 = stats["p50_ms"]
                     rows.append({
-                        "model": name, "runtime": kind, "providers": runners[name].providers(), "batch": b,
-                        "p50_ms": round(p50, 3), "p95_ms": round(float(np.percentile(ts, 95)), 3),
-                        "p99_ms": round(float(np.percentile(ts, 99)), 3), "mean_ms": round(statistics.fmean(ts), 3), "reps": len(ts),
+                        "model": name, "runtime": kind, "providers": runners[name].providers(), "batch": b, **stats,
                         "model_mb": sizes.get(name) if kind in ("onnxruntime", "tensorrt") else None,
                         "images_per_s": round(1000.0 * b / p50, 1), "top1": round(quality[name][0], 2), "top1_images": n,
                         "max_abs_diff_vs_torch": quality[name][1],

@@ -39,6 +39,7 @@ from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.config import CalibrateConfig
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.distill import DistillStage, load_student
 from gendd_deploy.stages.teacher import model_input
@@ -276,20 +277,10 @@ def make_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp: 
 
 def time_runner(runner, images: np.ndarray, seed: int, min_runs: int = 5, min_s: float = 0.2, max_runs: int = 200) -> float:
     """Median wall time (ms) of runner.run on one batch after one warm-up run: at least `min_runs`
-    runs and, up to `max_runs`, at least `min_s` seconds (cheap graphs get many runs, which
-    steadies the median on a shared CPU)."""
+    runs and, up to `max_runs`, at least `min_s` seconds (runtime/timing.py)."""
     noise = runner.noise(images.shape[0], seed)
-    runner.run(images, noise)
-    times: list[float] = []
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        runner.run(images, noise)
-        times.append((time.perf_counter() - t0) * 1e3)
-        spent = time.perf_counter() - start
-        if len(times) >= max_runs or (len(times) >= min_runs and spent >= min_s):
-            break
-    return statistics.median(times)
+    ms = time_in_turn({"runner": lambda: runner.run(images, noise)}, max_runs=max_runs, min_runs=min_runs, min_s=min_s)
+    return statistics.median(ms["runner"])
 
 
 # --------------------------------------------------------------------------- the stage
