@@ -7,8 +7,9 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -98,19 +99,18 @@ def progress_bar(console: Console, quiet: bool = False) -> Iterator[Progress]:
 
 
 @torch.no_grad()
-def predict(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    images_u8_fn: Callable[[torch.Tensor], torch.Tensor],
-    n: int,
-    batch_size: int,
-    to_input: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Run `logits_fn` over n images in order; returns the predicted class (n,)."""
-    preds = []
-    for i in range(0, n, batch_size):
-        idx = torch.arange(i, min(n, i + batch_size))
-        preds.append(logits_fn(to_input(images_u8_fn(idx))).argmax(1).cpu())
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+def count_correct(logits_fn: Callable, batches: Iterable) -> tuple[int, int]:
+    """(correct, seen) of argmax(logits_fn(x, batch_index)) over (batch_index, x, labels) batches:
+    the one loop behind every top-1 the package reports (teacher, distill's read-outs, the
+    runtime benchmark). Logits and labels may be torch tensors or numpy arrays."""
+    correct = seen = 0
+    for b, x, labels in batches:
+        logits = logits_fn(x, b)
+        pred = logits.argmax(1).cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits).argmax(1)
+        labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        correct += int((pred == labels).sum())
+        seen += len(labels)
+    return correct, seen
 
 
 def top1(pred: torch.Tensor, labels: torch.Tensor) -> float:

@@ -28,6 +28,7 @@ from gendd_deploy.runtime.parity import parity
 from gendd_deploy.runtime.timing import summary as timing_summary
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages import Context, run_chain
+from gendd_deploy.training import count_correct
 
 SEED = 1234
 
@@ -138,11 +139,10 @@ def _interleaved_latency(runners: dict, images: np.ndarray, batch: int, reps: in
 
 
 def _top1(runner, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
-    correct = 0
-    for i, s in enumerate(range(0, len(images), batch)):
-        x = np.ascontiguousarray(images[s : s + batch])
-        correct += int((runner.run(x, runner.noise(len(x), SEED + i)).argmax(1) == labels[s : s + batch]).sum())
-    return 100.0 * correct / max(1, len(images))
+    starts = range(0, len(images), batch)
+    batches = ((i, np.ascontiguousarray(images[s : s + batch]), labels[s : s + batch]) for i, s in enumerate(starts))
+    correct, seen = count_correct(lambda x, i: runner.run(x, runner.noise(len(x), SEED + i)), batches)
+    return 100.0 * correct / max(1, seen)
 
 
 def _readout_summary(models: dict, metrics: dict, calibrated_top1: float | None) -> dict | None:

@@ -25,7 +25,7 @@ from gendd_deploy.models.student import GenDDStudent, contract, deterministic_sc
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
 from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
-from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, epoch_order, lr_at, progress_bar, restore_rng, rng_state
+from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, count_correct, epoch_order, lr_at, progress_bar, restore_rng, rng_state
 
 # Deviations from the authors' code, recorded in every student manifest.
 DEVIATIONS = [
@@ -411,17 +411,16 @@ class DistillStage(Stage):
     def _top1(self, ctx, device, n, logits_fn, label) -> float:
         """Top-1 (%) of logits_fn over the first n test images; batches are shared out over ranks."""
         data, bs = ctx.data(), ctx.recipe.data.eval_batch_size
-        correct = 0
-        starts = list(range(0, n, bs))
         with progress_bar(ctx.console, ctx.quiet) as bar:
             task = bar.add_task(label, total=n, info="")
-            for b, i in enumerate(starts):
-                if b % dist.world_size() != dist.rank():
-                    continue
-                idx = torch.arange(i, min(n, i + bs))
-                x = model_input(ctx, data.test.get_batch(idx), device)
-                correct += int((logits_fn(x, b).argmax(1).cpu() == data.test.labels[idx]).sum())
-                bar.update(task, advance=len(idx) * dist.world_size())
+
+            def mine():  # this rank's share of the batches, in order
+                for b, idx in enumerate(torch.arange(n).split(bs)):
+                    if b % dist.world_size() == dist.rank():
+                        yield b, model_input(ctx, data.test.get_batch(idx), device), data.test.labels[idx]
+                        bar.update(task, advance=len(idx) * dist.world_size())
+
+            correct, _ = count_correct(logits_fn, mine())
         return 100.0 * dist.all_reduce_sum(correct) / max(n, 1)
 
     def _report(self, ctx, stats: dict) -> None:

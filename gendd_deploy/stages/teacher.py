@@ -19,7 +19,7 @@ from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import load_teacher  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.training import Checkpointer, Timer, batches, epoch_order, lr_at, predict, progress_bar, restore_rng, rng_state, top1
+from gendd_deploy.training import Checkpointer, Timer, batches, epoch_order, count_correct, lr_at, progress_bar, restore_rng, rng_state
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -102,8 +102,10 @@ class TeacherStage(Stage):
             train_metrics = self._train(ctx, model, device)
         model.eval()
         test = data.test
-        pred = predict(model, test.get_batch, len(test), ctx.recipe.data.eval_batch_size, lambda u8: model_input(ctx, u8, device))
-        acc = top1(pred, test.labels)
+        bs = ctx.recipe.data.eval_batch_size
+        test_batches = ((b, model_input(ctx, test.get_batch(idx), device), test.labels[idx]) for b, idx in enumerate(torch.arange(len(test)).split(bs)))
+        correct, seen = count_correct(lambda x, b: model(x), test_batches)
+        acc = 100.0 * correct / seen if seen else float("nan")
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, draft.path("model.pt"))
         draft.info.update(
             architecture=bb.architecture(model),
