@@ -14,8 +14,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gendd_deploy import seeds
-from gendd_deploy.errors import ArtifactError
+from gendd_deploy import dist, seeds
+from gendd_deploy.data.loader import batch_stream
+from gendd_deploy.errors import ArtifactError, UsageError
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -66,8 +67,6 @@ class Checkpointer:
         self.path = Path(work_dir) / name
 
     def save(self, state: dict) -> None:
-        from gendd_deploy import dist
-
         if not dist.is_main():  # one writer; every rank reads it back on resume
             return
         tmp = self.path.with_suffix(".part")
@@ -92,8 +91,6 @@ class Checkpointer:
 @contextmanager
 def progress_bar(console: Console, quiet: bool = False) -> Iterator[Progress]:
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    from gendd_deploy import dist
-
     with Progress(*cols, console=console, disable=quiet or not dist.is_main(), transient=False) as p:
         yield p
 
@@ -123,3 +120,81 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def steps_per_epoch(n: int, batch_size: int, *, section: str, limit_field: str) -> int:
+    """Optimizer steps per epoch on this process, refusing data too small to train on."""
+    steps = len(batches(dist.shard(torch.arange(n)), batch_size))
+    if steps == 0:
+        raise UsageError(f"[{section}] batch_size {batch_size} is larger than the {n} training images; lower it")
+    if min(n, batch_size) < 2:  # batch norm cannot train on one image per batch
+        raise UsageError(f"[{section}] needs at least 2 images per batch ({n} training images, batch_size {batch_size}); raise {limit_field} or batch_size")
+    return steps
+
+
+@torch.enable_grad()  # callers may hold no_grad
+def train_epochs(
+    *,
+    ctx,
+    label: str,
+    failure_point: str,
+    epochs: int,
+    n: int,
+    batch_size: int,
+    seed: int,
+    opt: torch.optim.Optimizer,
+    lr: float,
+    warmup_steps: int,
+    modules: dict[str, torch.nn.Module],
+    ckpt: Checkpointer,
+    step: Callable[[int, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict]],
+    device: torch.device,
+    betas: Callable[[int, int], tuple[float, float]] | None = None,
+) -> dict:
+    """The epoch loop the teacher and distill share: per-step LR (warm-up + cosine, `betas` too when
+    given), one checkpoint per epoch holding weights, optimizer and RNG state, and resume from it.
+
+    Each epoch visits the first `n` training images of `ctx.data()` in the order seeds.epoch_order
+    gives (sharded over processes), decoded ahead by `[data] loader_workers`; `step(epoch, idx,
+    images_u8, gen)` returns (loss, parts to show), with `gen` the epoch's augmentation stream.
+    A resumed run replays exactly what an uninterrupted one draws, so both end bit-identical.
+    """
+    per_epoch = len(batches(dist.shard(torch.arange(n)), batch_size))
+    total = per_epoch * epochs
+    start, train_s, images = 0, 0.0, 0
+    state = ckpt.load()
+    if state is not None:
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        opt.load_state_dict(state["opt"])
+        start, train_s, images = state["epoch"] + 1, state["train_s"], state.get("images", 0)
+        restore_rng(state)
+        ctx.log(f"{label}: resuming from the checkpoint after epoch {start}/{epochs}")
+    train_images = ctx.data().train
+    with progress_bar(ctx.console, ctx.quiet) as bar:
+        task = bar.add_task(label, total=total, completed=start * per_epoch, info="")
+        for epoch in range(start, epochs):
+            timer = Timer()
+            for m in modules.values():
+                m.train()
+            gen = seeds.augmentation(seed, epoch, dist.rank())
+            order = batches(dist.shard(epoch_order(n, seed, epoch)), batch_size)
+            for i, (idx, images_u8) in enumerate(zip(order, batch_stream(train_images, order, ctx.recipe.data.loader_workers))):
+                s = epoch * per_epoch + i
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(s, total, warmup_steps, lr)
+                    if betas is not None:
+                        g["betas"] = betas(s, total)
+                dist.maybe_inject_failure(failure_point, epoch, i)
+                loss, parts = step(epoch, idx, images_u8, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                images += len(idx)
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_s += timer()
+            ckpt.save({**{k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(), "epoch": epoch, "train_s": train_s, "images": images, **rng_state()})
+    images, train_s = dist.all_reduce_sum(images), dist.all_reduce_max(train_s)
+    return {"train_s": round(train_s, 2), "images_per_s": round(images / max(train_s, 1e-9), 1), "epochs": epochs, "world_size": dist.world_size()}

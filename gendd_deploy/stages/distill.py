@@ -8,6 +8,8 @@ Teacher features come from the cache (replaying the cached views) or from the te
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,6 @@ from torch import nn
 from gendd_deploy import dist, seeds
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
-from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import load_student  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
@@ -25,7 +26,7 @@ from gendd_deploy.models.student import GenDDStudent, contract, deterministic_sc
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
 from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
-from gendd_deploy.training import Checkpointer, Timer, batches, cosine_ramp, count_correct, epoch_order, lr_at, progress_bar, restore_rng, rng_state
+from gendd_deploy.training import Checkpointer, Timer, cosine_ramp, count_correct, progress_bar, steps_per_epoch, train_epochs
 
 # Deviations from the authors' code, recorded in every student manifest.
 DEVIATIONS = [
@@ -205,68 +206,27 @@ class DistillStage(Stage):
                 f_t = bb.pooled_features(teacher, x).float()
         return x, f_t, data.train.labels[idx].to(device)
 
-    @torch.enable_grad()  # callers may hold no_grad
-    def _loop(self, ctx, label, epochs, opt, base_lr, step_fn, teacher, cache, device, ckpt_name, modules: dict, beta2=None, warmup_epochs=None):
-        """Shared epoch loop with LR schedule, checkpoint per epoch and resume.
+    def _loop(self, ctx, *, label: str, epochs: int, opt, step_fn, teacher, cache, device, ckpt_name: str, modules: dict, beta2=None, warmup_epochs=None) -> dict:
+        """distill's use of the shared epoch loop (training.train_epochs): batches of (x, f_t, y)
+        from the cache or the online teacher, bf16 autocast on CUDA, AdamW's beta2 on its ramp."""
+        dc, seed = ctx.recipe.distill, student_seed(ctx)
+        n = min(len(ctx.data().train), dc.train_limit or len(ctx.data().train))
+        per_epoch = steps_per_epoch(n, dc.batch_size, section="distill", limit_field="[distill] train_limit")
+        views = functools.lru_cache(maxsize=1)(lambda epoch: self._views(cache, n, seed, epoch))
 
-        The checkpoint holds the global RNG state with the weights, so a resumed run draws the
-        same diffusion timesteps, noise and mixup as an uninterrupted one and ends bit-identical.
-        """
-        dc, data, seed = ctx.recipe.distill, ctx.data(), student_seed(ctx)
-        n = min(len(data.train), dc.train_limit or len(data.train))
-        steps_per_epoch = len(batches(dist.shard(torch.arange(n)), dc.batch_size))
-        if steps_per_epoch == 0:
-            raise UsageError(f"[distill] batch_size {dc.batch_size} is larger than the {n} training images; lower it")
-        if min(n, dc.batch_size) < 2:  # batch norm cannot train on one image per batch
-            raise UsageError(f"[distill] needs at least 2 images per batch ({n} training images, batch_size {dc.batch_size}); raise train_limit or batch_size")
-        total = steps_per_epoch * epochs
-        warmup_steps = (dc.warmup_epochs if warmup_epochs is None else warmup_epochs) * steps_per_epoch
-        ckpt = Checkpointer(self.work_dir(ctx), ckpt_name)
-        start, train_s, images = 0, 0.0, 0
-        state = ckpt.load()
-        if state is not None:
-            for k, m in modules.items():
-                m.load_state_dict(state[k])
-            opt.load_state_dict(state["opt"])
-            start, train_s, images = state["epoch"] + 1, state["train_s"], state["images"]
-            restore_rng(state)
-            ctx.log(f"distill: {label} resuming after epoch {start}/{epochs}")
-        use_amp = dc.amp and device.type == "cuda"
-        with progress_bar(ctx.console, ctx.quiet) as bar:
-            task = bar.add_task(label, total=total, completed=start * steps_per_epoch, info="")
-            for epoch in range(start, epochs):
-                timer = Timer()
-                for m in modules.values():
-                    m.train()
-                gen = seeds.augmentation(seed, epoch, dist.rank())
-                views = self._views(cache, n, seed, epoch)
-                order = batches(dist.shard(epoch_order(n, seed, epoch)), dc.batch_size)
-                stream = batch_stream(data.train, order, ctx.recipe.data.loader_workers)
-                for i, (idx, images_u8) in enumerate(zip(order, stream)):
-                    step = epoch * steps_per_epoch + i
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step, total, warmup_steps, base_lr)
-                        if beta2 is not None:
-                            g["betas"] = (dc.beta1, beta2(step, total))
-                    dist.maybe_inject_failure("distill", epoch, i)
-                    x, f_t, y = self._batch(ctx, idx, views, gen, cache, teacher, device, images_u8)
-                    if device.type == "cuda" and dc.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        loss, parts = step_fn(x, f_t, y, gen)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    images += len(idx)
-                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                train_s += timer()
-                state = {k: m.state_dict() for k, m in modules.items()}
-                state.update(opt=opt.state_dict(), epoch=epoch, train_s=train_s, images=images, **rng_state())
-                ckpt.save(state)
-        images, train_s = dist.all_reduce_sum(images), dist.all_reduce_max(train_s)
-        return {"train_s": round(train_s, 2), "images_per_s": round(images / max(train_s, 1e-9), 1), "epochs": epochs, "world_size": dist.world_size()}
+        def step(epoch, idx, images_u8, gen):
+            x, f_t, y = self._batch(ctx, idx, views(epoch), gen, cache, teacher, device, images_u8)
+            if device.type == "cuda" and dc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dc.amp and device.type == "cuda"):
+                return step_fn(x, f_t, y, gen)
+
+        return train_epochs(
+            ctx=ctx, label=label, failure_point="distill", epochs=epochs, n=n, batch_size=dc.batch_size, seed=seed,
+            opt=opt, lr=dc.lr, warmup_steps=(dc.warmup_epochs if warmup_epochs is None else warmup_epochs) * per_epoch,
+            modules=modules, ckpt=Checkpointer(self.work_dir(ctx), ckpt_name), step=step, device=device,
+            betas=None if beta2 is None else (lambda s, total: (dc.beta1, beta2(s, total))),
+        )
 
     def _stage1(self, ctx, student: GenDDStudent, teacher, cache, device) -> dict:
         dc = ctx.recipe.distill
@@ -282,7 +242,10 @@ class DistillStage(Stage):
             return loss, {"ce": loss.detach()}
 
         # its own schedule: cosine from the full lr, no warm-up ramp (it would eat a 1-epoch stage)
-        stats = self._loop(ctx, "distill stage 1", dc.stage1_epochs, opt, dc.lr, step_fn, teacher, cache, device, "stage1.pt", {"student": student, "proj": proj}, warmup_epochs=0)
+        stats = self._loop(
+            ctx, label="distill stage 1", epochs=dc.stage1_epochs, opt=opt, step_fn=step_fn, teacher=teacher, cache=cache,
+            device=device, ckpt_name="stage1.pt", modules={"student": student, "proj": proj}, warmup_epochs=0,
+        )
         return {f"stage1_{k}": v for k, v in stats.items()}
 
     def _train(self, ctx, student, teacher, cache, device) -> dict:
@@ -329,9 +292,15 @@ class DistillStage(Stage):
                 return loss, parts
 
         if not isinstance(student, GenDDStudent):
-            return self._loop(ctx, f"distill {dc.method}", dc.epochs, opt, dc.lr, step_fn, teacher, cache, device, "train.pt", {"student": student}, beta2)
-        modules = {"student": student, "range": tracker}
-        stats = self._loop(ctx, f"distill {dc.method}", dc.epochs, opt, dc.lr, step_fn, teacher, cache, device, "train.pt", modules, beta2)
+            modules = {"student": student}
+        else:
+            modules = {"student": student, "range": tracker}
+        stats = self._loop(
+            ctx, label=f"distill {dc.method}", epochs=dc.epochs, opt=opt, step_fn=step_fn, teacher=teacher, cache=cache,
+            device=device, ckpt_name="train.pt", modules=modules, beta2=beta2,
+        )
+        if not isinstance(student, GenDDStudent):
+            return stats
         student.clip_lo.copy_(dist.all_reduce_tensor(tracker.lo, "min"))
         student.clip_hi.copy_(dist.all_reduce_tensor(tracker.hi, "max"))
         return stats

@@ -11,15 +11,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gendd_deploy import dist, seeds
+from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft, sha256_file
 from gendd_deploy.data import augment as aug
-from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import load_teacher  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.training import Checkpointer, Timer, batches, epoch_order, count_correct, lr_at, progress_bar, restore_rng, rng_state
+from gendd_deploy.training import Checkpointer, Timer, count_correct, steps_per_epoch, train_epochs
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -120,51 +119,23 @@ class TeacherStage(Stage):
         draft.metrics.update(test_top1=round(acc, 3), test_images=len(test), wall_s=round(timer(), 2), device=str(device), **train_metrics)
         ctx.log(f"teacher: {tc.model} test top-1 {acc:.2f}% on {len(test)} images")
 
-    @torch.enable_grad()  # callers may hold no_grad
     def _train(self, ctx: Context, model: torch.nn.Module, device: torch.device) -> dict:
         tc, dc, data = ctx.recipe.teacher, ctx.recipe.data, ctx.data()
-        seed = ctx.recipe.pipeline.seed
-        train = data.train
+        n = len(data.train)
+        per_epoch = steps_per_epoch(n, tc.batch_size, section="teacher", limit_field="[data] train_limit")
         opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
         net = wrap_ddp(model, device)
-        steps_per_epoch = len(batches(dist.shard(torch.arange(len(train))), tc.batch_size))
-        if steps_per_epoch == 0:
-            raise UsageError(f"[teacher] batch_size {tc.batch_size} is larger than the {len(train)} training images; lower it")
-        if min(len(train), tc.batch_size) < 2:  # batch norm cannot train on one image per batch
-            raise UsageError(f"[teacher] needs at least 2 images per batch ({len(train)} training images, batch_size {tc.batch_size}); raise [data] train_limit or batch_size")
-        total = steps_per_epoch * tc.epochs
-        ckpt = Checkpointer(self.work_dir(ctx))
-        start_epoch, train_s, images = 0, 0.0, 0
-        state = ckpt.load()
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            start_epoch, train_s, images = state["epoch"] + 1, state["train_s"], state.get("images", 0)
-            restore_rng(state)
-            ctx.log(f"teacher: resuming from the checkpoint after epoch {start_epoch}/{tc.epochs}")
-        with progress_bar(ctx.console, ctx.quiet) as bar:
-            task = bar.add_task("teacher", total=total, completed=start_epoch * steps_per_epoch, info="")
-            for epoch in range(start_epoch, tc.epochs):
-                timer, model = Timer(), model.train()
-                gen = seeds.augmentation(seed, epoch, dist.rank())
-                order = batches(dist.shard(epoch_order(len(train), seed, epoch)), tc.batch_size)
-                for i, (idx, images_u8) in enumerate(zip(order, batch_stream(train, order, dc.loader_workers))):
-                    step = epoch * steps_per_epoch + i
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step, total, tc.warmup_epochs * steps_per_epoch, tc.lr)
-                    dist.maybe_inject_failure("teacher", epoch, i)
-                    params = aug.sample_params(len(idx), data.image_size, dc.augment, dc.crop_padding, gen)
-                    x = aug.apply(images_u8, params, dc.augment, dc.crop_padding, data.image_size)
-                    x = aug.normalize(x, data.mean, data.std).to(device)
-                    y = train.labels[idx].to(device)
-                    loss = F.cross_entropy(net(x), y, label_smoothing=tc.label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    images += len(idx)
-                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
-                train_s += timer()
-                ckpt.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "train_s": train_s, "images": images, **rng_state()})
-        images = dist.all_reduce_sum(images)
-        train_s = dist.all_reduce_max(train_s)
-        return {"train_s": round(train_s, 2), "epochs": tc.epochs, "train_images": len(train), "images_per_s": round(images / max(train_s, 1e-9), 1), "world_size": dist.world_size()}
+
+        def step(epoch, idx, images_u8, gen):
+            params = aug.sample_params(len(idx), data.image_size, dc.augment, dc.crop_padding, gen)
+            x = aug.apply(images_u8, params, dc.augment, dc.crop_padding, data.image_size)
+            x = aug.normalize(x, data.mean, data.std).to(device)
+            loss = F.cross_entropy(net(x), data.train.labels[idx].to(device), label_smoothing=tc.label_smoothing)
+            return loss, {"loss": loss.detach()}
+
+        stats = train_epochs(
+            ctx=ctx, label="teacher", failure_point="teacher", epochs=tc.epochs, n=n, batch_size=tc.batch_size,
+            seed=ctx.recipe.pipeline.seed, opt=opt, lr=tc.lr, warmup_steps=tc.warmup_epochs * per_epoch,
+            modules={"model": model}, ckpt=Checkpointer(self.work_dir(ctx)), step=step, device=device,
+        )
+        return {**stats, "train_images": n}
