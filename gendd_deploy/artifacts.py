@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gendd_deploy.errors import ArtifactError, UsageError
+from gendd_deploy.hashing import file_sha256, json_sha256
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,30 +42,13 @@ OWNER_SUFFIX = ".owner"  # beside a draft `.tmp-<hex>`: who is writing it (JSON)
 STALE_DRAFT_S = 24 * 3600  # a draft from another host is left alone for this long
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
 def fingerprint(stage: str, config: dict, inputs: dict[str, str]) -> str:
     """sha256 of stage name, resolved config, input fingerprints and schema version."""
     payload = {"schema": SCHEMA_VERSION, "stage": stage, "config": config, "inputs": dict(sorted(inputs.items()))}
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    return json_sha256(payload)
 
 
-_HASH_CACHE: dict[tuple, str] = {}
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, memoised per (path, size, mtime) within this process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
+sha256_file = file_sha256  # the name the stages use
 
 
 @dataclass
@@ -130,7 +113,7 @@ class Artifact:
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON without its own `digest` entry."""
     body = {k: v for k, v in manifest.items() if k != "digest"}
-    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+    return json_sha256(body)
 
 
 def _confined(rel: object) -> bool:

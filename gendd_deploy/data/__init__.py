@@ -13,8 +13,6 @@ augmentation recipe; `describe()` returns those inputs plus sizes and mean/std, 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +22,7 @@ from gendd_deploy.data.augment import CROP_MODES, apply, normalize, sample_param
 from gendd_deploy.data.preprocess import decode_image, make_spec, preprocess_image, resize_uint8
 from gendd_deploy.data.sources import FolderImageSet, ImageSet, RawSource, TensorImageSet, read_source
 from gendd_deploy.data.splits import holdout_calib, index_digest, long_tail, take_first
+from gendd_deploy.hashing import json_sha256
 
 __all__ = [
     "DataBundle",
@@ -86,11 +85,6 @@ def _mean_std(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...
     return tuple(mean_unit), tuple(std_unit)
 
 
-def _canonical_sha256(obj: dict) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def load_data(cfg: DataConfig) -> DataBundle:
     """Read the configured source from local files (never downloads) and split it."""
     raw: RawSource = read_source(cfg.source, cfg.root, cfg.image_size)
@@ -140,7 +134,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         "crop_padding": padding,
         **raw.extra,
     }
-    fingerprint = _canonical_sha256(identity)
+    fingerprint = json_sha256(identity)
     info = {
         **identity,
         "root": raw.root,

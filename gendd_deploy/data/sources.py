@@ -38,6 +38,7 @@ from PIL import Image
 from gendd_deploy.data.preprocess import image_to_uint8
 from gendd_deploy.data.splits import stratified_holdout
 from gendd_deploy.errors import UsageError
+from gendd_deploy.hashing import file_sha256
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 CIFAR100_ROOT = "./data/cifar-100-python"
@@ -157,21 +158,6 @@ class RawSource:
 
 # --------------------------------------------------------------------------------------------
 # File identity
-
-
-@functools.lru_cache(maxsize=1024)
-def _sha256_cached(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, cached in-process on (path, size, mtime, inode): a second load is cheap."""
-    st = os.stat(path)
-    return _sha256_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def file_identity(path: Path) -> dict:

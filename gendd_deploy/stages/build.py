@@ -17,6 +17,7 @@ from gendd_deploy.artifacts import Artifact, Draft, fingerprint, sha256_file
 from gendd_deploy.runtime.base import make_noise
 from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.stages.base import Context, Stage
+from gendd_deploy.stages.export import calibration_images
 from gendd_deploy.trt import require_tensorrt
 from gendd_deploy.trt.plan import (
     GATE_HINT,
@@ -45,15 +46,9 @@ def noise_spec(onnx_art: Artifact, io: dict) -> tuple[bool, tuple | None]:
 
 
 def calibration_inputs(ctx: Context, noise_tail: tuple | None, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Normalized calibration images (N, C, H, W) float32 and seeded noise (N, *tail) for the parity gates."""
-    import torch
-
-    from gendd_deploy.data import to_model_input
-
-    data = ctx.data()
-    n = len(data.calib) if limit is None else min(limit, len(data.calib))
-    images = to_model_input(data.calib.get_batch(torch.arange(n)), data.mean, data.std).numpy()
-    noise = make_noise((n,) + tuple(noise_tail), seed) if noise_tail else None
+    """The export's calibration images (stages/export.calibration_images) and seeded noise (N, *tail) for the parity gates."""
+    images = calibration_images(ctx, limit)
+    noise = make_noise((len(images),) + tuple(noise_tail), seed) if noise_tail else None
     return images, noise
 
 
