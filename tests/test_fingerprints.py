@@ -27,3 +27,11 @@ def test_gendd_fingerprint_follows_head_fields_and_not_use_cache(tiny_context):
     base = DistillStage().config(tiny_context())
     assert DistillStage().config(tiny_context("distill.head_width=17")) != base
     assert DistillStage().config(tiny_context("distill.use_cache=false")) == base
+
+
+def test_distill_scores_the_published_sampler_by_default():
+    from gendd_deploy.models.deployed import SamplerSetting
+    from gendd_deploy.stages.distill import published_setting
+
+    assert published_setting(DistillConfig()) == SamplerSetting.published()
+    assert published_setting(DistillConfig(eval_steps=8)).steps == 8

@@ -100,10 +100,13 @@ class GenDDStudent(nn.Module):
         return self.teacher_fc(self.sample_features(self.features(x), schedule, sampler, draws, guidance, temperature, noise, clip))
 
 
+DDIM0_STEPS, DDIM0_T_START = 8, 900
+
+
 def deterministic_schedule(student: GenDDStudent) -> SamplingSchedule:
     """DDIM-8 from t = 900: with temperature 0 (x_T = 0) the cheap deterministic sampler that
     distill reports as ddim0 and that the sampler-distilled read-out is fitted to."""
-    return SamplingSchedule(student.head.train_schedule, 8, t_start=900)
+    return SamplingSchedule(student.head.train_schedule, DDIM0_STEPS, t_start=DDIM0_T_START)
 
 
 def stage1_projector(d_s: int, d_t: int) -> nn.Linear:

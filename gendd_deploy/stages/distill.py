@@ -16,13 +16,15 @@ from torch import nn
 
 from gendd_deploy import dist, seeds
 from gendd_deploy.artifacts import Artifact, Draft
+from gendd_deploy.config import DistillConfig
 from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import load_student  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models import readout
+from gendd_deploy.models.deployed import SamplerSetting
 from gendd_deploy.models.schedule import SamplingSchedule
-from gendd_deploy.models.student import GenDDStudent, contract, deterministic_schedule, stage1_projector
+from gendd_deploy.models.student import DDIM0_STEPS, DDIM0_T_START, GenDDStudent, contract, deterministic_schedule, stage1_projector
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
 from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
@@ -85,6 +87,20 @@ class Stage1Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student.teacher_fc(self.proj(self.student.features(x)))
+
+
+def published_setting(dc: DistillConfig) -> SamplerSetting:
+    """The reference read-out distill scores, from the recipe's eval_* fields; their defaults are
+    the authors' evaluation, SamplerSetting.published() (tests/test_fingerprints.py checks)."""
+    return SamplerSetting(
+        sampler=dc.eval_sampler, steps=dc.eval_steps, draws=dc.eval_draws, guidance=float(dc.eval_guidance),
+        temperature=float(dc.eval_temperature), clip=False,
+    )
+
+
+# DDIM-8 from t = 900 at temperature 0: the deterministic read-out distill reports as ddim0 and
+# that the sampler-distilled read-out is fitted to (models/student.deterministic_schedule)
+DDIM0 = SamplerSetting(sampler="ddim", steps=DDIM0_STEPS, draws=1, guidance=1.0, temperature=0.0, t_start=DDIM0_T_START)
 
 
 # The [distill] fields each method's fingerprint hashes: an allowlist, so a field added to the
@@ -353,27 +369,27 @@ class DistillStage(Stage):
             probe = lambda x, i: student.probe_logits(student.features(x))  # noqa: E731
             out["probe_top1"] = round(self._top1(ctx, device, n, probe, "eval probe"), 3)
         # the published reference exactly as the authors run it: no x0 clipping, no alpha_bar floor
-        sched = SamplingSchedule(student.head.train_schedule, dc.eval_steps)
-        published = self._sampler_fn(ctx, student, sched, dc.eval_sampler, dc.eval_draws, dc.eval_guidance, dc.eval_temperature, clip=False)
-        out["published_top1"] = round(self._top1(ctx, device, n, published, f"eval {dc.eval_sampler}-{dc.eval_steps}"), 3)
-        out["published_sampler"] = f"{dc.eval_sampler}-{dc.eval_steps} x{dc.eval_draws} cfg{dc.eval_guidance} T{dc.eval_temperature}"
+        published = published_setting(dc)
+        out["published_top1"] = round(self._top1(ctx, device, n, self._sampler_fn(ctx, student, published), f"eval {published.label()}"), 3)
+        out["published_sampler"] = published.label()
         # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
-        ddim0 = self._sampler_fn(ctx, student, deterministic_schedule(student), "ddim", 1, 1.0, 0.0)
-        out["ddim0_top1"] = round(self._top1(ctx, device, n, ddim0, "eval ddim-8"), 3)
+        out["ddim0_top1"] = round(self._top1(ctx, device, n, self._sampler_fn(ctx, student, DDIM0), f"eval {DDIM0.label()}"), 3)
         for name, lin in (readouts or {}).items():
             fn = lambda x, i, lin=lin: lin(student.features(x))  # noqa: E731
             out[f"{name}_top1"] = round(self._top1(ctx, device, n, fn, f"eval {name}"), 3)
         out["test_top1"] = out["published_top1"]
         return out
 
-    def _sampler_fn(self, ctx, student, sched, sampler, draws, guidance, temperature, clip=True):
+    def _sampler_fn(self, ctx, student, s: SamplerSetting):
+        """logits_fn(x, batch_index) of sampler setting `s`, with fresh noise seeded per batch (the
+        same numbers whatever the number of processes)."""
         h, seed = student.head, student_seed(ctx)
+        sched = SamplingSchedule(h.train_schedule, s.steps, t_start=s.t_start, min_alpha_bar=s.min_alpha_bar)
 
         def fn(x, batch_index):
-            # noise seeded per batch: the same numbers whatever the number of processes
             g = seeds.eval_noise(seed, batch_index)
-            noise = torch.randn(h.noise_shape(len(x), draws, len(sched.timesteps), h.num_tokens, h.token_dim), generator=g).to(x.device)
-            return student.sample_logits(x, sched, sampler, draws, guidance, temperature, noise=noise, clip=clip)
+            noise = torch.randn(h.noise_shape(len(x), s.draws, s.steps, h.num_tokens, h.token_dim), generator=g).to(x.device)
+            return student.sample_logits(x, sched, s.sampler, s.draws, s.guidance, s.temperature, noise=noise, clip=s.clip)
 
         return fn
 
