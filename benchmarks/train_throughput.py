@@ -27,7 +27,7 @@ from torch import nn
 from gendd_deploy.config import load_recipe
 from gendd_deploy.data import augment as aug
 from gendd_deploy.models import backbone as bb
-from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.models.student import GenDDStudent, HeadSpec
 
 BEFORE = {"student_kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 64]}, "stem_width": None, "zero_init_last": True}
 
@@ -37,7 +37,7 @@ def make_student(recipe, kwargs: dict, stem_width, zero_init_last, teacher_dim: 
     backbone = bb.create_backbone(dc.student, 10, 1, dc.small_input, kwargs, zero_init_last=zero_init_last, stem_width=stem_width)
     bb.check_contract(backbone, 1, size)
     fc = nn.Linear(teacher_dim, 10)
-    return GenDDStudent(backbone, fc, dc.head_width, dc.head_depth, dc.token_dim, dc.train_timesteps)
+    return GenDDStudent(backbone, fc, HeadSpec.from_recipe(dc, fc.in_features))
 
 
 def main() -> None:

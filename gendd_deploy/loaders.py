@@ -16,7 +16,7 @@ from gendd_deploy.artifacts import Artifact, Store
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.models.student import GenDDStudent, HeadSpec
 
 ONNX_FILE = "model.onnx"
 AOTI_FILE = "model.pt2"
@@ -35,9 +35,8 @@ def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module
     info = art.manifest["info"]
     backbone = bb.build_from_architecture(info["architecture"])
     if info["method"] == "gendd":
-        h = info["head"]
-        fc = nn.Linear(h["teacher_dim"], info["architecture"]["num_classes"])
-        model = GenDDStudent(backbone, fc, h["width"], h["depth"], h["token_dim"], h["train_timesteps"])
+        spec = HeadSpec.from_manifest(info["head"])
+        model = GenDDStudent(backbone, nn.Linear(spec.teacher_dim, info["architecture"]["num_classes"]), spec)
     else:
         model = backbone
     model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))

@@ -12,7 +12,7 @@ from gendd_deploy.artifacts import verify_artifact
 from gendd_deploy.config import CalibrateConfig
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.models.student import GenDDStudent, HeadSpec
 from gendd_deploy.stages.calibrate import (
     MIN_ALPHA_BAR,
     NO_SAMPLER,
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 def tiny_student(num_classes=10, teacher_dim=32, token_dim=16, seed=0) -> GenDDStudent:
     torch.manual_seed(seed)
     backbone = bb.create_backbone("resnet18", num_classes, 1, True, TINY_BACKBONE)
-    student = GenDDStudent(backbone, nn.Linear(teacher_dim, num_classes), width=32, depth=1, token_dim=token_dim, train_timesteps=1000)
+    student = GenDDStudent(backbone, nn.Linear(teacher_dim, num_classes), HeadSpec(head_width=32, head_depth=1, token_dim=token_dim, train_timesteps=1000, teacher_dim=teacher_dim))
     # an untrained head outputs zeros; give it weights so samplers differ
     with torch.no_grad():
         for p in student.head.parameters():

@@ -10,7 +10,7 @@ from torch import nn
 from gendd_deploy.errors import ArtifactError, GateError
 from gendd_deploy.models.backbone import create_backbone
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.models.student import GenDDStudent, HeadSpec
 from gendd_deploy.runtime import make_runner
 from gendd_deploy.runtime.parity import gate, parity
 
@@ -41,7 +41,7 @@ def tiny_student(seed: int = 0) -> GenDDStudent:
     output layers is replaced by small random weights so the samples depend on x, t and z."""
     torch.manual_seed(seed)
     backbone = create_backbone("resnet18", 10, 1, True, {"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 16)})
-    st = GenDDStudent(backbone, nn.Linear(32, 10), width=32, depth=1, token_dim=16, train_timesteps=1000)
+    st = GenDDStudent(backbone, nn.Linear(32, 10), HeadSpec(head_width=32, head_depth=1, token_dim=16, train_timesteps=1000, teacher_dim=32))
     with torch.no_grad():
         h = st.head
         for block in h.res_blocks:

@@ -51,7 +51,7 @@ def test_cifar100_recipe_runs_its_first_epoch(tmp_path):
     art = run_chain(DistillStage(), ctx)
     info = art.manifest["info"]
     assert info["architecture"]["model_kwargs"]["layers"] == [1, 1, 1]
-    assert info["head"]["teacher_dim"] == 256 and info["head"]["num_tokens"] == 4
+    assert info["head"]["teacher_dim"] == 256 and info["head"]["num_tokens"] == 4 and info["head"]["head_width"] == ctx.recipe.distill.head_width
     assert art.metrics["epochs"] == 1 and art.metrics["stage1_epochs"] == 1
     assert 0 <= art.metrics["published_top1"] <= 100
 

@@ -89,7 +89,7 @@ def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, Deploy
 def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, name: str, device: torch.device):
     """A runner of `kind` for the CPU-resident `model`; torch eager and AOTInductor run on `device`
     (the recipe's: the GPU where there is one), ONNX Runtime on the providers it has."""
-    tail = model.noise_shape(1)[1:] if model.needs_noise else None
+    tail = model.noise_tail
     slug = _slug(name)
     on_device = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     if kind == "torch":

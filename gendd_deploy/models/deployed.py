@@ -110,6 +110,11 @@ class DeployedModel(nn.Module):
         h, s = self.model.head, self.setting
         return h.noise_shape(batch, s.draws, s.steps, h.num_tokens, h.token_dim)
 
+    @property
+    def noise_tail(self) -> tuple | None:
+        """The noise input's shape past the batch dimension, None when the model takes no noise."""
+        return tuple(self.noise_shape(1)[1:]) if self.needs_noise else None
+
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         if not self.is_gendd:
             return self.model(images)

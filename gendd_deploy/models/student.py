@@ -11,6 +11,8 @@ The kd / ce students are the bare backbone with its own classifier.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,13 +49,44 @@ def _beta(beta: float, generator: torch.Generator) -> float:
     return float(a[0] / a.sum())
 
 
+@dataclass(frozen=True, kw_only=True)
+class HeadSpec:
+    """The diffusion head's shape: the student manifest's `info.head` section, named as the recipe's
+    [distill] fields. Written by distill, read back by the loader, so a reload builds the same head."""
+
+    head_width: int
+    head_depth: int
+    token_dim: int
+    train_timesteps: int
+    teacher_dim: int
+
+    @classmethod
+    def from_recipe(cls, dc, teacher_dim: int) -> "HeadSpec":
+        return cls(head_width=dc.head_width, head_depth=dc.head_depth, token_dim=dc.token_dim, train_timesteps=dc.train_timesteps, teacher_dim=teacher_dim)
+
+    @classmethod
+    def from_manifest(cls, d: dict) -> "HeadSpec":
+        # manifests written before the names followed the recipe say width / depth
+        return cls(
+            head_width=d.get("head_width", d.get("width")), head_depth=d.get("head_depth", d.get("depth")),
+            token_dim=d["token_dim"], train_timesteps=d["train_timesteps"], teacher_dim=d["teacher_dim"],
+        )
+
+    def to_manifest(self, head: nn.Module) -> dict:
+        """The section as stored, with what the built head adds (token count, parameter count)."""
+        return {**asdict(self), "num_tokens": self.teacher_dim // self.token_dim, "params": sum(p.numel() for p in head.parameters())}
+
+
 class GenDDStudent(nn.Module):
-    def __init__(self, backbone: nn.Module, teacher_fc: nn.Linear, width: int, depth: int, token_dim: int, train_timesteps: int):
+    def __init__(self, backbone: nn.Module, teacher_fc: nn.Linear, spec: HeadSpec):
         super().__init__()
+        if teacher_fc.in_features != spec.teacher_dim:
+            raise ValueError(f"the teacher classifier takes {teacher_fc.in_features} features, the head spec says {spec.teacher_dim}")
+        self.spec = spec
         self.backbone = backbone  # its own classifier is the linear probe
         d_s, d_t = bb.feature_dim(backbone), teacher_fc.in_features
         self.norm = nn.LayerNorm(d_s)
-        self.head = DiffusionHead(feature_dim=d_t, cond_dim=d_s, token_dim=token_dim, width=width, depth=depth, train_timesteps=train_timesteps)
+        self.head = DiffusionHead(feature_dim=d_t, cond_dim=d_s, token_dim=spec.token_dim, width=spec.head_width, depth=spec.head_depth, train_timesteps=spec.train_timesteps)
         self.teacher_fc = nn.Linear(d_t, teacher_fc.out_features)
         self.teacher_fc.load_state_dict(teacher_fc.state_dict())
         self.teacher_fc.requires_grad_(False)

@@ -9,16 +9,11 @@ from gendd_deploy.models.deployed import DeployedModel
 from gendd_deploy.runtime.base import Runner
 
 
-def noise_tail(model: DeployedModel) -> tuple | None:
-    """(steps+1, draws, n, d) when the model takes a noise input, else None."""
-    return tuple(model.noise_shape(1)[1:]) if model.needs_noise else None
-
-
 class TorchRunner(Runner):
     name = "torch"
 
     def __init__(self, model: DeployedModel, device: str | torch.device = "cpu"):
-        super().__init__(noise_tail(model))
+        super().__init__(model.noise_tail)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
 

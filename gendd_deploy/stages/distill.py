@@ -24,7 +24,7 @@ from gendd_deploy.models import backbone as bb
 from gendd_deploy.models import readout
 from gendd_deploy.models.deployed import SamplerSetting
 from gendd_deploy.models.schedule import SamplingSchedule
-from gendd_deploy.models.student import DDIM0_STEPS, DDIM0_T_START, GenDDStudent, contract, deterministic_schedule, stage1_projector
+from gendd_deploy.models.student import DDIM0_STEPS, DDIM0_T_START, GenDDStudent, HeadSpec, contract, deterministic_schedule, stage1_projector
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
 from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
@@ -57,7 +57,7 @@ def build_student(ctx: Context, teacher: nn.Module) -> nn.Module:
     d_t = fc.in_features
     if d_t % dc.token_dim:
         raise UsageError(f"teacher feature dim {d_t} is not a multiple of [distill] token_dim {dc.token_dim}; pick a divisor of {d_t}")
-    return GenDDStudent(backbone, fc, dc.head_width, dc.head_depth, dc.token_dim, dc.train_timesteps)
+    return GenDDStudent(backbone, fc, HeadSpec.from_recipe(dc, d_t))
 
 
 class RangeTracker(nn.Module):
@@ -186,15 +186,7 @@ class DistillStage(Stage):
         if readouts:
             info["readouts"] = {name: {"in_features": lin.in_features, "out_features": lin.out_features} for name, lin in readouts.items()}
         if isinstance(student, GenDDStudent):
-            info["head"] = {
-                "width": dc.head_width,
-                "depth": dc.head_depth,
-                "token_dim": dc.token_dim,
-                "teacher_dim": student.feature_dim_teacher,
-                "num_tokens": student.head.num_tokens,
-                "train_timesteps": dc.train_timesteps,
-                "params": bb.count_params(student.head),
-            }
+            info["head"] = student.spec.to_manifest(student.head)
             info["deviations"] = DEVIATIONS
         draft.info.update(info)
         draft.metrics.update(stats)

@@ -62,7 +62,7 @@ class _DeployStage(Stage):
     def _record(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact], model: DeployedModel, io: dict, result: dict, file: str, export_s: float) -> None:
         ec, s = ctx.recipe.export, model.setting
         student_info = inputs["student"].manifest["info"]
-        tail = list(model.noise_shape(1)[1:]) if model.needs_noise else None
+        tail = list(model.noise_tail) if model.needs_noise else None
         draft.info.update(
             {
                 "io": {"inputs": io["inputs"], "outputs": io["outputs"]},
