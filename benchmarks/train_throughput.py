@@ -68,7 +68,7 @@ def main() -> None:
         t0 = time.perf_counter()
         params = aug.sample_params(bs, args.size, data_cfg.augment, data_cfg.crop_padding, gen)
         x = aug.normalize(aug.apply(images, params, data_cfg.augment, data_cfg.crop_padding, args.size), (0.5,), (0.25,))
-        loss, _ = model.gendd_loss(x, f_t, labels, dc.smooth, dc.mixup_beta, dc.diffusion_batch_mul, dc.cfg_drop, dc.probe_ce, gen)
+        loss, _ = model.gendd_loss(x, f_t, labels, lam=dc.smooth, beta=dc.mixup_beta, mul=dc.diffusion_batch_mul, cfg_drop=dc.cfg_drop, probe_ce=dc.probe_ce, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

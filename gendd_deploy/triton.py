@@ -61,6 +61,7 @@ def render_config(
     model_name: str,
     platform: str,
     io: dict,
+    *,
     max_batch: int,
     preferred: list[int],
     max_delay_us: int,
@@ -115,6 +116,7 @@ def write_triton_repo(
     engine_art: Artifact | None,
     out_dir: str | Path,
     model_name: str,
+    *,
     serve_cfg: Any = None,
     build_cfg: Any = None,
     preprocess: dict | None = None,
@@ -191,7 +193,7 @@ def write_triton_repo(
     preprocess = preprocess if preprocess is not None else onnx_info.get("preprocess")
     see = " (versions.json 'preprocess' has the recipe)" if preprocess else ""
     header += f"# Inputs are float32 NCHW images normalized as in training{see}; output: logits.\n"
-    text = render_config(model_name, platform, io, hi, preferred, max_delay_us, list(tail) if tail else None, header)
+    text = render_config(model_name, platform, io, max_batch=hi, preferred=preferred, max_delay_us=max_delay_us, noise_tail=list(tail) if tail else None, header=header)
     _write_atomic(model_dir / "config.pbtxt", text)
 
     versions[str(n)] = {

@@ -24,10 +24,10 @@ from gendd_deploy.stages.calibrate import (
     calib_features,
     canonical,
     choose,
-    make_runner,
     predict_setting,
     structure,
     time_runner,
+    timing_runner,
 )
 from gendd_deploy.stages.distill import DistillStage
 
@@ -189,7 +189,7 @@ def test_latency_runner_runs_the_deployed_model(runtime, tmp_path):
     setting = SamplerSetting(sampler="ddpm", steps=2, draws=2, guidance=2.0, temperature=1.0, noise="fresh")
     student, x = tiny_student(), torch.randn(4, 1, 8, 8)
     model = DeployedModel(student, setting, 0).eval()
-    runner = make_runner(runtime, DeployedModel(student, setting, 0), x, tmp_path, torch.device("cpu"))
+    runner = timing_runner(runtime, DeployedModel(student, setting, 0), x, tmp_path, torch.device("cpu"))
     noise = runner.noise(4, 7)
     assert noise.shape == model.noise_shape(4)
     expect = model(x, torch.from_numpy(noise)).numpy()

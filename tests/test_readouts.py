@@ -87,7 +87,7 @@ def test_sampler_distilled_readout_imitates_the_deterministic_sampler(tiny_conte
     x = model_input(ctx, data.test.get_batch(torch.arange(len(data.test))), "cpu")
     with torch.no_grad():
         f_s = student.features(x)
-        sampled = student.teacher_fc(student.sample_features(f_s, deterministic_schedule(student), "ddim", 1, 1.0, 0.0))
+        sampled = student.teacher_fc(student.sample_features(f_s, deterministic_schedule(student), "ddim", draws=1, guidance=1.0, temperature=0.0))
         agree = {name: (lin(f_s).argmax(1) == sampled.argmax(1)).float().mean().item() for name, lin in student.readouts.items()}
     # fitted to the sampler's outputs, it agrees with the sampler on unseen images at least as
     # well as the ridge fitted to the teacher's features does

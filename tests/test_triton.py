@@ -99,7 +99,7 @@ def test_onnx_repository_parses_and_matches_the_graph(arts, tmp_path, noise):
     onnx_art, _ = arts
     art = onnx_art(noise)
     build, serve = BuildConfig(opt_batch=16, max_batch=128), ServeConfig(max_delay_ms=2.5)
-    vdir = write_triton_repo(art, None, tmp_path / "repo", "tiny", serve, build)
+    vdir = write_triton_repo(art, None, tmp_path / "repo", "tiny", serve_cfg=serve, build_cfg=build)
     assert vdir == tmp_path / "repo" / "tiny" / "1"
     assert (vdir / "model.onnx").read_bytes() == art.file("model.onnx").read_bytes()
 
@@ -122,7 +122,7 @@ def test_engine_repository_uses_the_plan_and_its_profile(arts, tmp_path):
     onnx_art, engine_art = arts
     o = onnx_art(False)
     e = engine_art(o, max_batch=64)
-    vdir = write_triton_repo(o, e, tmp_path / "repo", "tiny", ServeConfig(), BuildConfig())
+    vdir = write_triton_repo(o, e, tmp_path / "repo", "tiny", serve_cfg=ServeConfig(), build_cfg=BuildConfig())
     assert (vdir / "model.plan").read_bytes() == b"not a real plan" and not (vdir / "model.onnx").exists()
     cfg = parse(vdir.parent / "config.pbtxt")
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 64  # from the engine's profile, not the recipe

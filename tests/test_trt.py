@@ -214,7 +214,7 @@ def test_fp16_conversion_passes_its_parity_gate_on_cpu(onnx_models, tmp_path, to
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
     images, noise = inputs_for(kind)
     cfg = BuildConfig()
-    gate = gate_conversion(src, dst, images, noise, "fp16", cfg.atol, cfg.min_agreement, batch=16)
+    gate = gate_conversion(src, dst, images, noise, "fp16", atol=cfg.atol, min_agreement=cfg.min_agreement, batch=16)
     assert gate["gate"] == "full" and gate["cpu_runnable"] and gate["top1_agreement"] >= cfg.min_agreement
     assert 0 < gate["max_abs_diff"] <= cfg.atol  # really reduced precision, and within the gate
 

@@ -122,6 +122,7 @@ def create_backbone(
     in_chans: int,
     small_input: bool = False,
     kwargs: dict | None = None,
+    *,
     pretrained: bool = False,
     zero_init_last: bool | None = False,
     stem_width: int | None | str = "first_stage",

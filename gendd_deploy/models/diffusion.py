@@ -227,6 +227,7 @@ class DiffusionHead(nn.Module):
         cond: torch.Tensor,
         schedule: SamplingSchedule,
         sampler: str = "ddpm",
+        *,
         draws: int = 1,
         guidance: float = 1.0,
         temperature: float = 1.0,

@@ -111,7 +111,7 @@ class GenDDStudent(nn.Module):
         """Training forward = the GenDD loss (DistributedDataParallel hooks its gradients here)."""
         return self.gendd_loss(*args, **kwargs)
 
-    def gendd_loss(self, x, f_t, y, lam, beta, mul, cfg_drop, probe_ce, generator) -> tuple[torch.Tensor, dict]:
+    def gendd_loss(self, x, f_t, y, *, lam, beta, mul, cfg_drop, probe_ce, generator) -> tuple[torch.Tensor, dict]:
         f_s = self.features(x)
         z = self.condition(f_s)
         target = contract(f_t.float(), y, self.teacher_fc.weight, lam) if y is not None else f_t.float()
@@ -124,13 +124,14 @@ class GenDDStudent(nn.Module):
             parts["probe_ce"] = ce.detach()
         return loss, parts
 
-    def sample_features(self, f_s: torch.Tensor, schedule: SamplingSchedule, sampler: str, draws: int, guidance: float, temperature: float, noise=None, clip: bool = True) -> torch.Tensor:
+    def sample_features(self, f_s: torch.Tensor, schedule: SamplingSchedule, sampler: str, *, draws: int, guidance: float, temperature: float, noise=None, clip: bool = True) -> torch.Tensor:
         """Teacher-like features (B, D_t) sampled by the head, conditioned on student features f_s."""
         z = self.condition(f_s).float()
         return self.head.sample(z, schedule, sampler=sampler, draws=draws, guidance=guidance, temperature=temperature, noise=noise, clip=(self.clip_lo, self.clip_hi) if clip else None)
 
-    def sample_logits(self, x: torch.Tensor, schedule: SamplingSchedule, sampler: str, draws: int, guidance: float, temperature: float, noise=None, clip: bool = True) -> torch.Tensor:
-        return self.teacher_fc(self.sample_features(self.features(x), schedule, sampler, draws, guidance, temperature, noise, clip))
+    def sample_logits(self, x: torch.Tensor, schedule: SamplingSchedule, sampler: str, *, draws: int, guidance: float, temperature: float, noise=None, clip: bool = True) -> torch.Tensor:
+        f_s = self.features(x)
+        return self.teacher_fc(self.sample_features(f_s, schedule, sampler, draws=draws, guidance=guidance, temperature=temperature, noise=noise, clip=clip))
 
 
 DDIM0_STEPS, DDIM0_T_START = 8, 900

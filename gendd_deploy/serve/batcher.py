@@ -48,7 +48,7 @@ class _Job:
 
 
 class DynamicBatcher:
-    def __init__(self, runner: Runner, max_batch: int, max_delay_ms: float, queue_size: int, metrics: ServerMetrics | None = None):
+    def __init__(self, runner: Runner, *, max_batch: int, max_delay_ms: float, queue_size: int, metrics: ServerMetrics | None = None):
         if max_batch < 1 or queue_size < 1 or max_delay_ms < 0:
             raise ValueError("need max_batch >= 1, queue_size >= 1, max_delay_ms >= 0")
         self.runner = runner

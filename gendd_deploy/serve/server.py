@@ -286,7 +286,7 @@ class InferenceServer:
         self.request_timeout_s = request_timeout_s
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.metrics = ServerMetrics()
-        self.batcher = DynamicBatcher(runner, cfg.max_batch, cfg.max_delay_ms, cfg.queue_size, self.metrics)
+        self.batcher = DynamicBatcher(runner, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, queue_size=cfg.queue_size, metrics=self.metrics)
         self._ready = threading.Event()
         self.stopping = False
         self._httpd: _HTTPServer | None = None

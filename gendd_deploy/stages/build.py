@@ -132,7 +132,7 @@ class BuildStage(Stage):
             graph = draft.path(f"model.{plan.onnx_conversion}.onnx")
             conversion = convert_precision(src, graph, plan.onnx_conversion)
             conversion["gate"] = gate_conversion(
-                src, graph, images, noise, plan.onnx_conversion, bc.atol, bc.min_agreement, ec.parity_batch, ref=ref
+                src, graph, images, noise, plan.onnx_conversion, atol=bc.atol, min_agreement=bc.min_agreement, batch=ec.parity_batch, ref=ref
             )
             g = conversion["gate"]
             ctx.log(f"build: {plan.onnx_conversion} graph vs fp32 on ORT CPU ({g['gate']}): max |diff| {g['max_abs_diff']:.3g}, top-1 agreement {g['top1_agreement']:.4f}")

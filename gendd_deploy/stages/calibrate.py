@@ -39,6 +39,7 @@ from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.config import CalibrateConfig
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
+from gendd_deploy.runtime import make_runner
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.distill import DistillStage, load_student
@@ -154,7 +155,7 @@ class Result:
         }
 
 
-def paired_intervals(results: list[Result], best: Result, resamples: int, confidence: float, seed: int) -> None:
+def paired_intervals(results: list[Result], best: Result, *, resamples: int, confidence: float, seed: int) -> None:
     """Set r.interval: the bootstrap interval of (r's top-1 - best's top-1) in points, resampling
     the calibration images with the same draws for every result (a paired comparison)."""
     n = len(best.correct)
@@ -169,7 +170,7 @@ def paired_intervals(results: list[Result], best: Result, resamples: int, confid
         r.interval = (lo, hi)
 
 
-def choose(results: list[Result], tolerance: float, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[Result, Result]:
+def choose(results: list[Result], tolerance: float, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[Result, Result]:
     """(chosen, best): the lowest-latency result not shown worse than the best by more than
     `tolerance` points. With per-image outcomes (`correct`) that is a paired bootstrap: a result
     is kept when the upper end of its interval vs the best is >= -tolerance; without them, a plain
@@ -179,7 +180,7 @@ def choose(results: list[Result], tolerance: float, resamples: int = 2000, confi
         raise ValueError("no calibration results to choose from")
     best = max(results, key=lambda r: r.top1)  # first of equals: the cheaper, grid is cheapest first
     if all(r.correct is not None for r in results):
-        paired_intervals(results, best, resamples, confidence, seed)
+        paired_intervals(results, best, resamples=resamples, confidence=confidence, seed=seed)
         ok = [(i, r) for i, r in enumerate(results) if r.interval[1] >= -tolerance - 1e-9]
     else:
         ok = [(i, r) for i, r in enumerate(results) if r.top1 >= best.top1 - tolerance - 1e-9]
@@ -255,22 +256,18 @@ def export_for_timing(model: DeployedModel, path: Path, example: torch.Tensor) -
         export_onnx(model, path, example)
 
 
-def make_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp: Path, device: torch.device):
-    """A runner for `model` on the target runtime (onnxruntime: exported to a temp .onnx)."""
+def timing_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp: Path, device: torch.device):
+    """A runner for `model` on the target runtime, from the runtime registry (onnxruntime: the model
+    exported to a temporary .onnx that the session holds, so the file is deleted at once)."""
     if runtime == "torch":
-        from gendd_deploy.runtime.torch_runner import TorchRunner
-
-        return TorchRunner(model, device)
-    from gendd_deploy.runtime.ort import OrtRunner
-
+        return make_runner("torch", model=model, device=device)
     path = tmp / f"timing-{uuid.uuid4().hex[:8]}.onnx"
     on_cpu = next(model.parameters()).device.type == "cpu"
     with torch_threads(1):  # tracing is python-bound; see torch_threads
         # a copy when the student lives on a GPU: .cpu() would move the caller's student too
         export_for_timing((model if on_cpu else copy.deepcopy(model).cpu()).eval(), path, example.cpu())
     # no TensorRT EP: it would build an engine per setting; TensorRT is the build stage's business
-    runner = OrtRunner(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    # the session holds the graph; the file is not needed any more
+    runner = make_runner("onnxruntime", onnx_path=path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     path.unlink()
     return runner
 
@@ -322,7 +319,7 @@ class CalibrateStage(Stage):
                 f"(up to {worst} head passes, plus the reference); raise it or narrow the grid to search further"
             )
         results, sweep = self._sweep(ctx, student, grid)
-        chosen, best = choose(results, cc.tolerance, cc.bootstrap, cc.confidence, ctx.recipe.pipeline.seed)
+        chosen, best = choose(results, cc.tolerance, resamples=cc.bootstrap, confidence=cc.confidence, seed=ctx.recipe.pipeline.seed)
         chosen.chosen = True
         by = {r.setting: r for r in results}
         ref, probe = by[REFERENCE], by[PROBE]
@@ -337,7 +334,7 @@ class CalibrateStage(Stage):
         )
         table_json = {"runtime": cc.runtime, "latency_batch": cc.latency_batch, "calib_images": n, "settings": [r.row() for r in results]}
         draft.path("table.json").write_text(json.dumps(table_json, indent=1))
-        plot(results, chosen, draft.path("accuracy_vs_latency.png"), f"{ctx.pipeline}: {n} calibration images, {cc.runtime}, batch {cc.latency_batch}", cc.tolerance)
+        plot(results, chosen, draft.path("accuracy_vs_latency.png"), title=f"{ctx.pipeline}: {n} calibration images, {cc.runtime}, batch {cc.latency_batch}", tolerance=cc.tolerance)
         draft.info.update(
             {
                 "setting": chosen.setting.to_dict(),
@@ -375,7 +372,7 @@ class CalibrateStage(Stage):
             }
         )
         if not ctx.quiet:
-            ctx.console.print(table(results, chosen, best, cc.latency_batch, cc.runtime))
+            ctx.console.print(table(results, chosen, best, batch=cc.latency_batch, runtime=cc.runtime))
         ctx.log(f"calibrate: {reason}")
 
     def _sweep(self, ctx: Context, student: GenDDStudent, grid: list[SamplerSetting]) -> tuple[list[Result], dict]:
@@ -403,7 +400,7 @@ class CalibrateStage(Stage):
                 t1 = time.perf_counter()
                 key = structure(s)
                 if key not in latency:
-                    runner = make_runner(cc.runtime, DeployedModel(student, s, fixed_noise_seed).eval(), example, Path(tmp), device)
+                    runner = timing_runner(cc.runtime, DeployedModel(student, s, fixed_noise_seed).eval(), example, Path(tmp), device)
                     latency[key] = time_runner(runner, example.numpy(), noise_seed)
                     providers = runner.providers()
                     del runner
@@ -438,7 +435,7 @@ def _tag(r: Result, chosen: Result, best: Result) -> str:
     return ", ".join(tags)
 
 
-def table(results: list[Result], chosen: Result, best: Result, batch: int, runtime: str, top: int = 25):
+def table(results: list[Result], chosen: Result, best: Result, *, batch: int, runtime: str, top: int = 25):
     """A rich table sorted by latency: the `top` fastest plus the reference, probe, best and chosen."""
     from rich.table import Table
 
@@ -464,7 +461,7 @@ def pareto_front(results: list[Result]) -> list[Result]:
     return front
 
 
-def plot(results: list[Result], chosen: Result, path: Path, title: str, tolerance: float = 0.0) -> None:
+def plot(results: list[Result], chosen: Result, path: Path, *, title: str, tolerance: float = 0.0) -> None:
     """Accuracy vs latency: every setting, the Pareto front, the tolerance band under the best, the
     chosen point with its interval; the accuracy axis zoomed to where the choice is made."""
     import matplotlib

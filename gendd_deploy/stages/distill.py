@@ -197,7 +197,7 @@ class DistillStage(Stage):
             return torch.zeros(n, dtype=torch.long)
         return torch.randint(0, cache.views, (n,), generator=seeds.view_choice(seed, epoch))
 
-    def _batch(self, ctx, idx, views, gen, cache, teacher, device, images_u8=None):
+    def _batch(self, ctx, idx, views, gen, *, cache, teacher, device, images_u8=None):
         """Inputs x (n, C, H, W), teacher features f_t (n, D_t), labels y (n,) for one batch."""
         data, dcfg = ctx.data(), ctx.recipe.data
         if images_u8 is None:
@@ -223,7 +223,7 @@ class DistillStage(Stage):
         views = functools.lru_cache(maxsize=1)(lambda epoch: self._views(cache, n, seed, epoch))
 
         def step(epoch, idx, images_u8, gen):
-            x, f_t, y = self._batch(ctx, idx, views(epoch), gen, cache, teacher, device, images_u8)
+            x, f_t, y = self._batch(ctx, idx, views(epoch), gen, cache=cache, teacher=teacher, device=device, images_u8=images_u8)
             if device.type == "cuda" and dc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dc.amp and device.type == "cuda"):
@@ -277,7 +277,7 @@ class DistillStage(Stage):
                 with torch.no_grad():
                     tgt = contract(f_t.float(), y, student.teacher_fc.weight, lam) if dc.labels else f_t.float()
                     tracker.update(tgt)
-                return net(x, f_t, y if dc.labels else None, lam, dc.mixup_beta, dc.diffusion_batch_mul, dc.cfg_drop, dc.probe_ce, gen)
+                return net(x, f_t, y if dc.labels else None, lam=lam, beta=dc.mixup_beta, mul=dc.diffusion_batch_mul, cfg_drop=dc.cfg_drop, probe_ce=dc.probe_ce, generator=gen)
         else:
             opt = torch.optim.AdamW(param_groups(student, dc.weight_decay), lr=dc.lr, betas=(dc.beta1, dc.beta2_start))
             t_fc = bb.classifier(teacher)
@@ -329,12 +329,12 @@ class DistillStage(Stage):
             task = bar.add_task("fit read-outs", total=n, info="")
             for i in range(0, n, ctx.recipe.data.eval_batch_size):
                 idx = torch.arange(i, min(n, i + ctx.recipe.data.eval_batch_size))
-                x, ft, y = self._batch(ctx, idx, views, gen, cache, teacher, device)
+                x, ft, y = self._batch(ctx, idx, views, gen, cache=cache, teacher=teacher, device=device)
                 fs = student.features(x)
                 f_s.append(fs.float().cpu())
                 f_t.append(ft.float().cpu())
                 # sampler distillation: the deterministic sampler's teacher-like feature is the target
-                f_d.append(student.sample_features(fs, ddim0, "ddim", 1, 1.0, 0.0).float().cpu())
+                f_d.append(student.sample_features(fs, ddim0, "ddim", draws=1, guidance=1.0, temperature=0.0).float().cpu())
                 ys.append(y.cpu())
                 bar.update(task, advance=len(idx))
         f_s, f_t, f_d, ys = torch.cat(f_s), torch.cat(f_t), torch.cat(f_d), torch.cat(ys)
@@ -381,7 +381,7 @@ class DistillStage(Stage):
         def fn(x, batch_index):
             g = seeds.eval_noise(seed, batch_index)
             noise = torch.randn(h.noise_shape(len(x), s.draws, s.steps, h.num_tokens, h.token_dim), generator=g).to(x.device)
-            return student.sample_logits(x, sched, s.sampler, s.draws, s.guidance, s.temperature, noise=noise, clip=s.clip)
+            return student.sample_logits(x, sched, s.sampler, draws=s.draws, guidance=s.guidance, temperature=s.temperature, noise=noise, clip=s.clip)
 
         return fn
 

@@ -59,7 +59,7 @@ class _DeployStage(Stage):
         gate(result, ec.atol, ec.min_agreement, what)
         return result
 
-    def _record(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact], model: DeployedModel, io: dict, result: dict, file: str, export_s: float) -> None:
+    def _record(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact], model: DeployedModel, *, io: dict, result: dict, file: str, export_s: float) -> None:
         ec, s = ctx.recipe.export, model.setting
         student_info = inputs["student"].manifest["info"]
         tail = list(model.noise_tail) if model.needs_noise else None
@@ -118,7 +118,7 @@ class ExportStage(_DeployStage):
             raise ExportError(f"the {io['exporter']} exporter wrote opset {io['opset']} where [export] opset = {ec.opset}; choose an opset it writes (e.g. 18)")
         ort = OrtRunner(draft.path(ONNX_FILE), providers=["CPUExecutionProvider"])
         result = self._gate(ctx, model, ort, images, "ONNX Runtime (CPU) vs PyTorch")
-        self._record(ctx, draft, inputs, model, io, result, ONNX_FILE, export_s)
+        self._record(ctx, draft, inputs, model, io=io, result=result, file=ONNX_FILE, export_s=export_s)
         draft.info["providers"] = ort.providers()
 
 
@@ -144,7 +144,7 @@ class AotiStage(_DeployStage):
         export_s = time.perf_counter() - t0
         runner = AotiRunner(draft.path(AOTI_FILE))
         result = self._gate(ctx, model, runner, images, "AOTInductor (CPU) vs PyTorch")
-        self._record(ctx, draft, inputs, model, io, result, AOTI_FILE, export_s)
+        self._record(ctx, draft, inputs, model, io=io, result=result, file=AOTI_FILE, export_s=export_s)
         draft.info["exporter"] = "torch.export + aoti_compile_and_package"
 
 

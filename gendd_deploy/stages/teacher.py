@@ -83,7 +83,7 @@ class TeacherStage(Stage):
         tc, data, device = ctx.recipe.teacher, ctx.data(), ctx.device()
         torch.manual_seed(ctx.recipe.pipeline.seed)
         model = bb.create_backbone(
-            tc.model, data.num_classes, data.in_chans, tc.small_input, tc.model_kwargs, tc.pretrained, zero_init_last=tc.zero_init_last
+            tc.model, data.num_classes, data.in_chans, tc.small_input, tc.model_kwargs, pretrained=tc.pretrained, zero_init_last=tc.zero_init_last
         )
         feature_dim = bb.check_contract(model, data.in_chans, data.image_size)
         timer = Timer()

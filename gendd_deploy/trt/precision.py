@@ -277,6 +277,7 @@ def gate_conversion(
     images: np.ndarray,
     noise: np.ndarray | None,
     precision: str,
+    *,
     atol: float,
     min_agreement: float,
     batch: int = 64,
