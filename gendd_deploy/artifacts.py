@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from gendd_deploy.envinfo import environment
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.hashing import file_sha256, json_sha256
 
@@ -218,8 +219,6 @@ class Draft:
         return p
 
     def publish(self) -> Artifact:
-        from gendd_deploy.envinfo import environment
-
         files = []
         for p in sorted(self.dir.rglob("*")):
             if p.is_file():

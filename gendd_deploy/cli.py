@@ -2,7 +2,14 @@
 
 Exit codes: 0 ok, 1 unexpected failure, 2 bad input (recipe, flag, missing file), 3 artifact
 missing/corrupt/mismatched, 4 a quality gate failed, 5 a missing dependency or device,
-6 a stage that is not built yet, 130 interrupted (run the same command again to resume).
+130 interrupted (run the same command again to resume).
+
+The stages, runtimes, server and benchmarks are imported inside the commands that use them: they
+pull in torch, timm and onnx (seconds), which `gendd --help`, `gendd artifacts ls` and a bad flag
+should not wait for. Every other module imports at module level.
+
+This file is longer than most (~500 lines): it is the whole command surface, one short function
+per command, and splitting it would scatter the option definitions they share.
 """
 
 from __future__ import annotations

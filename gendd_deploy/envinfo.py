@@ -8,6 +8,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from gendd_deploy import __version__
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -29,8 +31,6 @@ def _git_commit() -> str | None:
 @functools.lru_cache(maxsize=1)
 def environment() -> dict:
     import torch
-
-    from gendd_deploy import __version__
 
     env = {
         "python": platform.python_version(),

@@ -17,6 +17,10 @@ from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent, HeadSpec
+from gendd_deploy.runtime.aoti import AotiRunner
+from gendd_deploy.runtime.ort import OrtRunner
+from gendd_deploy.runtime.torch_runner import TorchRunner
+from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
 
 ONNX_FILE = "model.onnx"
 AOTI_FILE = "model.pt2"
@@ -98,14 +102,10 @@ def noise_tail(art: Artifact) -> tuple | None:
 
 def load_onnx_runner(onnx_art: Artifact, providers: list[str] | None = None):
     """An OrtRunner for the artifact's model.onnx, its noise shape taken from the manifest."""
-    from gendd_deploy.runtime.ort import OrtRunner
-
     return OrtRunner(onnx_art.file(ONNX_FILE), providers=providers, noise_shape_tail=noise_tail(onnx_art))
 
 
 def load_aoti_runner(aoti_art: Artifact, device: str = "cpu"):
-    from gendd_deploy.runtime.aoti import AotiRunner
-
     return AotiRunner(aoti_art.file(AOTI_FILE), noise_shape_tail=noise_tail(aoti_art), device=device)
 
 
@@ -175,8 +175,6 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
     if runtime == "torch":
         if art.stage not in ("onnx", "aoti"):
             raise UsageError(f"runtime torch serves the model behind an onnx or aoti artifact, not {art.ref}")
-        from gendd_deploy.runtime.torch_runner import TorchRunner
-
         where = device()
         return TorchRunner(deployed_from_export(art, store, where), where), art
     if runtime == "tensorrt":
@@ -187,7 +185,5 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
             art = store.check_input(engine, f"delete {engine.path} and run '{command('build')}'")
         elif art.stage != "engine":
             raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
-        from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
-
         return TrtRunner(art), art
     raise UsageError(f"unknown runtime '{runtime}'; use {RUNTIME_NAMES}")

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gendd_deploy import __version__
 from gendd_deploy.artifacts import Artifact, sha256_file
 from gendd_deploy.errors import UsageError
 from gendd_deploy.trt.plan import read_io
@@ -178,8 +179,6 @@ def write_triton_repo(
             raise UsageError(f"could not allocate a version folder in {model_dir}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-    from gendd_deploy import __version__
 
     refs = f"{onnx_art.ref}" + (f" + {engine_art.ref}" if engine_art is not None else "")
     header = f"# Triton model configuration for '{model_name}', written by gendd {__version__} from {refs}.\n"

@@ -206,7 +206,7 @@ def test_export_stage_end_to_end(tiny_context):
     from gendd_deploy.artifacts import verify_artifact
     from gendd_deploy.stages import run_chain
     from gendd_deploy.stages.distill import DistillStage
-    from gendd_deploy.loaders import deployed_from_artifacts, deployed_from_export, load_onnx_runner
+    from gendd_deploy.loaders import deployed_from_artifacts, deployed_from_export, load_onnx_runner, runner_for_artifact
     from gendd_deploy.stages.export import ExportStage
 
     ctx = tiny_context("teacher.epochs=1", "distill.epochs=1", "data.train_limit=128", "data.test_limit=32", "export.parity_limit=24")
@@ -232,7 +232,9 @@ def test_export_stage_end_to_end(tiny_context):
     model = deployed_from_artifacts(student, sampler)
     assert deployed_from_export(art, ctx.store).setting == model.setting == setting
     x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
-    res = parity(make_runner("torch", artifact=art, ctx=ctx), runner, x, batch=3, seed=0)
+    torch_runner, ran = runner_for_artifact(ctx.store, "torch", art, device=ctx.device, command=ctx.command)
+    assert ran.path == art.path
+    res = parity(torch_runner, runner, x, batch=3, seed=0)
     assert res["max_abs_diff"] <= 1e-4
 
     assert ExportStage().run(ctx).path == art.path  # same fingerprint: reused

@@ -21,13 +21,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from gendd_deploy.bench.quality import equal_epoch_overrides
+from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, runtime_status
+from gendd_deploy.runtime.aoti import export_aoti
+from gendd_deploy.runtime.onnx_export import export_onnx
 from gendd_deploy.runtime.parity import parity
 from gendd_deploy.runtime.timing import summary as timing_summary
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages import Context, run_chain
+from gendd_deploy.stages.calibrate import CalibrateStage
+from gendd_deploy.stages.distill import DistillStage, load_student
+from gendd_deploy.stages.teacher import TeacherStage, load_teacher
 from gendd_deploy.training import count_correct
 
 SEED = 1234
@@ -42,8 +48,6 @@ PLAIN = ("ce student", "kd student", "student")
 
 def _plain_student(make_ctx, ctx: Context, method: str) -> DeployedModel:
     """The recipe's student trained as a plain `method` student, with the same total epochs."""
-    from gendd_deploy.stages.distill import DistillStage, load_student
-
     dc = ctx.recipe.distill
     epoch_ov, _ = equal_epoch_overrides([f"distill.method='{method}'"], dc.stage1_epochs, dc.epochs)
     art = run_chain(DistillStage(), make_ctx([f"distill.method='{method}'", *epoch_ov]))
@@ -52,10 +56,6 @@ def _plain_student(make_ctx, ctx: Context, method: str) -> DeployedModel:
 
 def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, DeployedModel], dict]:
     """The models `wanted` names, building what is missing; and the student's distill metrics."""
-    from gendd_deploy.stages.calibrate import CalibrateStage
-    from gendd_deploy.stages.distill import DistillStage, load_student
-    from gendd_deploy.stages.teacher import TeacherStage, load_teacher
-
     gendd = ctx.recipe.distill.method == "gendd"
     models: dict[str, DeployedModel] = {}
     if "teacher" in wanted:
@@ -95,15 +95,12 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
     if kind == "torch":
         return make_runner("torch", model=on_device, device=device)
     if kind in ("onnxruntime", "tensorrt"):  # TensorRT builds an fp32 engine from the same graph
-        from gendd_deploy.runtime.onnx_export import export_onnx
 
         path = folder / f"{slug}.onnx"
         if not path.exists():
             export_onnx(model, path, example)
         return make_runner(kind, onnx_path=path, noise_shape_tail=tail)
     if kind == "aoti":
-        from gendd_deploy.runtime.aoti import export_aoti
-
         path = folder / f"{slug}.pt2"
         export_aoti(on_device, path, example)
         return make_runner("aoti", aoti_path=path, noise_shape_tail=tail, device=device)
@@ -164,8 +161,6 @@ def run_bench(
     reps: int, limit: int, budget_s: float, out: Path, console,
 ) -> dict:
     """make_ctx(overrides) -> Context (the plain ce / kd students are the recipe with another method)."""
-    from gendd_deploy.data.augment import to_model_input
-
     ctx = make_ctx([])
     wanted = list(models or DEFAULT_MODELS)
     bad = [m for m in wanted if m not in MODEL_CHOICES]

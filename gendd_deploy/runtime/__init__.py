@@ -12,9 +12,18 @@ with `register_runtime` (TensorRT is registered below: its factory reads `engine
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
+import torch
+
+from gendd_deploy.errors import MissingDependency, UsageError
+from gendd_deploy.runtime.aoti import AotiRunner, cxx_compiler
 from gendd_deploy.runtime.base import Runner, make_noise
+from gendd_deploy.runtime.ort import OrtRunner
+from gendd_deploy.runtime.torch_runner import TorchRunner
+from gendd_deploy.trt import require_tensorrt
 
 
 @dataclass(frozen=True)
@@ -38,14 +47,8 @@ def _need(kind: str, what: str, value):
 
 # ---- torch
 
-def _torch_runner(model=None, device="cpu", artifact=None, ctx=None, **_):
-    """From a DeployedModel, or from an onnx / aoti artifact (the model it was exported from)."""
-    from gendd_deploy.runtime.torch_runner import TorchRunner
-
-    if model is None and artifact is not None:
-        from gendd_deploy.loaders import deployed_from_export
-
-        model = deployed_from_export(artifact, ctx.store if ctx is not None else None, device)
+def _torch_runner(model=None, device="cpu", **_):
+    """From a DeployedModel (loaders.runner_for_artifact rebuilds one from an artifact)."""
     return TorchRunner(_need("torch", "model", model), device=device)
 
 
@@ -56,8 +59,6 @@ def _torch_unavailable() -> str | None:
 # ---- onnxruntime
 
 def _ort_runner(onnx_path=None, device="cpu", providers=None, noise_shape_tail=None, path=None, **_):
-    from gendd_deploy.runtime.ort import OrtRunner
-
     if providers is None and str(device) == "cpu":
         providers = ["CPUExecutionProvider"]  # an explicit cpu request must not land on a GPU provider
     return OrtRunner(_need("onnxruntime", "onnx_path", onnx_path or path), providers=providers, noise_shape_tail=noise_shape_tail)
@@ -74,18 +75,12 @@ def _ort_unavailable() -> str | None:
 # ---- AOTInductor
 
 def _aoti_runner(aoti_path=None, device="cpu", noise_shape_tail=None, path=None, **_):
-    from gendd_deploy.runtime.aoti import AotiRunner
-
     return AotiRunner(_need("aoti", "aoti_path", aoti_path or path), noise_shape_tail=noise_shape_tail, device=device)
 
 
 def _aoti_unavailable() -> str | None:
-    import torch
-
     if not hasattr(torch._inductor, "aoti_load_package"):
         return f"torch {torch.__version__} has no AOTInductor packages"
-    from gendd_deploy.runtime.aoti import cxx_compiler
-
     if cxx_compiler() is None:
         return "AOTInductor needs a C++ compiler (g++ / clang++) to build packages"
     return None
@@ -96,6 +91,7 @@ def _aoti_unavailable() -> str | None:
 def _trt_runner(engine_path=None, onnx_path=None, path=None, noise_shape_tail=None, max_batch: int = 256, **_):
     """From an engine (`engine_path`: a plan file or an engine artifact folder, as `gendd build`
     writes), or from `onnx_path`, built here into an fp32 engine beside it (batch 1 to max_batch)."""
+    # imported on use: trt.runner imports runtime.base, which runs this package's __init__ first
     from gendd_deploy.trt.runner import TrtRunner
 
     engine = engine_path or path
@@ -105,11 +101,7 @@ def _trt_runner(engine_path=None, onnx_path=None, path=None, noise_shape_tail=No
 
 
 def _fp32_engine(onnx_path, max_batch: int):
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from gendd_deploy.trt import require_tensorrt
-    from gendd_deploy.trt.builder import EngineBuilder
+    from gendd_deploy.trt.builder import EngineBuilder  # imported on use, as trt.runner above
     from gendd_deploy.trt.plan import precision_plan, profile_shapes, read_io, trt_major
 
     here = require_tensorrt("the TensorRT runtime")
@@ -121,9 +113,6 @@ def _fp32_engine(onnx_path, max_batch: int):
 
 
 def _trt_unavailable() -> str | None:
-    from gendd_deploy.errors import MissingDependency
-    from gendd_deploy.trt import require_tensorrt
-
     try:
         require_tensorrt("the TensorRT runtime")
     except MissingDependency as e:
@@ -153,8 +142,6 @@ def make_runner(kind: str, *, model=None, onnx_path=None, aoti_path=None, device
     device "cpu" pins the CPU provider, else TensorRT > CUDA > CPU as available, or `providers=`);
     aoti `aoti_path` (or `path`). `noise_shape_tail=` overrides what the file says.
     """
-    from gendd_deploy.errors import MissingDependency, UsageError
-
     if kind not in RUNTIMES:
         raise UsageError(f"unknown runtime '{kind}'; choose one of: {', '.join(RUNTIMES)}")
     why = RUNTIMES[kind].unavailable()

@@ -18,6 +18,7 @@ import torch
 from gendd_deploy.errors import MissingDependency
 from gendd_deploy.models.deployed import DeployedModel
 from gendd_deploy.runtime.base import Runner
+from gendd_deploy.runtime.onnx_export import traceable
 
 MAX_BATCH = 1024  # largest batch the compiled package accepts
 _META_KEY = "gendd_io"
@@ -36,8 +37,6 @@ def cxx_compiler() -> str | None:
 
 def export_aoti(model: DeployedModel, path: str | Path, example_images: torch.Tensor, max_batch: int = MAX_BATCH) -> dict:
     """Compile `model` for the device of its parameters into the package `path` (written atomically)."""
-    from gendd_deploy.runtime.onnx_export import traceable
-
     if not hasattr(torch._inductor, "aoti_compile_and_package"):
         raise MissingDependency(f"torch {torch.__version__} has no AOTInductor packaging; use torch >= 2.6")
     device = next(iter(model.parameters()), torch.empty(0)).device

@@ -12,15 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from rich.console import Console
 
+from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft, Store, fingerprint
 from gendd_deploy.config import Recipe
-from gendd_deploy.errors import ArtifactError
+from gendd_deploy.data import load_data
+from gendd_deploy.errors import ArtifactError, MissingDependency, UsageError
 
 if TYPE_CHECKING:
-    import torch
-
     from gendd_deploy.data import DataBundle
 
 
@@ -40,25 +41,16 @@ class Context:
 
     def data(self) -> "DataBundle":
         if self._data is None:
-            from gendd_deploy.data import load_data
-
             self._data = load_data(self.recipe.data)
         return self._data
 
     def device(self) -> "torch.device":
-        import torch
-
         want = self.recipe.pipeline.device
         if want == "cuda" and not torch.cuda.is_available():
-            from gendd_deploy.errors import MissingDependency
-
             raise MissingDependency("[pipeline] device = 'cuda' but no CUDA GPU is visible; set device = 'auto' or 'cpu'")
         if want == "auto":
             want = "cuda" if torch.cuda.is_available() else "cpu"
         if want == "cuda":
-            from gendd_deploy import dist
-            from gendd_deploy.errors import UsageError
-
             if dist.local_rank() >= torch.cuda.device_count():
                 raise UsageError(
                     f"process {dist.local_rank()} on this node has no GPU of its own ({torch.cuda.device_count()} visible); "
@@ -71,8 +63,6 @@ class Context:
         return f"gendd {stage_command} -p {self.recipe_path}"
 
     def log(self, msg: str) -> None:
-        from gendd_deploy import dist
-
         if not self.quiet and dist.is_main():
             self.console.print(msg)
 
@@ -143,8 +133,6 @@ class Stage:
         return ctx.store.check_input(art, f"delete {art.path} and run '{ctx.command(self.command)}'")
 
     def run(self, ctx: Context) -> Artifact:
-        from gendd_deploy import dist
-
         fp = self.fingerprint(ctx)
         found = ctx.store.find(ctx.pipeline, self.artifact, fp)
         if found is not None:

@@ -17,8 +17,9 @@ from gendd_deploy.artifacts import Artifact, Draft, fingerprint, sha256_file
 from gendd_deploy.runtime.base import make_noise
 from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.stages.export import calibration_images
+from gendd_deploy.stages.export import ExportStage, calibration_images
 from gendd_deploy.trt import require_tensorrt
+from gendd_deploy.trt.builder import EngineBuilder
 from gendd_deploy.trt.plan import (
     GATE_HINT,
     precision_plan,
@@ -28,6 +29,8 @@ from gendd_deploy.trt.plan import (
     timing_cache_key,
     trt_major,
 )
+from gendd_deploy.trt.precision import convert_precision, converter_identity, gate_conversion, ort_logits
+from gendd_deploy.trt.runner import TrtRunner
 
 ENGINE_FILE = "model.plan"
 TIMING_CACHE = "timing_cache"  # stage / artifact name of the timing cache
@@ -85,8 +88,6 @@ class BuildStage(Stage):
     uses_data = True  # the parity gate runs on the calibration split
 
     def inputs(self, ctx: Context) -> dict[str, Stage]:
-        from gendd_deploy.stages.export import ExportStage
-
         return {"onnx": ExportStage()}
 
     def fingerprint(self, ctx: Context) -> str:
@@ -104,16 +105,10 @@ class BuildStage(Stage):
             "precision_plan": plan.to_dict(),
         }
         if plan.onnx_conversion:
-            from gendd_deploy.trt.precision import converter_identity
-
             cfg["conversion"] = converter_identity(plan.onnx_conversion)
         return cfg
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
-        from gendd_deploy.trt.builder import EngineBuilder
-        from gendd_deploy.trt.precision import convert_precision, gate_conversion, ort_logits
-        from gendd_deploy.trt.runner import TrtRunner
-
         here = require_tensorrt("gendd build")
         bc, ec = ctx.recipe.build, ctx.recipe.export
         onnx_art = inputs["onnx"]
@@ -189,7 +184,6 @@ class BuildStage(Stage):
 def export_and_build(ctx: Context) -> tuple[Artifact, Artifact]:
     """`gendd export --trt`: refuse up front without TensorRT / a GPU, then export and build."""
     require_tensorrt("gendd export --trt")
-    from gendd_deploy.stages.export import ExportStage
 
     onnx_art = ExportStage().run(ctx)
     return onnx_art, BuildStage().run(ctx)

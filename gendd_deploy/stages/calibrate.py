@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.table import Table
 
 from gendd_deploy import seeds
 from gendd_deploy.artifacts import Artifact, Draft
@@ -40,6 +41,8 @@ from gendd_deploy.config import CalibrateConfig
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
 from gendd_deploy.runtime import make_runner
+from gendd_deploy.runtime.base import make_noise
+from gendd_deploy.runtime.onnx_export import export_onnx, export_onnx_fast
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.distill import DistillStage, load_student
@@ -214,8 +217,6 @@ def calib_features(ctx: Context, student: GenDDStudent, n: int, device: torch.de
 @torch.no_grad()
 def predict_setting(student: GenDDStudent, setting: SamplerSetting, feats: list[torch.Tensor], noise_seed: int, fixed_noise_seed: int) -> torch.Tensor:
     """Predicted classes (n,) of one setting; batch b gets noise from seed noise_seed + b."""
-    from gendd_deploy.runtime.base import make_noise
-
     model = DeployedModel(_headless(student), setting, fixed_noise_seed).to(feats[0].device)
     preds = []
     for b, f_s in enumerate(feats):
@@ -248,8 +249,6 @@ def export_for_timing(model: DeployedModel, path: Path, example: torch.Tensor) -
     """ONNX export for latency only, with the TorchScript exporter (`export_onnx_fast`): the same
     graph as `export_onnx`, whose dynamo exporter takes 4-15 s per setting on a 2-core CPU against
     0.1-1.5 s here. The export stage makes, and parity-checks, the shipped graph."""
-    from gendd_deploy.runtime.onnx_export import export_onnx, export_onnx_fast
-
     try:
         export_onnx_fast(model, path, example)
     except Exception:  # noqa: BLE001 - a torch without the TorchScript exporter: the slow, shipped path
@@ -437,8 +436,6 @@ def _tag(r: Result, chosen: Result, best: Result) -> str:
 
 def table(results: list[Result], chosen: Result, best: Result, *, batch: int, runtime: str, top: int = 25):
     """A rich table sorted by latency: the `top` fastest plus the reference, probe, best and chosen."""
-    from rich.table import Table
-
     ranked = sorted(results, key=lambda r: (r.latency_ms, r.setting.head_passes()))
     marked = {id(chosen), id(best)} | {id(r) for r in results if r.setting in (REFERENCE, PROBE)}
     shown = [r for i, r in enumerate(ranked) if i < top or id(r) in marked]

@@ -16,19 +16,22 @@ import numpy as np
 import torch
 
 from gendd_deploy.artifacts import Artifact, Draft
+from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import AOTI_FILE, ONNX_FILE, deployed_from_artifacts
 from gendd_deploy.models.deployed import DeployedModel
+from gendd_deploy.runtime.aoti import MAX_BATCH, AotiRunner, export_aoti
+from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
+from gendd_deploy.runtime.ort import OrtRunner
 from gendd_deploy.runtime.parity import gate, parity
+from gendd_deploy.runtime.torch_runner import TorchRunner
 from gendd_deploy.stages.base import Context, Stage
+from gendd_deploy.stages.calibrate import CalibrateStage
 from gendd_deploy.stages.distill import DistillStage
-
 
 
 def calibration_images(ctx: Context, limit: int | None) -> np.ndarray:
     """The first `limit` calibration images, preprocessed as at evaluation: float32 (N, C, H, W)."""
-    from gendd_deploy.data.augment import to_model_input
-
     data = ctx.data()
     n = min(len(data.calib), limit or len(data.calib))
     if n == 0:
@@ -46,14 +49,10 @@ class _DeployStage(Stage):
     def inputs(self, ctx: Context) -> dict[str, Stage]:
         ins: dict[str, Stage] = {"student": DistillStage()}
         if ctx.recipe.distill.method == "gendd":
-            from gendd_deploy.stages.calibrate import CalibrateStage
-
             ins["sampler"] = CalibrateStage()
         return ins
 
     def _gate(self, ctx: Context, model: DeployedModel, candidate, images: np.ndarray, what: str) -> dict:
-        from gendd_deploy.runtime.torch_runner import TorchRunner
-
         ec = ctx.recipe.export
         result = parity(TorchRunner(model), candidate, images, ec.parity_batch, ctx.recipe.pipeline.seed)
         gate(result, ec.atol, ec.min_agreement, what)
@@ -105,9 +104,6 @@ class ExportStage(_DeployStage):
         return ctx.recipe.export.model_dump()
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
-        from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
-        from gendd_deploy.runtime.ort import OrtRunner
-
         ec = ctx.recipe.export
         model = deployed_from_artifacts(inputs["student"], inputs.get("sampler"))
         images = calibration_images(ctx, ec.parity_limit)
@@ -128,14 +124,10 @@ class AotiStage(_DeployStage):
     artifact = "aoti"
 
     def config(self, ctx: Context) -> dict:
-        from gendd_deploy.runtime.aoti import MAX_BATCH
-
         cfg = ctx.recipe.export.model_dump(exclude={"opset"})  # opset shapes the ONNX graph only
         return {**cfg, "max_batch": MAX_BATCH, "device": "cpu", "torch": torch.__version__}
 
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
-        from gendd_deploy.runtime.aoti import AotiRunner, export_aoti
-
         ec = ctx.recipe.export
         model = deployed_from_artifacts(inputs["student"], inputs.get("sampler"))
         images = calibration_images(ctx, ec.parity_limit)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 
 from gendd_deploy.errors import MissingDependency
+from gendd_deploy.trt.plan import trt_major
 
 INSTALL_HINT = "pip install 'gendd-deploy[trt]'"
 SUPPORTED_MAJORS = (10, 11)
@@ -68,8 +69,6 @@ def require_tensorrt(command: str = "gendd build") -> dict:
     except Exception as e:  # noqa: BLE001
         missing.append(f"TensorRT is not installed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'import failed'})")
     if version is not None:
-        from gendd_deploy.trt.plan import trt_major
-
         if trt_major(version) not in SUPPORTED_MAJORS:
             missing.append(f"TensorRT {version} is installed but gendd supports TensorRT 10.x and 11.x")
     gpu, capability, cuda = _gpu()
