@@ -121,10 +121,9 @@ def os_error_message(e: OSError) -> str:
 
 
 def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: list[str], quiet: bool = False):
+    from gendd_deploy import dist
     from gendd_deploy.artifacts import Store
     from gendd_deploy.stages import Context
-
-    from gendd_deploy import dist
 
     path = _recipe_path(pipeline)
     recipe = load_recipe(path, overrides)

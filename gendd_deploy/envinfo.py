@@ -30,7 +30,7 @@ def _git_commit() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def environment() -> dict:
-    import torch
+    import torch  # imported on use: artifacts imports this module, and 'gendd artifacts ls' needs no torch
 
     env = {
         "python": platform.python_version(),

@@ -353,8 +353,7 @@ def test_timing_cache_artifact_is_keyed_reused_and_grown(tiny_context):
 def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, onnx_models, monkeypatch, version):
     """BuildStage.build end to end on a CPU: TensorRT's builder and runner are replaced by fakes that run
     the graph they were given on ORT, so the conversion, gates, timing cache and manifest are real."""
-    import gendd_deploy.trt.builder as builder_mod
-    import gendd_deploy.trt.runner as runner_mod
+    import gendd_deploy.stages.build as build_mod
     from gendd_deploy.artifacts import verify_artifact
     from gendd_deploy.stages.build import BuildStage, find_timing_cache
     from gendd_deploy.trt.builder import BuiltEngine
@@ -380,8 +379,8 @@ def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, on
         def latency_ms(self, batch):
             return {"batch": batch, "median_ms": 0.1, "p90_ms": 0.2, "iters": 1}
 
-    monkeypatch.setattr(builder_mod, "EngineBuilder", FakeBuilder)
-    monkeypatch.setattr(runner_mod, "TrtRunner", FakeRunner)
+    monkeypatch.setattr(build_mod, "EngineBuilder", FakeBuilder)  # the names the build stage calls
+    monkeypatch.setattr(build_mod, "TrtRunner", FakeRunner)
     ctx = tiny_context("build.precision='fp16'", "build.opt_batch=8", "build.max_batch=16", "export.parity_limit=40")
     with ctx.store.draft(ctx.pipeline, "onnx", "f" * 64, {}, []) as d:  # stands in for ExportStage's artifact
         d.path("model.onnx").write_bytes(open(onnx_models["noise"], "rb").read())

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from rich.markup import escape
 from rich.table import Table
@@ -110,7 +111,6 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
 def _graph_ops(folder: Path, name: str) -> dict | None:
     """Op-type counts and weight shapes of the ONNX graph the bench exported for `name` (None if it
     exported none): two models with equal ones run the same computation at the same cost."""
-    import onnx
 
     path = folder / f"{_slug(name)}.onnx"
     if not path.exists():

@@ -170,7 +170,7 @@ def file_identity(path: Path) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # imported on use: scikit-learn takes seconds to import
 
     d = load_digits()
     # values 0..16 -> 0..255; (1797, 8, 8) float64 -> uint8

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._inductor import config
 
 from gendd_deploy.errors import MissingDependency
 from gendd_deploy.models.deployed import DeployedModel
@@ -26,7 +27,6 @@ _META_KEY = "gendd_io"
 
 def cxx_compiler() -> str | None:
     """The C++ compiler Inductor would use on the CPU, if one is on PATH."""
-    from torch._inductor import config
 
     name = config.cpp.cxx[0] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
     for cand in [c for c in (name, os.environ.get("CXX"), "g++", "c++", "clang++") if c]:

@@ -30,7 +30,7 @@ class ExportError(GateError):
 
 
 def _onnx():
-    try:
+    try:  # imported on use, so a missing onnx is a clear MissingDependency, not an ImportError at start
         import onnx
     except ImportError:
         raise MissingDependency("onnx is not installed; pip install onnx onnxscript") from None

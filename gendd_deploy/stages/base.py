@@ -8,6 +8,7 @@ fingerprint the current recipe implies, never by "latest".
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,7 +72,6 @@ class ScratchDraft:
     """What a non-zero rank writes into: a private temporary folder, thrown away afterwards."""
 
     def __init__(self):
-        import tempfile
 
         self._tmp = tempfile.TemporaryDirectory(prefix="gendd-rank-")
         self.dir = Path(self._tmp.name)

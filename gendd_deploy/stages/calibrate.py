@@ -461,7 +461,7 @@ def pareto_front(results: list[Result]) -> list[Result]:
 def plot(results: list[Result], chosen: Result, path: Path, *, title: str, tolerance: float = 0.0) -> None:
     """Accuracy vs latency: every setting, the Pareto front, the tolerance band under the best, the
     chosen point with its interval; the accuracy axis zoomed to where the choice is made."""
-    import matplotlib
+    import matplotlib  # imported on use: slow to import, and only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

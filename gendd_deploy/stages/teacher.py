@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft, sha256_file
@@ -55,7 +56,6 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel under torchrun, the module itself otherwise."""
     if dist.world_size() == 1:
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 

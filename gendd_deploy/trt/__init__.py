@@ -13,6 +13,9 @@ line naming what is missing and how to install it, before any stage opens a draf
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
+
+import torch
 
 from gendd_deploy.errors import MissingDependency
 from gendd_deploy.trt.plan import trt_major
@@ -28,7 +31,6 @@ def import_tensorrt():
 
 def _gpu() -> tuple[str | None, str | None, str | None]:
     """(name, compute capability 'M.m', CUDA runtime version) of GPU 0, or Nones without one."""
-    import torch
 
     if not torch.cuda.is_available():
         return None, None, None
@@ -38,7 +40,6 @@ def _gpu() -> tuple[str | None, str | None, str | None]:
 
 def _tensorrt_cuda() -> str | None:
     """CUDA major version of the installed TensorRT wheels ('12' for tensorrt-cu12), if known."""
-    from importlib import metadata
 
     for major in ("13", "12", "11"):
         for dist in (f"tensorrt-cu{major}", f"tensorrt_cu{major}_libs"):

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import onnx
+
 from gendd_deploy.errors import ArtifactError, UsageError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -81,7 +83,6 @@ def read_io(onnx_path: str | Path) -> dict:
     A dim is an int when fixed, else the name of its symbol (e.g. 'batch') or None.
     Initializers listed as graph inputs (old exporters) are not inputs.
     """
-    import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {t.name for t in model.graph.initializer}

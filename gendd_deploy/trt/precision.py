@@ -21,10 +21,14 @@ parity gate on the GPU. The report says which gate ran.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import defaultdict
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from gendd_deploy.errors import UsageError
 from gendd_deploy.runtime.ort import OrtRunner
@@ -45,9 +49,7 @@ _TYPE_AGNOSTIC = frozenset({"Shape", "Size", "Cast"})  # their float inputs need
 
 def _converter_available() -> str | None:
     try:
-        from importlib import metadata
-
-        import onnxconverter_common  # noqa: F401
+        import onnxconverter_common  # noqa: F401 - optional ([trt] extra), probed here
 
         return metadata.version("onnxconverter-common")
     except Exception:  # noqa: BLE001
@@ -75,14 +77,11 @@ def converter_identity(precision: str, tool: str = "auto") -> dict:
 
 def convert_precision(src: str | Path, dst: str | Path, precision: str, tool: str = "auto") -> dict:
     """Write `src` converted to `precision` at `dst` (float32 inputs/outputs); return what was done."""
-    import onnx
 
     ident = converter_identity(precision, tool)
     model = onnx.load(str(src))
     if ident["tool"] == "onnxconverter-common":
-        import warnings
-
-        from onnxconverter_common import float16
+        from onnxconverter_common import float16  # optional ([trt] extra): only an fp16 conversion needs it
 
         with warnings.catch_warnings():  # it warns once per clamped constant
             warnings.simplefilter("ignore")
@@ -102,8 +101,6 @@ def convert_precision(src: str | Path, dst: str | Path, precision: str, tool: st
 
 def _at_least_opset(model, opset: int):
     """bfloat16 Conv / MatMul-family types enter the ONNX spec at opset 22: upgrade older graphs."""
-    from onnx import version_converter
-
     have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
     if have >= opset:
         return model
@@ -117,7 +114,6 @@ def _at_least_opset(model, opset: int):
 
 
 def _type_check(model, precision: str) -> None:
-    import onnx
 
     try:
         onnx.checker.check_model(model)
@@ -132,7 +128,7 @@ def _type_check(model, precision: str) -> None:
 def _low_dtype(precision: str):
     if precision == "fp16":
         return np.float16
-    import ml_dtypes
+    import ml_dtypes  # optional: only a bf16 conversion needs it (it comes with onnx >= 1.17)
 
     return ml_dtypes.bfloat16
 
@@ -149,9 +145,6 @@ def convert_builtin(model, precision: str):
     Walks the nodes in their (topological) order, tracking each tensor's type after conversion and
     inserting a Cast wherever a node needs the other type. Control-flow subgraphs are refused.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     F = TensorProto.FLOAT
     LOW = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
     suffix = precision
@@ -257,7 +250,6 @@ def ort_logits(model_or_path, images: np.ndarray, noise: np.ndarray | None, batc
 
 def round_weights(model, precision: str):
     """The fp32 graph with every float weight rounded to `precision` and back (weights-only error)."""
-    from onnx import TensorProto, numpy_helper
 
     model = copy.deepcopy(model)
     low = _low_dtype(precision)
@@ -287,7 +279,6 @@ def gate_conversion(
 
     Returns {'gate': 'full' | 'weights_only', 'cpu_runnable', 'reason', max_abs_diff, top1_agreement, ...}.
     """
-    import onnx
 
     if ref is None:
         ref = ort_logits(src, images, noise, batch)

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gendd_deploy import seeds
 from gendd_deploy.artifacts import MANIFEST, Artifact
@@ -27,7 +28,6 @@ ENGINE_FILE = "model.plan"
 
 
 def _torch_dtype(trt, dt):
-    import torch
 
     table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
              "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool, "UINT8": torch.uint8}
@@ -56,7 +56,6 @@ class TrtRunner(Runner):
 
     def __init__(self, engine, noise_shape_tail: tuple | None = None, check: bool = True, device: int = 0):
         require_tensorrt("the TensorRT runner")
-        import torch
 
         trt = import_tensorrt()
         self.trt = trt
@@ -94,13 +93,11 @@ class TrtRunner(Runner):
         self._stream = torch.cuda.Stream(device=self.device)
 
     def providers(self) -> list[str]:
-        import torch
 
         return [f"TensorRT {self.trt.__version__} on {torch.cuda.get_device_name(self.device)}"]
 
     def run_torch(self, images, noise=None):
         """CUDA tensors in, CUDA float32 logits out; no host copies (for latency and serving on GPU)."""
-        import torch
 
         n = images.shape[0]
         if n > self.max_batch:
@@ -133,7 +130,6 @@ class TrtRunner(Runner):
         return out[:n].float()
 
     def run(self, images: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        import torch
 
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         z = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32)) if noise is not None else None
@@ -141,7 +137,6 @@ class TrtRunner(Runner):
 
     def latency_ms(self, batch: int, iters: int = 50, warmup: int = 10, seed: int = 0) -> dict:
         """Median / p90 milliseconds per batch of random inputs, timed with CUDA events on device tensors."""
-        import torch
 
         shape = tuple(self.engine.get_tensor_profile_shape(self.images_name, 0)[1])[1:]
         g = seeds.generator(seed)
