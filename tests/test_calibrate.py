@@ -13,22 +13,8 @@ from gendd_deploy.config import CalibrateConfig
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent, HeadSpec
-from gendd_deploy.stages.calibrate import (
-    MIN_ALPHA_BAR,
-    NO_SAMPLER,
-    PROBE,
-    REFERENCE,
-    CalibrateStage,
-    Result,
-    build_grid,
-    calib_features,
-    canonical,
-    choose,
-    predict_setting,
-    structure,
-    time_runner,
-    timing_runner,
-)
+from gendd_deploy.calibration import MIN_ALPHA_BAR, NO_SAMPLER, PROBE, REFERENCE, Result, build_grid, canonical, choose, structure
+from gendd_deploy.stages.calibrate import CalibrateStage, calib_features, predict_setting, time_runner, timing_runner
 from gendd_deploy.stages.distill import DistillStage
 
 TINY_BACKBONE = {"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 16)}
