@@ -12,6 +12,10 @@ folders this store creates (exact `.tmp-<hex>` names, drafts whose owner process
 never follows a symlink and never leaves the root; one process at a time builds a given
 (pipeline, stage, fingerprint), under a file lock (`.lock-<fp>`), so concurrent runs on one root
 publish one version per fingerprint.
+
+Longer than most modules (~450 lines) because the store is one unit: drafts, locks, atomic
+publish, verification and garbage collection share its layout rules, and splitting them would
+spread those rules over several files.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ there, raises a UsageError that says where it looked and how to get the data.
 
 Each reader returns a `RawSource`: the official train and test sets plus what the fingerprint
 needs to know about the files.
+
+Longer than most modules (~440 lines): one offline reader per source format (digits, IDX,
+CIFAR pickles, ImageFolder trees), each short, kept together with the image sets they fill.
 """
 
 from __future__ import annotations

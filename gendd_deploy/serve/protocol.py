@@ -37,6 +37,10 @@ status and a message naming the problem.
 Example (curl):
     curl -s localhost:8000/v2/models/quickstart/infer -d '{"id": "1", "parameters": {"top_k": 3},
       "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["'$(base64 -w0 seven.png)'"]}]}'
+
+Longer than most modules (~470 lines): the whole request / response contract of the protocol
+(shapes, datatypes, binary tensors, parameters, error bodies) in one place, so a reviewer can
+check it against the specification without jumping between files.
 """
 
 from __future__ import annotations

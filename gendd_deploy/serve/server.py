@@ -22,6 +22,9 @@ readiness goes to 503, the listener closes, queued requests run and are answered
 keep-alive connections close, then `serve` returns.
 
 Example: gendd serve -p pipelines/quickstart.toml --port 8000
+
+Longer than most modules (~570 lines): connection handling, routing, readiness, drain and the
+artifact-backed entry point of the HTTP server.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ method = "gendd": GenDD (gendd-method.md); "kd": Hinton KD (CE + T^2 KL); "ce": 
 All three share data order, augmentation, optimiser and schedule, so they are comparable.
 labels = false: unlabelled distillation (gendd with smooth = 0 and no CE; kd with the KL term only).
 Teacher features come from the cache (replaying the cached views) or from the teacher run online.
+
+Longer than most modules (~400 lines): stage 1, the GenDD / kd / ce training steps, the fitted
+read-outs and the evaluation of every read-out are one stage's work and share its batches.
 """
 
 from __future__ import annotations
