@@ -2,7 +2,6 @@
 and matches the ONNX graph; versions increase with each export and map back to artifacts."""
 
 import json
-import string
 from pathlib import Path
 
 import onnx
@@ -159,13 +158,3 @@ def test_refuses_what_triton_cannot_serve(arts, tmp_path):
         write_triton_repo(o, engine_art(o, min_batch=4), tmp_path / "repo", "tiny")
     with pytest.raises(UsageError, match="model name"):
         write_triton_repo(o, None, tmp_path / "repo", "bad name/")
-
-
-def test_template_renders_to_a_valid_config():
-    text = (REPO / "export" / "triton" / "config.pbtxt.template").read_text()
-    rendered = string.Template(text).substitute(
-        model_name="digits", platform="onnxruntime_onnx", max_batch_size=256, image_dims="1, 8, 8",
-        num_classes=10, preferred_batch_sizes="32, 256", max_queue_delay_us=5000,
-    )
-    cfg = text_format.Parse(rendered, model_config_pb2.ModelConfig())
-    assert cfg.name == "digits" and list(cfg.input[0].dims) == [1, 8, 8] and list(cfg.output[0].dims) == [10]
