@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gendd_deploy import __version__
-from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, section_help
+from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, packaged_recipes, section_help
 from gendd_deploy.errors import GenddError, MissingDependency, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
@@ -47,7 +47,7 @@ artifacts_app = typer.Typer(help="Inspect, verify and clean the artifact store."
 app.add_typer(artifacts_app, name="artifacts")
 
 PipelineOpt = Annotated[
-    Optional[str], typer.Option("--pipeline", "-p", help="TOML recipe \\[default: pipelines/quickstart.toml]", show_default=False)
+    Optional[str], typer.Option("--pipeline", "-p", help="TOML recipe: a file, or a shipped one by name (quickstart, fashion_mnist, ...) \\[default: pipelines/quickstart.toml]", show_default=False)
 ]
 ArtifactsOpt = Annotated[
     Optional[str], typer.Option("--artifacts", help="artifact root \\[env GENDD_ARTIFACTS, default ./artifacts]", show_default=False)
@@ -322,7 +322,7 @@ def serve(
 
 @app.command()
 def run(
-    pipeline: Annotated[Optional[str], typer.Argument(help="TOML recipe \\[default: pipelines/quickstart.toml]", show_default=False)] = None,
+    pipeline: Annotated[Optional[str], typer.Argument(help="TOML recipe: a file, or a shipped one by name (quickstart, fashion_mnist, ...) \\[default: pipelines/quickstart.toml]", show_default=False)] = None,
     pipeline_opt: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
@@ -452,7 +452,7 @@ def artifacts_gc(
     unreachable: Annotated[
         bool, typer.Option("--unreachable", help="also list versions no recipe reaches and not in the lineage of the latest of each stage; deleted only with --yes")
     ] = False,
-    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="recipe whose artifacts --unreachable keeps (repeat) \\[default: every pipelines/*.toml]")] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="recipe whose artifacts --unreachable keeps (repeat) \\[default: every ./pipelines/*.toml and every shipped recipe]")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="with --unreachable: delete what is listed")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go")] = False,
 ) -> None:
@@ -471,7 +471,8 @@ def artifacts_gc(
                 p.with_name(p.name + OWNER_SUFFIX).unlink(missing_ok=True)
         old = []
         if unreachable:
-            recipes = keep if keep else sorted(str(p) for p in Path("pipelines").glob("*.toml"))
+            local = {p.name: str(p) for p in Path("pipelines").glob("*.toml")}
+            recipes = keep if keep else sorted({**{f"{n}.toml": n for n in packaged_recipes()}, **local}.values())
             fps = set()
             for r in recipes:
                 try:

@@ -17,6 +17,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gendd_deploy.errors import UsageError
 
 DEFAULT_PIPELINE = Path("pipelines/quickstart.toml")
+# the recipes ship inside the package (the checkout's pipelines/ links here), so `gendd run` works in any folder
+PACKAGED_PIPELINES = Path(__file__).resolve().parent / "pipelines"
+
+
+def packaged_recipes() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_PIPELINES.glob("*.toml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """The recipe file `path` names: the file itself when it exists, else a recipe shipped with the
+    package, named as `pipelines/<name>.toml`, `<name>.toml` or `<name>`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_PIPELINES / (p.name if p.suffix == ".toml" else f"{p.name}.toml")
+    if (p.parent in (Path("."), Path("pipelines"))) and packaged.is_file():
+        return packaged
+    hint = "" if p.suffix in (".toml", "") else " (recipes are .toml files)"
+    raise UsageError(
+        f"recipe {p} not found{hint}; pass an existing file with -p/--pipeline, or a shipped recipe by name: "
+        + ", ".join(packaged_recipes())
+    )
 MAX_OPSET = 23  # the newest opset torch's ONNX exporters write
 
 
@@ -243,10 +265,7 @@ def build_recipe(raw: dict, path: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a TOML recipe and apply `section.key=value` overrides (values parsed as TOML)."""
-    p = Path(path)
-    if not p.is_file():
-        hint = "" if p.suffix == ".toml" else " (recipes are .toml files)"
-        raise UsageError(f"recipe {p} not found{hint}; pass an existing file with -p/--pipeline, e.g. pipelines/quickstart.toml")
+    p = resolve_recipe(path)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

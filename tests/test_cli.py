@@ -95,3 +95,37 @@ def test_store_commands_refuse_a_root_that_does_not_exist(tmp_path, command):
 def test_one_training_image_is_a_clear_error(tmp_path, tiny_recipe):
     r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "a"), "--set", "data.train_limit=1")
     assert r.returncode == 2 and "at least 2 images" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the shipped recipes: `gendd` works in any folder ----------------------------------------
+
+
+def test_shipped_recipes_run_from_an_empty_folder(tmp_path):
+    """No pipelines/ here: the default recipe and recipes by name come from the package."""
+    work = tmp_path / "empty"
+    work.mkdir()
+    tiny = ["--set", "data.train_limit=64", "--set", "data.test_limit=32", "--set", "teacher.epochs=1"]
+    r = gendd("teacher", *tiny, cwd=work)  # the default recipe, pipelines/quickstart.toml
+    assert r.returncode == 0, r.stderr
+    assert list((work / "artifacts" / "quickstart" / "teacher").glob("v001/manifest.json"))
+    r = gendd("teacher", "-p", "quickstart", *tiny, cwd=work)  # by name: the same recipe, reused
+    assert r.returncode == 0 and "reused" in r.stderr
+    r = gendd("teacher", "-p", "no_such_recipe", cwd=work)
+    assert r.returncode == 2 and "fashion_mnist" in r.stderr and "quickstart" in r.stderr  # names what is shipped
+
+
+def test_the_wheel_ships_every_recipe(tmp_path):
+    """What `pip install .` installs carries the recipes the checkout's pipelines/ links to."""
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("gendd_deploy-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"gendd_deploy/pipelines/{p.name}" for p in (repo / "pipelines").glob("*.toml")}
+    assert shipped and shipped <= names
