@@ -307,15 +307,17 @@ def serve(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
-    artifact: Annotated[Optional[str], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN) \\[default: latest onnx of the pipeline]")] = None,
+    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN); repeat for several models or versions \\[default: latest onnx of the pipeline]")] = None,
+    http_port: Annotated[Optional[int], typer.Option("--http-port", help="HTTP port, as Triton names it (same as --port) \\[default: 8000]", show_default=False)] = None,
 ) -> None:
-    """Serve the deployed student over HTTP (Open Inference Protocol v2, as KServe and Triton speak): --host, --port, --runtime, --max-batch, --max-delay-ms ..."""
+    """Serve the deployed student over HTTP and gRPC (Open Inference Protocol v2, as KServe and Triton speak): --host, --http-port, --grpc-port, --runtime, --max-batch, --max-delay-ms ..."""
 
     def go():
         from gendd_deploy.serve import serve_artifacts
 
-        c = make_context(pipeline, artifacts, list(set_ or []) + flags_to_overrides("serve", ctx.args))
-        serve_artifacts(c, version=artifact)
+        ports = [f"serve.port={http_port}"] if http_port is not None else []
+        c = make_context(pipeline, artifacts, list(set_ or []) + flags_to_overrides("serve", ctx.args) + ports)
+        serve_artifacts(c, version=list(artifact) if artifact else None)
 
     guarded(go)
 

@@ -200,7 +200,8 @@ class BuildConfig(Section):
 
 class ServeConfig(Section):
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, lt=65536)
+    port: int = Field(8000, ge=0, lt=65536, description="HTTP port (also --http-port, as Triton names it)")
+    grpc_port: int = Field(8001, ge=-1, lt=65536, description="gRPC port (KServe v2 GRPCInferenceService); -1 = no gRPC")
     runtime: Literal["onnxruntime", "aoti", "torch", "tensorrt"] = "onnxruntime"
     model_name: str | None = Field(None, description="name in URLs; default: the pipeline name")
     max_batch: int = Field(32, gt=0)

@@ -123,7 +123,7 @@ META = {"name": "tiny", "version": "3", "preprocess": SPEC, "class_names": CLASS
 
 @contextmanager
 def running(runner: Runner, meta: dict | None = None, **cfg):
-    cfg = ServeConfig(**{"host": "127.0.0.1", "port": 0, "max_batch": 8, "max_delay_ms": 2.0, **cfg})
+    cfg = ServeConfig(**{"host": "127.0.0.1", "port": 0, "grpc_port": -1, "max_batch": 8, "max_delay_ms": 2.0, **cfg})
     server = InferenceServer(runner, meta or META, cfg, request_timeout_s=TIMEOUT, log=lambda msg: None).start()
     if isinstance(runner, SlowRunner):
         runner.armed = True
@@ -162,7 +162,10 @@ def call(port: int, method: str, path: str, body=None, headers: dict | None = No
 
 
 def infer(port: int, body, **kw):
-    return call(port, "POST", "/v2/models/tiny/infer", body, **kw)
+    """POST to the model that takes the request's input: 'tiny' (images) or 'tiny_image' (image_bytes)."""
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    encoded = isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict) and inputs[0].get("name") == "image_bytes"
+    return call(port, "POST", f"/v2/models/{'tiny_image' if encoded else 'tiny'}/infer", body, **kw)
 
 
 def tensor_request(x: np.ndarray, nested: bool = False, **extra) -> dict:
@@ -220,10 +223,13 @@ def test_health_and_metadata(server):
         status, _, m = call(p, "GET", path)
         assert status == 200
         assert m["name"] == "tiny" and m["versions"] == ["3"]
-        assert {"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]} in m["inputs"]
-        assert {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]} in m["inputs"]
-        assert {"name": "logits", "datatype": "FP32", "shape": [-1, 10]} in m["outputs"]
+        # exactly the inputs and outputs a request may use, each usable as listed
+        assert m["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+        assert m["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
         assert m["parameters"]["class_names"] == CLASSES
+    status, _, m = call(p, "GET", "/v2/models/tiny_image")  # the encoded-image sibling
+    assert status == 200 and m["inputs"] == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}]
+    assert m["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     assert call(p, "GET", "/v2/models/tiny/ready")[0] == 200
     assert call(p, "GET", "/v2/models/tiny/versions/3/ready")[0] == 200
 
@@ -250,7 +256,7 @@ def test_unknown_model_path_or_method(server, method, path, status):
 
 def test_live_but_not_ready_until_warmed_up(runner):
     gated = GatedRunner(runner)
-    cfg = ServeConfig(host="127.0.0.1", port=0)
+    cfg = ServeConfig(host="127.0.0.1", port=0, grpc_port=-1)
     srv = InferenceServer(gated, META, cfg, log=lambda m: None)
     starter = threading.Thread(target=srv.start, daemon=True)
     starter.start()
@@ -314,7 +320,7 @@ def test_binary_tensor_extension(server, runner):
     blobs = sample_images()[:2]
     raw = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
     head = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    status, _, resp = infer(server.port, head + raw, headers={"Inference-Header-Content-Length": str(len(head))})
+    status, _, resp = call(server.port, "POST", "/v2/models/tiny_image/infer", head + raw, headers={"Inference-Header-Content-Length": str(len(head))})
     assert status == 200, resp
     xi = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
     np.testing.assert_allclose(logits_of(resp), runner.run(xi), rtol=0, atol=1e-6)
@@ -379,7 +385,7 @@ BAD_REQUESTS = [
     ("no inputs", {"id": "x"}, 400, "missing input"),
     ("empty inputs", {"inputs": []}, 400, "missing input"),
     ("unknown input", {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}, 400, "unknown input 'pixels'"),
-    ("two inputs", {"inputs": [tensor_request(np.zeros((1, 1, 8, 8)))["inputs"][0], image_request([PNG])["inputs"][0]]}, 400, "exactly one input"),
+    ("two inputs", {"inputs": [tensor_request(np.zeros((1, 1, 8, 8)))["inputs"][0], image_request([PNG])["inputs"][0]]}, 400, "goes to model 'tiny_image'"),
     ("wrong shape", {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 7], "data": [0.0] * 56}]}, 400, "shape [1, 1, 8, 7]"),
     ("wrong rank", {"inputs": [{"name": "images", "datatype": "FP32", "shape": [64], "data": [0.0] * 64}]}, 400, "expected [-1, 1, 8, 8]"),
     ("zero batch", {"inputs": [{"name": "images", "datatype": "FP32", "shape": [0, 1, 8, 8], "data": []}]}, 400, "N >= 1"),
@@ -563,8 +569,9 @@ def test_noise_comes_from_the_request_seed(runner):
             assert status == 200
             np.testing.assert_allclose(logits_of(resp), logits_of(r7), atol=1e-6)
         assert not np.allclose(logits_of(infer(srv.port, tensor_request(x, parameters={"seed": 8}))[2]), logits_of(r7))
-        # no preprocessing spec: encoded images are refused with the reason
-        status, _, resp = infer(srv.port, image_request([PNG]))
+        # no preprocessing spec: no encoded-image model, and the tensor model refuses them by name
+        assert call(srv.port, "GET", "/v2/models/tiny_image")[0] == 404
+        status, _, resp = call(srv.port, "POST", "/v2/models/tiny/infer", image_request([PNG]))
         assert status == 400 and "unknown input 'image_bytes'" in resp["error"]
 
 
@@ -593,7 +600,7 @@ def test_runner_failure_is_500_and_server_keeps_serving(runner):
 def test_stop_drains_queued_requests(runner):
     slow = SlowRunner(runner, delay=0.2)
     xs = [np.full((1, 1, 8, 8), i, np.float32) for i in range(6)]
-    srv = InferenceServer(slow, META, ServeConfig(host="127.0.0.1", port=0, max_batch=1), log=lambda m: None).start()
+    srv = InferenceServer(slow, META, ServeConfig(host="127.0.0.1", port=0, grpc_port=-1, max_batch=1), log=lambda m: None).start()
     slow.armed = True
     port = srv.port
     with ThreadPoolExecutor(6) as pool:
@@ -616,7 +623,7 @@ from test_serve import ort_runner, SlowRunner, META
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.serve import serve
 from pathlib import Path
-serve(SlowRunner(ort_runner(Path({onnx!r})), 0.2, armed=True), META, ServeConfig(host="127.0.0.1", port=0, max_batch=1))
+serve(SlowRunner(ort_runner(Path({onnx!r})), 0.2, armed=True), META, ServeConfig(host="127.0.0.1", port=0, grpc_port=-1, max_batch=1))
 print("serve returned", flush=True)
 """
 
@@ -686,7 +693,7 @@ def test_tritonclient_metadata_and_infer(server, runner):
         img = httpclient.InferInput("image_bytes", [len(blobs)], "BYTES")
         img.set_data_from_numpy(np.array(blobs, dtype=np.object_))
         out = httpclient.InferRequestedOutput("logits", class_count=3)
-        result = client.infer("tiny", [img], outputs=[out])
+        result = client.infer("tiny_image", [img], outputs=[out])
         top = result.as_numpy("logits")
         assert top.shape == (3, 3)
         xi = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
@@ -737,11 +744,11 @@ def test_serve_artifacts_serves_the_latest_onnx(tiny_context, onnx_path, runner)
 
     from gendd_deploy.serve import load_artifact_model, serve_artifacts
 
-    ctx = tiny_context("serve.port=0", "serve.model_name='digits'")
+    ctx = tiny_context("serve.port=0", "serve.grpc_port=0", "serve.model_name='digits'")
     _publish_onnx(ctx, onnx_path)
     art = _publish_onnx(ctx, onnx_path)  # v002: the latest is served
     got_runner, model = load_artifact_model(ctx)
-    assert (model.name, model.version, model.preprocess, model.class_names) == ("digits", "v002", SPEC, tuple(CLASSES))
+    assert (model.name, model.version, model.preprocess, model.class_names) == ("digits", "2", SPEC, tuple(CLASSES))
     assert model.extra["artifact"] == art.ref == "tiny/onnx/v002"
     log = io.StringIO()
     ctx.console = Console(file=log, width=400)
@@ -753,7 +760,8 @@ def test_serve_artifacts_serves_the_latest_onnx(tiny_context, onnx_path, runner)
         port = int(re.search(r"on http://127\.0\.0\.1:(\d+)", log.getvalue()).group(1))
         assert call(port, "GET", "/v2/models/digits/versions/2")[2]["parameters"]["artifact"] == "tiny/onnx/v002"
         blobs = sample_images()
-        status, _, resp = call(port, "POST", "/v2/models/digits/infer", image_request(blobs))
+        assert re.search(r"gRPC on 127\.0\.0\.1:(\d+)", log.getvalue())  # both halves of the protocol
+        status, _, resp = call(port, "POST", "/v2/models/digits_image/infer", image_request(blobs))
         assert status == 200, resp
         x = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
         np.testing.assert_allclose(logits_of(resp), runner.run(x), atol=1e-6)

@@ -153,7 +153,7 @@ def test_a_timed_out_request_stops_its_running_batch():
     from test_serve import META
 
     slow = CountingRunner(delay_s=0.1)  # 40 images in chunks of 2: 20 calls, 2 s if run to the end
-    cfg = ServeConfig(host="127.0.0.1", port=0, max_batch=2, max_delay_ms=0.0)
+    cfg = ServeConfig(host="127.0.0.1", port=0, grpc_port=-1, max_batch=2, max_delay_ms=0.0)
     srv = InferenceServer(slow, META, cfg, request_timeout_s=0.35, log=lambda msg: None).start()
     try:
         status, _, resp = infer(srv.port, tensor_request(np.zeros((40, 1, 8, 8), dtype=np.float32)))

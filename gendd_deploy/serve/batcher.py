@@ -25,6 +25,7 @@ import numpy as np
 
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve.metrics import ServerMetrics
+from gendd_deploy.serve.stats import ModelStats
 
 
 class QueueFull(Exception):
@@ -41,6 +42,7 @@ class _Job:
     seed: int
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    stats: ModelStats | None = None  # the served model's statistics (Triton's /stats)
 
     @property
     def n(self) -> int:
@@ -75,9 +77,10 @@ class DynamicBatcher:
         """Requests waiting (queued or held over), not counting the batch being run."""
         return self._queue.qsize() + (self._carry is not None)
 
-    def submit(self, images: np.ndarray, seed: int = 0) -> Future:
-        """Queue (n, C, H, W) float32 images; the future resolves to their (n, K) logits."""
-        job = _Job(images, seed)
+    def submit(self, images: np.ndarray, seed: int = 0, stats: ModelStats | None = None) -> Future:
+        """Queue (n, C, H, W) float32 images; the future resolves to their (n, K) logits. `stats`
+        receives the request's queue and compute time once its batch has run."""
+        job = _Job(images, seed, stats=stats)
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
@@ -166,6 +169,7 @@ class DynamicBatcher:
                 self._run(jobs)
 
     def _run(self, jobs: list[_Job]) -> None:
+        started = time.monotonic()
         try:
             images = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
             noise = None
@@ -194,6 +198,10 @@ class DynamicBatcher:
         finally:
             with self._lock:
                 self._abandoned.difference_update(j.future for j in jobs)
+        compute_s = time.monotonic() - started
+        for stats in {id(j.stats): j.stats for j in jobs if j.stats is not None}.values():
+            mine = [j for j in jobs if j.stats is stats]
+            stats.batch([started - j.enqueued for j in mine], compute_s, sum(j.n for j in mine))
         start = 0
         for j in jobs:
             j.future.set_result(logits[start : start + j.n])

@@ -1,10 +1,13 @@
 """Open Inference Protocol v2 (KServe v2 / Triton) REST bodies: the served model, request parsing, responses.
 
-One served model has two alternative inputs, of which a request sends exactly one:
+Each deployed model is served as two models, each with the one input its metadata lists, so a
+client that follows the metadata by the book works:
 
-    images       FP32  [-1, C, H, W]  preprocessed tensors, JSON `data` (flat or nested, row-major)
-                                      or raw little-endian bytes (Triton binary tensor extension)
-    image_bytes  BYTES [-1]           encoded images (PNG, JPEG, ...): in JSON each element is a
+    <name>        images       FP32  [-1, C, H, W]  preprocessed tensors, JSON `data` (flat or
+                                                    nested, row-major) or raw little-endian bytes
+                                                    (Triton binary tensor extension)
+    <name>_image  image_bytes  BYTES [-1]           (when the manifest has a preprocessing spec)
+                                      encoded images (PNG, JPEG, ...): in JSON each element is a
                                       base64 string; in the binary extension, Triton's 4-byte
                                       little-endian length + bytes per element. Decoded and
                                       preprocessed exactly as training data (`preprocess_image`
@@ -12,9 +15,9 @@ One served model has two alternative inputs, of which a request sends exactly on
                                       default binary_data=True: its JSON mode sends UTF-8 text,
                                       which image bytes are not.
 
-and two outputs:
+One output is listed, `logits` FP32 [-1, K]. Classification is Triton's standard way (below); the
+older `top_k` output stays accepted but unlisted, since it needs a parameter to mean anything:
 
-    logits  FP32  [-1, K]  always returned unless `outputs` names only others.
     top_k   BYTES [-1, k]  on request: `parameters: {"top_k": k}` on the request, or
                            `{"name": "top_k", "parameters": {"top_k": k}}` in `outputs`. Row i holds
                            the k most probable classes of image i, best first, each element the
@@ -35,7 +38,7 @@ The request's `id` is echoed in the response. Every refusal is a `ProtocolError`
 status and a message naming the problem.
 
 Example (curl):
-    curl -s localhost:8000/v2/models/quickstart/infer -d '{"id": "1", "parameters": {"top_k": 3},
+    curl -s localhost:8000/v2/models/quickstart_image/infer -d '{"id": "1", "outputs": [{"name": "logits", "parameters": {"classification": 3}}],
       "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["'$(base64 -w0 seven.png)'"]}]}'
 
 Longer than most modules (~470 lines): the whole request / response contract of the protocol
@@ -61,7 +64,10 @@ from gendd_deploy.data.preprocess import decode_image, preprocess_image
 from gendd_deploy.errors import UsageError
 
 IMAGE_INPUT = "image_bytes"
+ENCODED_SUFFIX = "_image"  # model '<name>_image' takes encoded images
 TOPK_OUTPUT = "top_k"
+# gendd runtime -> Triton's platform name (the backend that would serve the same file)
+TRITON_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch", "aoti": "torch_aoti"}
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding (CPU, memory)
 MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS  # all the images of one request together
 
@@ -90,7 +96,10 @@ class ServedModel:
     class_names: tuple[str, ...] | None = None
     preprocess: dict | None = None  # data.preprocess spec; None = encoded images are refused
     needs_noise: bool = False
-    platform: str = "onnxruntime"
+    platform: str = "onnxruntime_onnx"  # Triton's platform name (TRITON_PLATFORMS)
+    max_batch: int = 32  # the server's dynamic batch limit: config.max_batch_size
+    max_delay_ms: float = 5.0  # the batcher's wait: config.dynamic_batching
+    encoded: bool = False  # the encoded-image sibling: its one input is image_bytes
     extra: dict = field(default_factory=dict)  # free-form, shown under metadata "parameters"
 
     @classmethod
@@ -124,25 +133,50 @@ class ServedModel:
         return replace(self, num_classes=num_classes)
 
     def has_version(self, version: str | None) -> bool:
-        """URLs may name the version as given ('v003') or by its number ('3')."""
+        """URLs name the version by its number ('3'); the artifact's own spelling ('v003') works too."""
         if version is None or version == self.version:
             return True
         digits = self.version.lstrip("v")
-        return digits.isdigit() and version.isdigit() and int(digits) == int(version)
+        theirs = version.lstrip("v")
+        return digits.isdigit() and theirs.isdigit() and int(digits) == int(theirs)
+
+    def encoded_variant(self) -> "ServedModel":
+        """The sibling model that takes encoded images (its one input is image_bytes)."""
+        if not self.preprocess:
+            raise ValueError(f"model '{self.name}' has no preprocessing spec, so no encoded-image input")
+        return replace(self, name=f"{self.name}{ENCODED_SUFFIX}", encoded=True)
+
+    @property
+    def inputs(self) -> list[dict]:
+        if self.encoded:
+            return [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
+        return [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]}]
+
+    @property
+    def outputs(self) -> list[dict]:
+        k = self.num_classes if self.num_classes is not None else -1
+        return [{"name": self.output_name, "datatype": "FP32", "shape": [-1, k]}]
+
+    def config(self) -> dict:
+        """GET /v2/models/<name>/config: Triton's ModelConfig (its JSON form), what perf_analyzer
+        and model_analyzer read. Dims exclude the batch dim; inputs and outputs as in metadata."""
+        def tensor(t: dict) -> dict:
+            return {"name": t["name"], "data_type": "TYPE_" + ("STRING" if t["datatype"] == "BYTES" else t["datatype"]), "dims": [int(d) for d in t["shape"][1:]]}
+
+        return {
+            "name": self.name,
+            "platform": self.platform,
+            "max_batch_size": self.max_batch,
+            "input": [tensor(t) for t in self.inputs],
+            "output": [tensor(t) for t in self.outputs],
+            "dynamic_batching": {"max_queue_delay_microseconds": int(self.max_delay_ms * 1000)},
+            "version_policy": {"specific": {"versions": [int(self.version)] if self.version.isdigit() else []}},
+        }
 
     def metadata(self) -> dict:
         """GET /v2/models/<name>: the protocol's model metadata (shapes with -1 for the batch)."""
-        inputs = [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]}]
-        if self.preprocess:
-            inputs.append({"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]})
-        k = self.num_classes if self.num_classes is not None else -1
-        outputs = [
-            {"name": self.output_name, "datatype": "FP32", "shape": [-1, k]},
-            {"name": TOPK_OUTPUT, "datatype": "BYTES", "shape": [-1, -1]},
-        ]
         params = {
-            "inputs": f"send exactly one of: {', '.join(i['name'] for i in inputs)}",
-            "top_k": "parameters {'top_k': k} -> output 'top_k', k strings 'probability:index:label' per image",
+            "classification": "outputs [{'name': 'logits', 'parameters': {'classification': k}}] (tritonclient class_count=k) -> k strings 'logit:index:label' per image",
             "needs_noise": self.needs_noise,
             **self.extra,
         }
@@ -150,7 +184,7 @@ class ServedModel:
             params["seed"] = "parameters {'seed': int} picks the sampler noise (default 0)"
         if self.class_names:
             params["class_names"] = list(self.class_names)
-        return {"name": self.name, "versions": [self.version], "platform": self.platform, "inputs": inputs, "outputs": outputs, "parameters": params}
+        return {"name": self.name, "versions": [self.version], "platform": self.platform, "inputs": self.inputs, "outputs": self.outputs, "parameters": params}
 
 
 @dataclass
@@ -365,8 +399,7 @@ def _outputs(model: ServedModel, body: dict, params: dict) -> list[OutputRequest
 
 
 def missing_input_message(model: ServedModel) -> str:
-    known = [model.input_name] + ([IMAGE_INPUT] if model.preprocess else [])
-    return f"missing input: send one of {', '.join(known)}"
+    return f"missing input: model '{model.name}' takes '{model.inputs[0]['name']}'"
 
 
 def parse_infer_request(model: ServedModel, body: bytes, header_length: int | None = None) -> InferRequest:
@@ -398,15 +431,17 @@ def parse_infer_request(model: ServedModel, body: bytes, header_length: int | No
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise bad("'inputs' must be a list of tensor objects {'name', 'datatype', 'shape', 'data'}")
     chunks = _split_binary(inputs, binary)
-    known = [model.input_name] + ([IMAGE_INPUT] if model.preprocess else [])
+    known = model.inputs[0]["name"]
     names = [t.get("name") for t in inputs]
     for n in names:
-        if n not in known:
-            raise bad(f"unknown input {n!r}; this model takes one of: {', '.join(known)}")
+        if n == IMAGE_INPUT and not model.encoded and model.preprocess:
+            raise bad(f"input '{IMAGE_INPUT}' goes to model '{model.name}{ENCODED_SUFFIX}'; model '{model.name}' takes '{known}'")
+        if n != known:
+            raise bad(f"unknown input {n!r}; model '{model.name}' takes '{known}'")
     if len(inputs) != 1:
-        raise bad(f"send exactly one input (one of: {', '.join(known)}), got {len(inputs)}: {', '.join(map(str, names))}")
+        raise bad(f"send one input ('{known}'), got {len(inputs)}: {', '.join(map(str, names))}")
     tensor = inputs[0]
-    if tensor["name"] == model.input_name:
+    if not model.encoded:
         images = _float_tensor(model, tensor, chunks.get(0))
     else:
         images = _image_tensor(model, tensor, chunks.get(0))

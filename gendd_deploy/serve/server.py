@@ -37,7 +37,7 @@ import socketserver
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Callable
@@ -47,12 +47,13 @@ import numpy as np
 
 from gendd_deploy import __version__, loaders
 from gendd_deploy.config import ServeConfig
-from gendd_deploy.errors import ArtifactError, UsageError
+from gendd_deploy.errors import ArtifactError, MissingDependency, UsageError
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
 from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gendd_deploy.serve.metrics import ServerMetrics
-from gendd_deploy.serve.protocol import ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
+from gendd_deploy.serve.protocol import TRITON_PLATFORMS, InferRequest, ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
+from gendd_deploy.serve.stats import ModelStats
 
 if TYPE_CHECKING:
     from gendd_deploy.artifacts import Artifact
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 SERVER_NAME = "gendd"
 EXTENSIONS = ["binary_tensor_data", "classification"]
-_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$")
+_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer|/config|/stats)?/?$")
 _LINGER_BYTES = 1 << 20  # after refusing an oversized body, read at most this much of it before closing
 
 
@@ -272,8 +273,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+@dataclass
+class Served:
+    """One model version behind the server: its description, runner, batcher and statistics. The
+    encoded-image sibling of a model shares its runner and batcher (one queue, one batch limit)."""
+
+    model: ServedModel
+    runner: Runner
+    batcher: DynamicBatcher
+    stats: ModelStats = field(default_factory=ModelStats)
+
+
 class InferenceServer:
-    """One model behind the protocol: `start()` binds and warms up, `stop()` drains and closes."""
+    """Models behind the protocol: `start()` binds and warms up, `stop()` drains and closes.
+
+    `runner` / `model` is the first model; `more` adds (runner, model) pairs: other models, or other
+    versions of the same name (a URL without a version gets the highest)."""
 
     def __init__(
         self,
@@ -281,28 +296,67 @@ class InferenceServer:
         model: ServedModel | dict,
         cfg: ServeConfig,
         *,
+        more: list[tuple[Runner, ServedModel | dict]] = (),
         request_timeout_s: float = 30.0,
         log: Callable[[str], None] | None = None,
     ):
-        model = replace(ServedModel.from_meta(model), needs_noise=runner.needs_noise)  # the runner decides
-        self.runner, self.model, self.cfg = runner, model, cfg
+        self.cfg = cfg
         self.request_timeout_s = request_timeout_s
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.metrics = ServerMetrics()
-        self.batcher = DynamicBatcher(runner, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, queue_size=cfg.queue_size, metrics=self.metrics)
+        self._primary: list[Served] = []
+        for r, m in [(runner, model), *more]:
+            # the runner decides about noise; the batch limits are the server's
+            m = replace(ServedModel.from_meta(m), needs_noise=r.needs_noise, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)
+            batcher = DynamicBatcher(r, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, queue_size=cfg.queue_size, metrics=self.metrics)
+            self._primary.append(Served(m, r, batcher))
+        seen = [(p.model.name, p.model.version) for p in self._primary]
+        if len(set(seen)) != len(seen):
+            raise UsageError(f"two models with the same name and version: {sorted(x for x in seen if seen.count(x) > 1)}; serve each version once")
+        self.routes: dict[str, dict[str, Served]] = {}  # name -> version -> served, filled by start()
         self._ready = threading.Event()
         self.stopping = False
         self._httpd: _HTTPServer | None = None
+        self._grpc = None  # the gRPC front end, when [serve] grpc_port asks for one
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
         self._active = 0  # requests being handled right now
         self._lock = threading.Lock()
+
+    @property
+    def runner(self) -> Runner:
+        return self._primary[0].runner
+
+    @property
+    def model(self) -> ServedModel:
+        """The first model (after start(): with its class count from the warm-up run)."""
+        return self._primary[0].model
+
+    @property
+    def batcher(self) -> DynamicBatcher:
+        return self._primary[0].batcher
+
+    def lookup(self, name: str, version: str | None) -> Served | None:
+        """The served model `name` at `version` (None: the highest version)."""
+        versions = self.routes.get(name)
+        if not versions:
+            return None
+        if version is None:
+            return versions[max(versions, key=lambda v: int(v) if v.isdigit() else -1)]
+        return next((s for s in versions.values() if s.model.has_version(version)), None)
+
+    def served(self) -> list[Served]:
+        return [s for versions in self.routes.values() for s in versions.values()]
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
         return self._httpd.server_address[1] if self._httpd else self.cfg.port
+
+    @property
+    def grpc_port(self) -> int | None:
+        return self._grpc.port if self._grpc is not None else None
 
     @property
     def url(self) -> str:
@@ -321,27 +375,51 @@ class InferenceServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="gendd-http", daemon=True)
         self._thread.start()  # live from here; ready after the warm-up
         try:
-            self._warm_up()
+            self._fill_routes()  # metadata and readiness answer while warming up
+            for p in self._primary:
+                self._warm_up(p)
+            self._fill_routes()  # again: the encoded siblings take the class count the warm-up found
+            if self.cfg.grpc_port >= 0:
+                self._start_grpc()
         except Exception:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
             raise
-        self.batcher.start()
+        for p in self._primary:
+            p.batcher.start()
         self._ready.set()
         return self
 
-    def _warm_up(self) -> None:
+    def _start_grpc(self) -> None:
+        try:  # imported on use: grpcio and Triton's stubs are the [serve] extra
+            from gendd_deploy.serve.grpc_frontend import GrpcFrontend
+        except MissingDependency as e:
+            self.log(f"gendd serve: HTTP only: {e}")
+            return
+        self._grpc = GrpcFrontend(self).start()
+
+    def _warm_up(self, p: Served) -> None:
         """Run the model at batch 1 and max_batch: the first runs are slow, and a bad model fails here."""
-        C, H, W = self.model.input_shape
+        C, H, W = p.model.input_shape
         for n in sorted({1, self.cfg.max_batch}):
-            out = np.asarray(self.runner.run(np.zeros((n, C, H, W), np.float32), self.runner.noise(n, 0)))
+            out = np.asarray(p.runner.run(np.zeros((n, C, H, W), np.float32), p.runner.noise(n, 0)))
             if out.ndim != 2 or out.shape[0] != n:
-                raise ArtifactError(f"the model returned shape {out.shape} for {n} images; expected (n, num_classes)")
-        if self.model.num_classes is None or self.model.num_classes != out.shape[1]:
-            if self.model.num_classes is not None:
-                raise ArtifactError(f"the model returns {out.shape[1]} logits, its description says {self.model.num_classes}")
-            self.model = self.model.with_classes(int(out.shape[1]))
+                raise ArtifactError(f"model '{p.model.name}' returned shape {out.shape} for {n} images; expected (n, num_classes)")
+        if p.model.num_classes is None or p.model.num_classes != out.shape[1]:
+            if p.model.num_classes is not None:
+                raise ArtifactError(f"model '{p.model.name}' returns {out.shape[1]} logits, its description says {p.model.num_classes}")
+            p.model = p.model.with_classes(int(out.shape[1]))
+
+    def _fill_routes(self) -> None:
+        """Every model under its name and version, and the encoded-image sibling of each model that
+        has a preprocessing spec (same runner and batcher, its own statistics)."""
+        self.routes = {}
+        for p in self._primary:
+            self.routes.setdefault(p.model.name, {})[p.model.version] = p
+            if p.model.preprocess:
+                v = p.model.encoded_variant()
+                self.routes.setdefault(v.name, {})[v.version] = Served(v, p.runner, p.batcher)
 
     def stop(self, drain_timeout_s: float = 30.0) -> bool:
         """Stop accepting, answer every queued request, close connections. True if all drained in time."""
@@ -350,8 +428,10 @@ class InferenceServer:
         self._ready.clear()
         self.stopping = True
         self._httpd.shutdown()  # the accept loop ends; open connections still get answers
+        if self._grpc is not None:
+            self._grpc.stop(drain_timeout_s)  # new calls refused, calls in flight finish
         deadline = time.monotonic() + drain_timeout_s
-        drained = self.batcher.close(drain_timeout_s)
+        drained = all([p.batcher.close(max(0.0, deadline - time.monotonic())) for p in self._primary])
         while self._active > 0 and time.monotonic() < deadline:  # responses being written
             time.sleep(0.01)
         with self._lock:
@@ -366,6 +446,7 @@ class InferenceServer:
         while self._conns and time.monotonic() < end:
             time.sleep(0.01)
         self._httpd = None
+        self._grpc = None
         return drained and self._active == 0
 
     def __enter__(self) -> "InferenceServer":
@@ -397,18 +478,34 @@ class InferenceServer:
             return self._only(method, "GET") or _json(200, {"live": True})
         if path == "/v2/health/ready":
             return self._only(method, "GET") or self._readiness({"ready": self.ready})
+        if path.rstrip("/") == "/v2/models/stats":  # Triton: the statistics of every model
+            return self._only(method, "GET") or _json(200, {"model_stats": [s.stats.to_dict(s.model.name, s.model.version) for s in self.served()]})
         m = _MODEL_PATH.match(path)
         if not m:
-            return _error(404, f"no route {path}; see GET /v2 and /v2/models/{self.model.name}")
-        if m["name"] != self.model.name or not self.model.has_version(m["version"]):
+            return _error(404, f"no route {path}; see GET /v2 and /v2/models/<name> for {self.listing()}")
+        served = self.lookup(m["name"], m["version"])
+        if served is None:
             want = f"'{m['name']}'" + (f" version '{m['version']}'" if m["version"] else "")
-            return _error(404, f"unknown model {want}; this server serves '{self.model.name}' version '{self.model.version}'")
+            return _error(404, f"unknown model {want}; this server serves {self.listing()}")
         action = m["action"]
         if action == "/infer":
-            return self._only(method, "POST") or self._infer(headers, body)
+            return self._only(method, "POST") or self._infer(served, headers, body)
         if action == "/ready":
-            return self._only(method, "GET") or self._readiness({"name": self.model.name, "ready": self.ready})
-        return self._only(method, "GET") or _json(200, self.model.metadata())
+            return self._only(method, "GET") or self._readiness({"name": served.model.name, "ready": self.ready})
+        if action == "/config":
+            return self._only(method, "GET") or _json(200, served.model.config())
+        if action == "/stats":
+            chosen = [served] if m["version"] else list(self.routes[m["name"]].values())
+            return self._only(method, "GET") or _json(200, {"model_stats": [s.stats.to_dict(s.model.name, s.model.version) for s in chosen]})
+        return self._only(method, "GET") or _json(200, self.metadata(served))
+
+    def listing(self) -> str:
+        return ", ".join(f"'{name}' (versions {', '.join(sorted(v))})" for name, v in self.routes.items()) or "no models yet"
+
+    def metadata(self, served: Served) -> dict:
+        """The model's metadata, listing every version served under its name."""
+        versions = sorted(self.routes.get(served.model.name, {served.model.version: served}), key=lambda v: (len(v), v))
+        return {**served.model.metadata(), "versions": versions}
 
     @staticmethod
     def _only(method: str, allowed: str) -> _Response | None:
@@ -422,7 +519,33 @@ class InferenceServer:
         why = "shutting down" if self.stopping else "warming up"
         return _json(503, {**obj, "error": f"not ready: {why}"})
 
-    def _infer(self, headers, body: bytes) -> _Response:
+    def predict(self, served: Served, req: InferRequest) -> np.ndarray:
+        """Logits of one parsed request through the model's batcher (what both front ends call).
+        Refusals are ProtocolErrors: 503 when not ready, full, shutting down or timed out; 500
+        when the model fails."""
+        if not self.ready:
+            raise ProtocolError(503, "not ready: " + ("shutting down" if self.stopping else "warming up") + "; retry later")
+        try:
+            future = served.batcher.submit(req.images, req.seed, served.stats)
+        except (QueueFull, ShuttingDown) as e:
+            raise ProtocolError(503, str(e)) from None
+        try:
+            return future.result(timeout=self.request_timeout_s)
+        except TimeoutError:
+            served.batcher.abandon(future)  # queued: never run; running: stopped at its next chunk
+            raise ProtocolError(503, f"timed out after {self.request_timeout_s:g} s waiting for the model; the server is overloaded") from None
+        except ShuttingDown as e:
+            raise ProtocolError(503, str(e)) from None
+        except Exception as e:
+            raise ProtocolError(500, f"the model failed on this batch: {type(e).__name__}: {e}") from None
+
+    def _infer(self, served: Served, headers, body: bytes) -> _Response:
+        t0 = time.perf_counter()
+        resp = self._infer_once(served, headers, body)
+        served.stats.request(resp.status == 200, time.perf_counter() - t0)
+        return resp
+
+    def _infer_once(self, served: Served, headers, body: bytes) -> _Response:
         if not self.ready:
             return _error(503, "not ready: " + ("shutting down" if self.stopping else "warming up") + "; retry later")
         encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
@@ -431,32 +554,19 @@ class InferenceServer:
         header_text = headers.get("Inference-Header-Content-Length")
         try:
             header_length = None if header_text is None else int(header_text)
-            req = parse_infer_request(self.model, body, header_length)
+            req = parse_infer_request(served.model, body, header_length)
         except ValueError:
             return _error(400, f"bad Inference-Header-Content-Length {header_text!r}")
         except ProtocolError as e:
             return _error(e.status, e.message)
         try:
-            future = self.batcher.submit(req.images, req.seed)
-        except (QueueFull, ShuttingDown) as e:
-            return _error(503, str(e), **({"id": req.id} if req.id is not None else {}))
-        try:
-            logits = future.result(timeout=self.request_timeout_s)
-        except TimeoutError:
-            self.batcher.abandon(future)  # queued: never run; running: stopped at its next chunk
-            return _error(503, f"timed out after {self.request_timeout_s:g} s waiting for the model; the server is overloaded")
-        except ShuttingDown as e:
-            return _error(503, str(e))
-        except Exception as e:
-            return _error(500, f"the model failed on this batch: {type(e).__name__}: {e}")
-        try:
-            payload, json_length = build_infer_response(self.model, req, logits)
+            logits = self.predict(served, req)
+            payload, json_length = build_infer_response(served.model, req, logits)
         except ProtocolError as e:
-            return _error(e.status, e.message)
+            return _error(e.status, e.message, **({"id": req.id} if req.id is not None else {}))
         extra = {"Inference-Header-Content-Length": json_length} if json_length is not None else {}
         ctype = "application/json" if json_length is None else "application/octet-stream"
         return _Response(200, payload, ctype, extra)
-
 
 def serve(
     runner: Runner,
@@ -468,14 +578,16 @@ def serve(
     drain_timeout_s: float = 30.0,
     request_timeout_s: float = 30.0,
     log: Callable[[str], None] | None = None,
+    more: list[tuple[Runner, ServedModel | dict]] = (),
 ) -> None:
-    """Serve until SIGTERM / SIGINT (or `stop_event`), then drain and return.
+    """Serve until SIGTERM / SIGINT (or `stop_event`), then drain and return. `more`: further
+    (runner, model) pairs served beside the first (other models, or other versions).
 
     `ready_event` is set once the model is warmed up and the port answers (the bound port is in the
     log line, useful with port 0). Signal handlers are installed only from the main thread and put
     back on return.
     """
-    server = InferenceServer(runner, model_meta, cfg, request_timeout_s=request_timeout_s, log=log)
+    server = InferenceServer(runner, model_meta, cfg, more=more, request_timeout_s=request_timeout_s, log=log)
     stop = stop_event or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -483,11 +595,11 @@ def serve(
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     try:
         server.start()
-        m = server.model
-        server.log(
-            f"gendd serve: model '{m.name}' version {m.version} ({runner.describe().get('runtime') or type(runner).__name__}, "
-            f"max_batch {cfg.max_batch}, max_delay {cfg.max_delay_ms:g} ms) on {server.url}"
-        )
+        for s in server.served():
+            r = s.runner
+            server.log(f"gendd serve: model '{s.model.name}' version {s.model.version} ({r.describe().get('runtime') or type(r).__name__})")
+        grpc = f", gRPC on {cfg.host}:{server.grpc_port}" if server.grpc_port is not None else ""
+        server.log(f"gendd serve: max_batch {cfg.max_batch}, max_delay {cfg.max_delay_ms:g} ms; HTTP on {server.url}{grpc}")
         if ready_event is not None:
             ready_event.set()
         while not stop.wait(0.5):
@@ -514,6 +626,12 @@ def _io_name(io: dict, kind: str, default: str) -> str:
     return names[0] if names and names[0] else default
 
 
+def numeric_version(version: str) -> str:
+    """Triton numbers versions ('1'); the store spells them 'v001'."""
+    digits = version.lstrip("v")
+    return str(int(digits)) if digits.isdigit() else version
+
+
 def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> ServedModel:
     info = art.manifest.get("info", {})
     spec = info.get("preprocess")
@@ -523,16 +641,18 @@ def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> Se
     extra = {"artifact": art.ref, "fingerprint": art.fingerprint}
     if info.get("setting_label"):
         extra["sampler"] = info["setting_label"]
+    runtime = runner.describe().get("runtime") or runner.name
+    extra["runtime"] = runtime
     return ServedModel.from_meta(
         {
             "name": name,
-            "version": art.version,
+            "version": numeric_version(art.version),
             "input_name": _io_name(io, "input", "images"),
             "output_name": _io_name(io, "output", "logits"),
             "preprocess": spec,
             "class_names": info.get("class_names"),
             "needs_noise": runner.needs_noise,
-            "platform": runner.describe().get("runtime") or runner.name,
+            "platform": TRITON_PLATFORMS.get(runtime, runtime),
             "extra": extra,
         }
     )
@@ -548,24 +668,28 @@ def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: s
     """
     art = loaders.servable_artifact(ctx.store, ctx.pipeline, version, ctx.command)
     runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command)
-    name = ctx.recipe.serve.model_name or ctx.pipeline
+    name = ctx.recipe.serve.model_name or art.pipeline
     model = served_model_from_manifest(loaders.describing_artifact(ctx.store, served), name, runner)
-    return runner, replace(model, version=served.version, extra={**model.extra, "artifact": served.ref, "fingerprint": served.fingerprint})
+    return runner, replace(model, version=numeric_version(served.version), extra={**model.extra, "artifact": served.ref, "fingerprint": served.fingerprint})
 
 
 def serve_artifacts(
     ctx: "Context",
     runtime: str | None = None,
-    version: str | None = None,
+    version: str | list[str] | None = None,
     ready_event: threading.Event | None = None,
     stop_event: threading.Event | None = None,
 ) -> None:
-    """`gendd serve`: the recipe's [serve] section (host, port, batching...), `runtime` overriding its runtime."""
+    """`gendd serve`: the recipe's [serve] section (host, ports, batching...), `runtime` overriding
+    its runtime. `version`: one artifact handle or several (each its own model, or version of a
+    model: artifacts of one pipeline are versions of one model)."""
     cfg = ctx.recipe.serve
     if runtime is not None and runtime != cfg.runtime:
         try:
             cfg = ServeConfig.model_validate({**cfg.model_dump(), "runtime": runtime})
         except Exception:
             raise UsageError(f"unknown runtime '{runtime}'; use {loaders.RUNTIME_NAMES}") from None
-    runner, model = load_artifact_model(ctx, cfg.runtime, version)
-    serve(runner, model, cfg, ready_event, stop_event, log=lambda msg: ctx.console.print(msg, markup=False, highlight=False))
+    handles = version if isinstance(version, list) else [version]
+    loaded = [load_artifact_model(ctx, cfg.runtime, v) for v in (handles or [None])]
+    (runner, model), more = loaded[0], loaded[1:]
+    serve(runner, model, cfg, ready_event, stop_event, log=lambda msg: ctx.console.print(msg, markup=False, highlight=False), more=more)
