@@ -4,9 +4,13 @@
     DIR/<model>/<N>/model.onnx      platform onnxruntime_onnx, or
     DIR/<model>/<N>/model.plan      platform tensorrt_plan, when an engine artifact is given
     DIR/<model>/versions.json       N -> the artifact (ref, fingerprint, sha256) it was copied from
+    DIR/<model>/labels.txt          class names, one per line (the logits output's label_filename,
+                                    so Triton's classification answers carry labels)
 
-Each export to the same DIR adds version N+1 and points config.pbtxt at the newest model (Triton
-serves the latest version only). Inputs and outputs are read from the graph itself; dims exclude
+Each export of a new artifact to the same DIR adds version N+1 and points config.pbtxt at the
+newest model (Triton serves the latest version only); exporting the newest version again adds
+nothing (it only refreshes config.pbtxt from the recipe). Queue and instance settings come from
+[serve]: max_delay_ms, queue_size, instances. Inputs and outputs are read from the graph itself; dims exclude
 the batch dim. A noise input, when the sampler needs one, is documented in the config for clients.
 """
 
@@ -27,6 +31,7 @@ from gendd_deploy.errors import UsageError
 from gendd_deploy.trt.plan import read_io
 
 VERSIONS_FILE = "versions.json"
+LABELS_FILE = "labels.txt"  # one class name per line: Triton's classification labels
 TRITON_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
     "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
@@ -39,13 +44,14 @@ def _dims(shape: list) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in shape[1:]]
 
 
-def _tensor_block(t: dict, comment: str | None = None) -> str:
+def _tensor_block(t: dict, comment: str | None = None, label_file: str | None = None) -> str:
     dtype = TRITON_TYPES.get(t["dtype"])
     if dtype is None:
         raise UsageError(f"tensor '{t['name']}' has dtype {t['dtype']}, which has no Triton type")
     dims = ", ".join(str(d) for d in _dims(t["shape"]))
     head = "".join(f"  # {line}\n" for line in (comment or "").splitlines())
-    return f'{head}  {{\n    name: "{t["name"]}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n  }}'
+    labels = f'\n    label_filename: "{label_file}"' if label_file else ""
+    return f'{head}  {{\n    name: "{t["name"]}"\n    data_type: {dtype}\n    dims: [ {dims} ]{labels}\n  }}'
 
 
 def _noise_comment(noise: dict, tail: list[int]) -> str:
@@ -66,16 +72,20 @@ def render_config(
     max_batch: int,
     preferred: list[int],
     max_delay_us: int,
+    queue_size: int | None = None,
+    instances: int = 1,
+    label_file: str | None = None,
     noise_tail: list[int] | None = None,
     header: str = "",
 ) -> str:
-    """config.pbtxt text (protobuf text format of Triton's ModelConfig) with explanatory comments."""
+    """config.pbtxt text (protobuf text format of Triton's ModelConfig) with explanatory comments.
+    `label_file` names the class-names file of the first output (Triton's classification labels)."""
     inputs = io["inputs"]
     blocks = []
     for k, t in enumerate(inputs):
         is_noise = noise_tail is not None and k == 1
         blocks.append(_tensor_block(t, _noise_comment(t, noise_tail) if is_noise else None))
-    outs = [_tensor_block(t) for t in io["outputs"]]
+    outs = [_tensor_block(t, label_file=label_file if k == 0 else None) for k, t in enumerate(io["outputs"])]
     pref = ", ".join(str(b) for b in preferred)
     lines = [header.rstrip("\n")] if header else []
     lines += [
@@ -89,10 +99,13 @@ def render_config(
         "dynamic_batching {",
         f"  preferred_batch_size: [ {pref} ]",
         f"  max_queue_delay_microseconds: {max_delay_us}",
+        *([f"  default_queue_policy {{ max_queue_size: {queue_size} }}"] if queue_size else []),
         "}",
     ]
     if platform == "tensorrt_plan":
-        lines += ["# a TensorRT plan runs on the GPU model it was built for", "instance_group [ { kind: KIND_GPU, count: 1 } ]"]
+        lines += ["# a TensorRT plan runs on the GPU model it was built for", f"instance_group [ {{ kind: KIND_GPU, count: {instances} }} ]"]
+    else:
+        lines += [f"instance_group [ {{ count: {instances} }} ]"]
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +113,38 @@ def _next_version(model_dir: Path, versions: dict) -> int:
     nums = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
     nums += [int(k) for k in versions]
     return max(nums, default=0) + 1
+
+
+def _unchanged_latest(model_dir: Path, versions: dict, fingerprint: str, filename: str) -> int | None:
+    """The newest version's number when it already holds this artifact, intact; else None."""
+    if not versions:
+        return None
+    n = max(int(k) for k in versions)
+    entry, path = versions[str(n)], model_dir / str(n) / filename
+    if entry.get("fingerprint") == fingerprint and entry.get("file") == filename and path.is_file() and sha256_file(path) == entry.get("sha256"):
+        return n
+    return None
+
+
+def _add_version(model_dir: Path, versions: dict, src: Path, filename: str) -> int:
+    """Copy `src` into the next version folder; staged beside it and renamed, so Triton never
+    sees half a model. Returns the version number."""
+    staging = model_dir / f".tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        shutil.copyfile(src, staging / filename)
+        for _ in range(100):
+            n = _next_version(model_dir, versions)
+            try:
+                os.rename(staging, model_dir / str(n))
+                return n
+            except OSError:
+                if (model_dir / str(n)).exists():  # another export took this number; take the next
+                    continue
+                raise
+        raise UsageError(f"could not allocate a version folder in {model_dir}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -161,24 +206,16 @@ def write_triton_repo(
     vfile = model_dir / VERSIONS_FILE
     versions = json.loads(vfile.read_text()).get("versions", {}) if vfile.is_file() else {}
 
-    # stage the version folder beside its final name, then rename: Triton never sees half a model
-    staging = model_dir / f".tmp-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
-        shutil.copyfile(src, staging / filename)
-        for _ in range(100):
-            n = _next_version(model_dir, versions)
-            try:
-                os.rename(staging, model_dir / str(n))
-                break
-            except OSError:
-                if (model_dir / str(n)).exists():  # another export took this number; take the next
-                    continue
-                raise
-        else:
-            raise UsageError(f"could not allocate a version folder in {model_dir}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    same = _unchanged_latest(model_dir, versions, source.fingerprint, filename)
+    if same is not None:  # re-exporting the newest version: nothing new to serve
+        n = same
+    else:
+        n = _add_version(model_dir, versions, src, filename)
+
+    class_names = onnx_info.get("class_names")
+    label_file = LABELS_FILE if class_names else None
+    if class_names:
+        _write_atomic(model_dir / LABELS_FILE, "".join(f"{c}\n" for c in class_names))
 
     refs = f"{onnx_art.ref}" + (f" + {engine_art.ref}" if engine_art is not None else "")
     header = f"# Triton model configuration for '{model_name}', written by gendd {__version__} from {refs}.\n"
@@ -192,9 +229,14 @@ def write_triton_repo(
     preprocess = preprocess if preprocess is not None else onnx_info.get("preprocess")
     see = " (versions.json 'preprocess' has the recipe)" if preprocess else ""
     header += f"# Inputs are float32 NCHW images normalized as in training{see}; output: logits.\n"
-    text = render_config(model_name, platform, io, max_batch=hi, preferred=preferred, max_delay_us=max_delay_us, noise_tail=list(tail) if tail else None, header=header)
+    text = render_config(
+        model_name, platform, io, max_batch=hi, preferred=preferred, max_delay_us=max_delay_us,
+        queue_size=_field(serve_cfg, "queue_size", None), instances=_field(serve_cfg, "instances", 1),
+        label_file=label_file, noise_tail=list(tail) if tail else None, header=header,
+    )
     _write_atomic(model_dir / "config.pbtxt", text)
 
+    created = versions.get(str(n), {}).get("created") if same is not None else None
     versions[str(n)] = {
         "platform": platform,
         "file": filename,
@@ -208,7 +250,7 @@ def write_triton_repo(
         "needs_noise": bool(needs_noise),
         "noise_shape_tail": list(tail) if tail else None,
         "preprocess": preprocess,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     doc = {"model": model_name, "latest": n, "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0])))}
     _write_atomic(vfile, json.dumps(doc, indent=2))

@@ -60,8 +60,8 @@ def publish(store: Store, stage: str, files: dict, info: dict, fp: str):
 def arts(tmp_path):
     store = Store(tmp_path / "artifacts")
 
-    def onnx_art(noise: bool, fp: str = "a" * 64):
-        info = {"needs_noise": noise, "noise_shape_tail": NOISE_TAIL if noise else None}
+    def onnx_art(noise: bool, fp: str = "a" * 64, class_names=None):
+        info = {"needs_noise": noise, "noise_shape_tail": NOISE_TAIL if noise else None, "class_names": class_names}
         return publish(store, "onnx", {"model.onnx": tiny_graph(noise).SerializeToString()}, info, fp)
 
     def engine_art(onnx_a, min_batch=1, max_batch=64):
@@ -158,3 +158,28 @@ def test_refuses_what_triton_cannot_serve(arts, tmp_path):
         write_triton_repo(o, engine_art(o, min_batch=4), tmp_path / "repo", "tiny")
     with pytest.raises(UsageError, match="model name"):
         write_triton_repo(o, None, tmp_path / "repo", "bad name/")
+
+
+def test_reexport_is_idempotent_and_carries_labels_queue_and_instances(arts, tmp_path):
+    onnx_art, _ = arts
+    names = [f"class {i}" for i in range(10)]
+    art = onnx_art(False, class_names=names)
+    repo = tmp_path / "repo"
+    v1 = write_triton_repo(art, None, repo, "tiny", serve_cfg=ServeConfig(queue_size=64, instances=2, max_delay_ms=1.0))
+    created = json.loads((repo / "tiny" / "versions.json").read_text())["versions"]["1"]["created"]
+    cfg = parse(repo / "tiny" / "config.pbtxt")
+    assert (repo / "tiny" / "labels.txt").read_text().splitlines() == names
+    assert cfg.output[0].label_filename == "labels.txt"  # Triton's classification answers carry labels
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 64 and cfg.instance_group[0].count == 2
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
+
+    # the same artifact again: no new version; the config follows the recipe's new settings
+    again = write_triton_repo(art, None, repo, "tiny", serve_cfg=ServeConfig(queue_size=32))
+    doc = json.loads((repo / "tiny" / "versions.json").read_text())
+    assert again == v1 and list(doc["versions"]) == ["1"] and doc["versions"]["1"]["created"] == created
+    assert parse(repo / "tiny" / "config.pbtxt").dynamic_batching.default_queue_policy.max_queue_size == 32
+    assert sorted(p.name for p in (repo / "tiny").iterdir() if p.is_dir()) == ["1"]
+
+    # a damaged copy is not "unchanged": the export writes a fresh version
+    (v1 / "model.onnx").write_bytes(b"damaged")
+    assert write_triton_repo(art, None, repo, "tiny").name == "2"
