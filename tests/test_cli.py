@@ -129,3 +129,9 @@ def test_the_wheel_ships_every_recipe(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"gendd_deploy/pipelines/{p.name}" for p in (repo / "pipelines").glob("*.toml")}
     assert shipped and shipped <= names
+
+
+def test_serve_takes_triton_port_names():
+    text = re.sub(r"\s+", " ", CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output)
+    assert "--http-port" in text and "--grpc-port" in text and "-1 = no gRPC" in text
+    assert "repeat for several models or versions" in text
