@@ -69,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
         runner, meta = _onnx_model(Path(args.onnx))
     else:
         runner, meta = _artifact_model(args.artifacts, args.pipeline, args.version)
-    cfg = ServeConfig(host="127.0.0.1", port=0, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size)
+    cfg = ServeConfig(host="127.0.0.1", port=0, grpc_port=-1, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size)
     serve(runner, meta, cfg, request_timeout_s=60.0)
 
 
@@ -86,7 +86,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         lines: queue.Queue = queue.Queue()  # a reader thread keeps draining stderr, so the child never blocks
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stderr] + [lines.put(None)], daemon=True).start()
-        self.port, seen, end = None, [], time.monotonic() + 120
+        self.port, self.model_name, seen, end = None, None, [], time.monotonic() + 120
         while self.port is None and time.monotonic() < end:
             try:
                 line = lines.get(timeout=max(0.0, end - time.monotonic()))
@@ -95,8 +95,10 @@ class Server:
             if line is None:
                 break
             seen.append(line)
-            if m := re.search(r"model '([^']+)' .* on http://127\.0\.0\.1:(\d+)", line):
-                self.model_name, self.port = m.group(1), int(m.group(2))
+            if (m := re.search(r"model '([^']+)'", line)) and self.model_name is None:
+                self.model_name = m.group(1)  # the first model the server lists
+            if m := re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", line):
+                self.port = int(m.group(1))
         if self.port is None:
             self.stop()
             raise SystemExit("the server did not start:\n" + "".join(seen))
@@ -136,8 +138,6 @@ def make_payload(meta: dict, kind: str, images: int, seed: int = 0) -> tuple[byt
     if kind == "png":
         from PIL import Image
 
-        if not any(i["name"] == "image_bytes" for i in meta["inputs"]):
-            raise SystemExit("--payload png needs a model with a preprocessing spec (serve it from --artifacts)")
         C, H, W = shape[1:]
         blobs = []
         for _ in range(images):
@@ -239,9 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     for label, max_batch, delay in settings:
         server = Server(args, max_batch, delay)
         try:
-            name = server.model_name
-            meta = json.loads(server.get(f"/v2/models/{name}")[1])
+            meta = json.loads(server.get(f"/v2/models/{server.model_name}")[1])
             body, headers = make_payload(meta, args.payload, args.images)
+            # encoded images go to the model's encoded-image sibling, '<name>_image'
+            name = server.model_name + ("_image" if args.payload == "png" else "")
+            if server.get(f"/v2/models/{name}")[0] != 200:
+                raise SystemExit(f"the server has no model '{name}'; --payload png needs a model with a preprocessing spec (serve it from --artifacts)")
             path = f"/v2/models/{name}/infer"
             for clients in args.concurrency:
                 drive(server.port, path, body, headers, clients, args.warmup)
