@@ -23,15 +23,14 @@ keep-alive connections close, then `serve` returns.
 
 Example: gendd serve -p pipelines/quickstart.toml --port 8000
 
-Longer than most modules (~570 lines): connection handling, routing, readiness, drain and the
-artifact-backed entry point of the HTTP server.
+Longer than most modules (~570 lines): the HTTP half of the protocol in one place: connection
+handling and its limits, routing to several models and versions, readiness and drain.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import signal
 import socket
 import socketserver
 import sys
@@ -45,19 +44,18 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from gendd_deploy import __version__, loaders
+from gendd_deploy import __version__
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.errors import ArtifactError, MissingDependency, UsageError
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
 from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gendd_deploy.serve.metrics import ServerMetrics
-from gendd_deploy.serve.protocol import TRITON_PLATFORMS, InferRequest, ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
+from gendd_deploy.serve.protocol import InferRequest, ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
 from gendd_deploy.serve.stats import ModelStats
 
 if TYPE_CHECKING:
-    from gendd_deploy.artifacts import Artifact
-    from gendd_deploy.stages.base import Context
+    pass
 
 SERVER_NAME = "gendd"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -567,129 +565,3 @@ class InferenceServer:
         extra = {"Inference-Header-Content-Length": json_length} if json_length is not None else {}
         ctype = "application/json" if json_length is None else "application/octet-stream"
         return _Response(200, payload, ctype, extra)
-
-def serve(
-    runner: Runner,
-    model_meta: ServedModel | dict,
-    cfg: ServeConfig,
-    ready_event: threading.Event | None = None,
-    stop_event: threading.Event | None = None,
-    *,
-    drain_timeout_s: float = 30.0,
-    request_timeout_s: float = 30.0,
-    log: Callable[[str], None] | None = None,
-    more: list[tuple[Runner, ServedModel | dict]] = (),
-) -> None:
-    """Serve until SIGTERM / SIGINT (or `stop_event`), then drain and return. `more`: further
-    (runner, model) pairs served beside the first (other models, or other versions).
-
-    `ready_event` is set once the model is warmed up and the port answers (the bound port is in the
-    log line, useful with port 0). Signal handlers are installed only from the main thread and put
-    back on return.
-    """
-    server = InferenceServer(runner, model_meta, cfg, more=more, request_timeout_s=request_timeout_s, log=log)
-    stop = stop_event or threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
-    try:
-        server.start()
-        for s in server.served():
-            r = s.runner
-            server.log(f"gendd serve: model '{s.model.name}' version {s.model.version} ({r.describe().get('runtime') or type(r).__name__})")
-        grpc = f", gRPC on {cfg.host}:{server.grpc_port}" if server.grpc_port is not None else ""
-        server.log(f"gendd serve: max_batch {cfg.max_batch}, max_delay {cfg.max_delay_ms:g} ms; HTTP on {server.url}{grpc}")
-        if ready_event is not None:
-            ready_event.set()
-        while not stop.wait(0.5):
-            pass
-        server.log("gendd serve: shutting down, draining queued requests")
-        drained = server.stop(drain_timeout_s)
-        server.log("gendd serve: stopped" + ("" if drained else f" (some requests were cut off after {drain_timeout_s:g} s)"))
-    finally:
-        if server._httpd is not None:
-            server.stop(drain_timeout_s=1.0)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ---- from the artifact store (lookup and runners: gendd_deploy/loaders.py) --------------------
-
-
-def _io_name(io: dict, kind: str, default: str) -> str:
-    """The graph's first input / output name from the export manifest's io description."""
-    entries = io.get(kind + "s") or []
-    names = [e.get("name") if isinstance(e, dict) else str(e) for e in entries]
-    if default in names:
-        return default
-    return names[0] if names and names[0] else default
-
-
-def numeric_version(version: str) -> str:
-    """Triton numbers versions ('1'); the store spells them 'v001'."""
-    digits = version.lstrip("v")
-    return str(int(digits)) if digits.isdigit() else version
-
-
-def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> ServedModel:
-    info = art.manifest.get("info", {})
-    spec = info.get("preprocess")
-    if not spec:
-        raise ArtifactError(f"{art.ref} has no info.preprocess in its manifest; re-export it with 'gendd export'")
-    io = info.get("io") or {}
-    extra = {"artifact": art.ref, "fingerprint": art.fingerprint}
-    if info.get("setting_label"):
-        extra["sampler"] = info["setting_label"]
-    runtime = runner.describe().get("runtime") or runner.name
-    extra["runtime"] = runtime
-    return ServedModel.from_meta(
-        {
-            "name": name,
-            "version": numeric_version(art.version),
-            "input_name": _io_name(io, "input", "images"),
-            "output_name": _io_name(io, "output", "logits"),
-            "preprocess": spec,
-            "class_names": info.get("class_names"),
-            "needs_noise": runner.needs_noise,
-            "platform": TRITON_PLATFORMS.get(runtime, runtime),
-            "extra": extra,
-        }
-    )
-
-
-def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: str | None = None) -> tuple[Runner, ServedModel]:
-    """The deployed model and its description.
-
-    Default: the newest onnx artifact of the recipe's pipeline, run by `runtime` (for aoti the aoti
-    package and for tensorrt the engine made from that same onnx artifact; for torch the PyTorch
-    model it was exported from). `version` (any 'gendd artifacts show' handle) picks an onnx, aoti
-    or engine artifact instead.
-    """
-    art = loaders.servable_artifact(ctx.store, ctx.pipeline, version, ctx.command)
-    runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command)
-    name = ctx.recipe.serve.model_name or art.pipeline
-    model = served_model_from_manifest(loaders.describing_artifact(ctx.store, served), name, runner)
-    return runner, replace(model, version=numeric_version(served.version), extra={**model.extra, "artifact": served.ref, "fingerprint": served.fingerprint})
-
-
-def serve_artifacts(
-    ctx: "Context",
-    runtime: str | None = None,
-    version: str | list[str] | None = None,
-    ready_event: threading.Event | None = None,
-    stop_event: threading.Event | None = None,
-) -> None:
-    """`gendd serve`: the recipe's [serve] section (host, ports, batching...), `runtime` overriding
-    its runtime. `version`: one artifact handle or several (each its own model, or version of a
-    model: artifacts of one pipeline are versions of one model)."""
-    cfg = ctx.recipe.serve
-    if runtime is not None and runtime != cfg.runtime:
-        try:
-            cfg = ServeConfig.model_validate({**cfg.model_dump(), "runtime": runtime})
-        except Exception:
-            raise UsageError(f"unknown runtime '{runtime}'; use {loaders.RUNTIME_NAMES}") from None
-    handles = version if isinstance(version, list) else [version]
-    loaded = [load_artifact_model(ctx, cfg.runtime, v) for v in (handles or [None])]
-    (runner, model), more = loaded[0], loaded[1:]
-    serve(runner, model, cfg, ready_event, stop_event, log=lambda msg: ctx.console.print(msg, markup=False, highlight=False), more=more)
