@@ -7,7 +7,9 @@ Endpoints (KServe v2 / Triton REST; `/versions/<v>` may follow the model name):
     GET  /v2                         server metadata (name, version, extensions)
     GET  /v2/models/<name>           model metadata (see protocol.ServedModel.metadata)
     GET  /v2/models/<name>/ready     200 | 503
-    POST /v2/models/<name>/infer     inference (see protocol.py for inputs, outputs, top_k, seed)
+    POST /v2/models/<name>/infer     inference (see protocol.py for inputs, outputs, classification, seed)
+    GET  /v2/models/<name>/config    Triton's ModelConfig (JSON form)
+    GET  /v2/models/<name>/stats     Triton's statistics (also /v2/models/stats for every model)
     GET  /metrics                    Prometheus text format
 
 Errors are JSON `{"error": "..."}`: 400 bad request (shape, datatype, missing input, undecodable
