@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             "results": rows,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+        Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -769,3 +769,17 @@ def test_serve_artifacts_serves_the_latest_onnx(tiny_context, onnx_path, runner)
         stop.set()
         t.join(TIMEOUT)
     assert not t.is_alive() and "stopped" in log.getvalue()
+
+
+def test_serve_load_benchmark_runs_end_to_end(onnx_path, tmp_path):
+    """benchmarks/serve_load.py starts a server, drives it, prints its table and writes JSON."""
+    out = tmp_path / "load.json"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--onnx", str(onnx_path), "--concurrency", "1", "2",
+         "--duration", "0.3", "--warmup", "0.1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {(x["batching"], x["concurrency"]) for x in rows} == {("on", 1), ("on", 2), ("off", 1), ("off", 2)}
+    assert all(x["errors"] == 0 and x["req_per_s"] > 0 for x in rows)
