@@ -66,7 +66,7 @@ def equal_epoch_overrides(method_ov: list[str], stage1: int, epochs: int) -> tup
     return ([] if labelled_gendd else [f"distill.epochs={total}"]), total
 
 
-def run_quality(make_ctx, seeds: list[int], out: Path, console, long_tail: bool = True) -> dict:
+def run_quality(make_ctx, seeds: list[int], out: Path, console, *, long_tail: bool = True) -> dict:
     """make_ctx(overrides) -> Context. Returns the JSON-able result (also written to `out`)."""
     t0 = time.perf_counter()
     base: Context = make_ctx([])

@@ -87,7 +87,7 @@ def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, Deploy
     return models, dict(student_art.metrics)
 
 
-def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, name: str, device: torch.device):
+def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, *, name: str, device: torch.device):
     """A runner of `kind` for the CPU-resident `model`; torch eager and AOTInductor run on `device`
     (the recipe's: the GPU where there is one), ONNX Runtime on the providers it has."""
     tail = model.noise_tail
@@ -191,7 +191,7 @@ def run_bench(
         for kind in use:
             runners, quality = {}, {}
             for name, model in chosen.items():
-                runners[name] = _runner(kind, model, Path(tmp), example, name, device)
+                runners[name] = _runner(kind, model, Path(tmp), example, name=name, device=device)
                 par = parity(refs[name], runners[name], test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
                 quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else par["max_abs_diff"])
                 console.print(f"bench: {escape(name)} / {kind}: top-1 {quality[name][0]:.2f} on {n} test images")

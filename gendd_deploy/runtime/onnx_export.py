@@ -64,7 +64,7 @@ class _Images(torch.nn.Module):
         return self.model(images)
 
 
-def _export_dynamo(module, args, tmp: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
+def _export_dynamo(module, args, tmp: Path, *, inputs: list[str], outputs: list[str], opset: int) -> None:
     batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
     dynamic = {name: {0: batch} for name in inputs}
     # the exporter prints progress lines and warns about the shared batch symbol: keep the CLI quiet
@@ -91,10 +91,10 @@ def export_onnx_fast(model: DeployedModel, path: str | Path, example_images: tor
     The shipped graph always comes from `export_onnx`."""
     module, inputs, outputs, args = traceable(model, example_images)
     with torch.no_grad():
-        _export_torchscript(module, args, Path(path), inputs, outputs, opset)
+        _export_torchscript(module, args, Path(path), inputs=inputs, outputs=outputs, opset=opset)
 
 
-def _export_torchscript(module, args, tmp: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
+def _export_torchscript(module, args, tmp: Path, *, inputs: list[str], outputs: list[str], opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -153,7 +153,7 @@ def describe_onnx(path: str | Path) -> dict:
     }
 
 
-def export_onnx(model: DeployedModel, path: str | Path, example_images: torch.Tensor, opset: int = 18, exporter: str = "dynamo") -> dict:
+def export_onnx(model: DeployedModel, path: str | Path, example_images: torch.Tensor, *, opset: int = 18, exporter: str = "dynamo") -> dict:
     """Write `path` (atomically) and return its io description, opset, exporter and node count.
 
     exporter "dynamo" tries the dynamo exporter (torch.export based) first and falls back to the
@@ -174,7 +174,7 @@ def export_onnx(model: DeployedModel, path: str | Path, example_images: torch.Te
         for name, fn in chain:
             try:
                 with torch.no_grad():
-                    fn(module, args, tmp, inputs, outputs, opset)
+                    fn(module, args, tmp, inputs=inputs, outputs=outputs, opset=opset)
                 exporter = name
                 break
             except Exception as e:  # noqa: BLE001 - any exporter failure: try the next, report all

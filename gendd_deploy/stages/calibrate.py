@@ -71,7 +71,7 @@ def calib_features(ctx: Context, student: GenDDStudent, n: int, device: torch.de
 
 
 @torch.no_grad()
-def predict_setting(student: GenDDStudent, setting: SamplerSetting, feats: list[torch.Tensor], noise_seed: int, fixed_noise_seed: int) -> torch.Tensor:
+def predict_setting(student: GenDDStudent, setting: SamplerSetting, feats: list[torch.Tensor], *, noise_seed: int, fixed_noise_seed: int) -> torch.Tensor:
     """Predicted classes (n,) of one setting; batch b gets noise from seed noise_seed + b."""
     model = DeployedModel(_headless(student), setting, fixed_noise_seed).to(feats[0].device)
     preds = []
@@ -127,7 +127,7 @@ def timing_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp
     return runner
 
 
-def time_runner(runner, images: np.ndarray, seed: int, min_runs: int = 5, min_s: float = 0.2, max_runs: int = 200) -> float:
+def time_runner(runner, images: np.ndarray, seed: int, *, min_runs: int = 5, min_s: float = 0.2, max_runs: int = 200) -> float:
     """Median wall time (ms) of runner.run on one batch after one warm-up run: at least `min_runs`
     runs and, up to `max_runs`, at least `min_s` seconds (runtime/timing.py)."""
     noise = runner.noise(images.shape[0], seed)
@@ -251,7 +251,7 @@ class CalibrateStage(Stage):
                 bar.update(task, info=s.label())
                 t0 = time.perf_counter()
                 with torch_threads(eval_threads):
-                    preds[s] = predict_setting(student, s, feats, noise_seed, fixed_noise_seed)
+                    preds[s] = predict_setting(student, s, feats, noise_seed=noise_seed, fixed_noise_seed=fixed_noise_seed)
                 t1 = time.perf_counter()
                 key = structure(s)
                 if key not in latency:
