@@ -141,6 +141,15 @@ def _newest(store: Store, art: Artifact, stage: str, match: Callable[[Artifact],
     return max(hits, key=lambda a: int(a.version[1:])) if hits else None
 
 
+def _sibling(store: Store, art: Artifact, stage: str, match: Callable[[Artifact], bool], missing: str, remake: str) -> Artifact:
+    """The newest verified `stage` artifact of art's pipeline that `match` accepts; the errors say
+    `missing` and the command `remake` that makes one."""
+    found = _newest(store, art, stage, match)
+    if found is None:
+        raise ArtifactError(f"{missing}; run '{remake}'")
+    return store.check_input(found, f"delete {found.path} and run '{remake}'")
+
+
 def describing_artifact(store: Store, art: Artifact) -> Artifact:
     """The artifact whose manifest holds preprocess / class names: art, or for an engine its onnx input."""
     if art.manifest.get("info", {}).get("preprocess"):
@@ -165,10 +174,8 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
     if runtime == "aoti":
         if art.stage == "onnx":
             want = _model_inputs(art)
-            aoti = _newest(store, art, "aoti", lambda a: _model_inputs(a) == want)
-            if aoti is None:
-                raise ArtifactError(f"no AOTInductor package exported from the same student as {art.ref}; run '{hint} --aoti'")
-            art = store.check_input(aoti, f"delete {aoti.path} and run '{hint} --aoti'")
+            missing = f"no AOTInductor package exported from the same student as {art.ref}"
+            art = _sibling(store, art, "aoti", lambda a: _model_inputs(a) == want, missing, f"{hint} --aoti")
         elif art.stage != "aoti":
             raise UsageError(f"runtime aoti serves an onnx or aoti artifact, not {art.ref}")
         return load_aoti_runner(art), art
@@ -179,10 +186,8 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
         return TorchRunner(deployed_from_export(art, store, where), where), art
     if runtime == "tensorrt":
         if art.stage == "onnx":
-            engine = _newest(store, art, "engine", lambda a: any(i.get("fingerprint") == art.fingerprint for i in a.manifest.get("inputs", [])))
-            if engine is None:
-                raise ArtifactError(f"no TensorRT engine built from {art.ref}; run '{command('build')}'")
-            art = store.check_input(engine, f"delete {engine.path} and run '{command('build')}'")
+            built_from = lambda a, fp=art.fingerprint: any(i.get("fingerprint") == fp for i in a.manifest.get("inputs", []))  # noqa: E731
+            art = _sibling(store, art, "engine", built_from, f"no TensorRT engine built from {art.ref}", command("build"))
         elif art.stage != "engine":
             raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
         return TrtRunner(art), art

@@ -367,6 +367,10 @@ class InferenceServer:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def not_ready(self) -> str:
+        return "not ready: " + ("shutting down" if self.stopping else "warming up")
+
     def start(self) -> "InferenceServer":
         try:
             self._httpd = _HTTPServer((self.cfg.host, self.cfg.port), self)
@@ -516,15 +520,14 @@ class InferenceServer:
     def _readiness(self, obj: dict) -> _Response:
         if self.ready:
             return _json(200, obj)
-        why = "shutting down" if self.stopping else "warming up"
-        return _json(503, {**obj, "error": f"not ready: {why}"})
+        return _json(503, {**obj, "error": self.not_ready})
 
     def predict(self, served: Served, req: InferRequest) -> np.ndarray:
         """Logits of one parsed request through the model's batcher (what both front ends call).
         Refusals are ProtocolErrors: 503 when not ready, full, shutting down or timed out; 500
         when the model fails."""
         if not self.ready:
-            raise ProtocolError(503, "not ready: " + ("shutting down" if self.stopping else "warming up") + "; retry later")
+            raise ProtocolError(503, f"{self.not_ready}; retry later")
         try:
             future = served.batcher.submit(req.images, req.seed, served.stats)
         except (QueueFull, ShuttingDown) as e:
@@ -547,7 +550,7 @@ class InferenceServer:
 
     def _infer_once(self, served: Served, headers, body: bytes) -> _Response:
         if not self.ready:
-            return _error(503, "not ready: " + ("shutting down" if self.stopping else "warming up") + "; retry later")
+            return _error(503, f"{self.not_ready}; retry later")
         encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
         if encoding != "identity":
             return _error(400, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
