@@ -167,3 +167,23 @@ def test_grpc_calls_are_counted_in_metrics(both, client):
 def test_same_name_and_version_twice_is_refused(runner):
     with pytest.raises(Exception, match="same name and version"):
         InferenceServer(runner, META, ServeConfig(port=0, grpc_port=-1), more=[(runner, META)])
+
+
+def test_grpc_requests_are_bounded_like_http_bodies(runner):
+    """[serve] max_body_mb bounds a gRPC request too: a larger one is refused before parsing."""
+    cfg = ServeConfig(host="127.0.0.1", port=0, grpc_port=0, max_body_mb=0.01, max_batch=8)
+    srv = InferenceServer(runner, META, cfg, request_timeout_s=TIMEOUT, log=lambda m: None).start()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+    try:
+        x = images(64)  # 64 * 64 floats = 16 KiB > 10 KiB
+        inp = grpcclient.InferInput("images", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("tiny", [inp])
+        assert "RESOURCE_EXHAUSTED" in str(e.value.status())
+        small = grpcclient.InferInput("images", [1, 1, 8, 8], "FP32")
+        small.set_data_from_numpy(x[:1])
+        np.testing.assert_allclose(client.infer("tiny", [small]).as_numpy("logits"), runner.run(x[:1]), atol=1e-5)
+    finally:
+        client.close()
+        srv.stop(drain_timeout_s=TIMEOUT)

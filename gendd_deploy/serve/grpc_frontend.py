@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from gendd_deploy.serve.server import InferenceServer, Served
 
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
-MAX_MESSAGE_MB = 64
+MAX_RESPONSE_MB = 64  # responses are logits or class strings: far below this
 
 
 def _value(p) -> object:
@@ -171,10 +171,12 @@ class GrpcFrontend:
     def __init__(self, app: "InferenceServer"):
         self.app = app
         cfg = app.cfg
-        limit = MAX_MESSAGE_MB * 1024 * 1024
+        # a request may be as large as an HTTP body ([serve] max_body_mb); grpcio refuses a larger
+        # message with RESOURCE_EXHAUSTED before it reaches the parser
+        receive = int(cfg.max_body_mb * 1024 * 1024)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(8, cfg.max_batch), thread_name_prefix="gendd-grpc"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", MAX_RESPONSE_MB * 1024 * 1024)],
             maximum_concurrent_rpcs=cfg.max_connections,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Service(app), self.server)
