@@ -1,6 +1,6 @@
 """Calibration's decision, apart from the stage that measures it: the grid of sampler settings,
-the choice among measured results (accuracy within tolerance, then latency, with a paired
-bootstrap interval against the best), and the report (table and accuracy-vs-latency plot).
+the choice among measured results (a non-inferiority test against the best: a paired bootstrap
+interval whose lower end must stay within the tolerance, then latency), and the report (table and accuracy-vs-latency plot).
 The stage (stages/calibrate.py) runs the measurements; everything here is pure and tested alone.
 """
 
@@ -24,7 +24,6 @@ FEW_STEPS = 8  # t_start candidates apply to samplers with at most this many ste
 # cosine alpha_bar is ~2e-9 and recovering x0 multiplies float32 rounding by ~2e4, enough to fail
 # the export's 1e-4 parity gate (gendd-method.md, "Numerical pitfalls"). 1e-3 caps it at ~32x.
 MIN_ALPHA_BAR = 1e-3
-NO_SAMPLER = "kd/ce student: no sampler"
 
 
 # --------------------------------------------------------------------------- the grid
@@ -142,17 +141,19 @@ def paired_intervals(results: list[Result], best: Result, *, resamples: int, con
 
 
 def choose(results: list[Result], tolerance: float, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[Result, Result]:
-    """(chosen, best): the lowest-latency result not shown worse than the best by more than
-    `tolerance` points. With per-image outcomes (`correct`) that is a paired bootstrap: a result
-    is kept when the upper end of its interval vs the best is >= -tolerance; without them, a plain
-    threshold on top-1. Ties on latency go to fewer head passes, then deterministic settings
-    (the same answer for the same image), then higher top-1, then list order."""
+    """(chosen, best): the lowest-latency result shown to be at most `tolerance` points worse than
+    the best (a non-inferiority test). With per-image outcomes (`correct`) that is a paired
+    bootstrap: a result is kept when the *lower* end of its interval vs the best is >= -tolerance,
+    so what ships is, with the interval's confidence, no more than `tolerance` points below the
+    best measured; without them, a plain threshold on top-1. Equal-cost results (same latency:
+    the same graph structure) go to the best point estimate after fewer head passes and
+    deterministic settings (the same answer for the same image), then list order."""
     if not results:
         raise ValueError("no calibration results to choose from")
     best = max(results, key=lambda r: r.top1)  # first of equals: the cheaper, grid is cheapest first
     if all(r.correct is not None for r in results):
         paired_intervals(results, best, resamples=resamples, confidence=confidence, seed=seed)
-        ok = [(i, r) for i, r in enumerate(results) if r.interval[1] >= -tolerance - 1e-9]
+        ok = [(i, r) for i, r in enumerate(results) if r.interval[0] >= -tolerance - 1e-9]
     else:
         ok = [(i, r) for i, r in enumerate(results) if r.top1 >= best.top1 - tolerance - 1e-9]
     _, chosen = min(ok, key=lambda ir: (ir[1].latency_ms, ir[1].setting.head_passes(), not ir[1].setting.deterministic, -ir[1].top1, ir[0]))

@@ -268,15 +268,24 @@ def bench_quality(
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
     seeds: Annotated[list[int], typer.Option("--seeds", help="student seeds (repeat the option)")] = [0, 1, 2],
+    settings: Annotated[Optional[list[str]], typer.Option("--settings", help="labelled, unlabelled, long_tail (repeatable) \\[default: all three]")] = None,
+    total_epochs: Annotated[Optional[int], typer.Option("--total-epochs", help="epochs every student trains (GenDD: its stage 1 + the rest) \\[default: the recipe's stage1_epochs + epochs]")] = None,
+    published_seeds: Annotated[str, typer.Option("--published-seeds", help="score the costly published sampler on the 'first' seed or on 'all'")] = "first",
     out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output \\[default: benchmarks/results/quality_<pipeline>.json]")] = None,
 ) -> None:
-    """Top-1 of ce, kd, gendd (labelled) and kd-KL, gendd (unlabelled) students over several seeds, with the teacher."""
+    """GenDD vs ce / kd students with equal read-outs: every student's own head, fitted read-outs and calibrated choice (the headline) on all test images, over seeds, with a verdict per setting. Students are reused from the artifact root, so a stopped run resumes."""
     from gendd_deploy.bench.quality import run_quality
 
     def go():
+        if published_seeds not in ("first", "all"):
+            raise UsageError(f"--published-seeds must be 'first' or 'all', not {published_seeds!r}")
         base = make_context(pipeline, artifacts, list(set_ or []))
         mk = lambda ov: make_context(pipeline, artifacts, list(set_ or []) + ov)  # noqa: E731
-        run_quality(mk, list(seeds), _bench_out(out_file, "quality", base.pipeline), out)
+        name = "quality" if total_epochs is None else f"quality_{total_epochs}ep"
+        run_quality(
+            mk, list(seeds), _bench_out(out_file, name, base.pipeline), out,
+            settings=list(settings) if settings else None, total_epochs=total_epochs, published_seeds=published_seeds,
+        )
 
     guarded(go)
 

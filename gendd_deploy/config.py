@@ -107,7 +107,9 @@ class DistillConfig(Section):
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: int = Field(1, ge=0)
+    warmup_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of the training steps spent on the linear LR warm-up (the authors: 10 of 100 ImageNet epochs)"
+    )
     beta1: float = 0.9
     beta2_start: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 rises on a cosine to beta2_end")
     beta2_end: float = Field(0.999, gt=0, lt=1)
@@ -133,6 +135,9 @@ class DistillConfig(Section):
     eval_guidance: float = Field(2.0, ge=0)
     eval_temperature: float = Field(1.0, ge=0)
     eval_limit: int | None = Field(None, gt=0, description="test images for the (costly) published sampler")
+    eval_published: bool = Field(
+        True, description="score the published sampler (as the authors run it, and with an alpha_bar floor) on the test images; costly"
+    )
     # runtime
     use_cache: bool = Field(True, description="read teacher features from the cache artifact")
     amp: bool = Field(True, description="bf16 autocast on CUDA")
@@ -162,7 +167,9 @@ class CalibrateConfig(Section):
         default_factory=lambda: [999, 600, 300], min_length=1, description="first timestep of few-step samplers (each < [distill] train_timesteps)"
     )
     tolerance: float = Field(
-        0.1, ge=0, description="a setting counts as good as the best unless it is, with `confidence`, more than this many top-1 points worse (paired bootstrap)"
+        0.5, ge=0,
+        description="a cheaper setting is kept only when it is shown, with `confidence`, at most this many top-1 points worse than the best "
+        "(the lower end of its paired bootstrap interval)",
     )
     confidence: float = Field(0.95, gt=0, lt=1, description="two-sided level of the paired bootstrap interval")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the calibration images")

@@ -57,11 +57,14 @@ def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module
 
 
 def deployed_from_artifacts(student_art: Artifact, sampler_art: Artifact | None = None, device: str | torch.device = "cpu") -> DeployedModel:
-    """The shipped module: a GenDD student with its calibrated sampler, or a kd / ce student as is."""
+    """The shipped module: a student with the read-out calibrate chose for it (a GenDD student's
+    sampler or fitted read-out; a kd / ce student's own head or fitted read-out). A kd / ce student
+    without a sampler artifact, or with one from before plain students were calibrated, ships its own head."""
     student = load_student(student_art, device)
-    if not isinstance(student, GenDDStudent):
-        return DeployedModel(student).eval()
+    gendd = isinstance(student, GenDDStudent)
     if sampler_art is None:
+        if not gendd:
+            return DeployedModel(student).eval()
         raise ArtifactError(f"{student_art.ref} is a GenDD student and needs a sampler artifact; run 'gendd calibrate'")
     parents = {i.get("fingerprint") for i in sampler_art.manifest.get("inputs", []) if i.get("stage") == "student"}
     if student_art.fingerprint not in parents:
@@ -70,6 +73,8 @@ def deployed_from_artifacts(student_art: Artifact, sampler_art: Artifact | None 
             "run 'gendd calibrate' for this student"
         )
     info = sampler_art.manifest.get("info", {})
+    if not info.get("setting") and not gendd:
+        return DeployedModel(student).eval()
     if not info.get("setting"):
         raise ArtifactError(f"sampler {sampler_art.ref} holds no sampler setting; run 'gendd calibrate' for {student_art.ref}")
     setting = SamplerSetting.from_dict(info["setting"])

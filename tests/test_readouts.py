@@ -92,3 +92,30 @@ def test_sampler_distilled_readout_imitates_the_deterministic_sampler(tiny_conte
     # fitted to the sampler's outputs, it agrees with the sampler on unseen images at least as
     # well as the ridge fitted to the teacher's features does
     assert agree["fit_sampler"] >= agree["fit_ridge"] and agree["fit_sampler"] > 0.5, agree
+
+
+@pytest.mark.parametrize("method", ["kd", "ce"])
+def test_a_plain_student_gets_fitted_readouts_calibrates_and_exports_one(tiny_context, method):
+    """Read-outs are a property of every student: a kd / ce student is fitted fit_ce and
+    fit_ridge, calibrate chooses among them and its own head, and export ships the choice."""
+    ctx = tiny_context(f"distill.method='{method}'", "distill.epochs=1", "export.exporter='torchscript'")
+    art = run_chain(DistillStage(), ctx)
+    assert set(art.manifest["info"]["readouts"]) == {"fit_ce", "fit_ridge"}
+    student = load_student(art)
+    sampler = run_chain(CalibrateStage(), ctx)
+    table = __import__("json").loads(sampler.file("table.json").read_text())["settings"]
+    assert [r["label"] for r in table] == ["probe", "linear fit_ce", "linear fit_ridge"]
+    chosen = SamplerSetting.from_dict(sampler.manifest["info"]["setting"])
+    onnx_art = run_chain(ExportStage(), ctx)
+    assert onnx_art.manifest["info"]["setting"] == chosen.to_dict() and onnx_art.metrics["top1_agreement"] == 1.0
+    # the exported graph computes the chosen head on the backbone's pooled feature
+    from gendd_deploy.models import backbone as bb
+    from gendd_deploy.runtime.ort import OrtRunner
+
+    data = ctx.data()
+    x = model_input(ctx, data.calib.get_batch(torch.arange(16)), "cpu")
+    head = student.readouts[chosen.readout] if chosen.kind == "readout" else bb.classifier(student)
+    with torch.no_grad():
+        want = head(bb.pooled_features(student, x)).numpy()
+    got = OrtRunner(onnx_art.file("model.onnx")).run(x.numpy())
+    assert abs(got - want).max() < 1e-4

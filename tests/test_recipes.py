@@ -43,7 +43,7 @@ def test_cifar100_recipe_runs_its_first_epoch(tmp_path):
     torch.save(teacher.state_dict(), ckpt)
     overrides = [
         f"data.root='{data}'", f"teacher.checkpoint='{ckpt}'", "cache.views=2",
-        "distill.epochs=1", "distill.stage1_epochs=1", "distill.batch_size=8", "distill.warmup_epochs=0",
+        "distill.epochs=1", "distill.stage1_epochs=1", "distill.batch_size=8", "distill.warmup_fraction=0",
         "distill.eval_steps=2", "distill.eval_draws=1", "distill.diffusion_batch_mul=2",
     ]
     recipe = load_recipe(CIFAR_RECIPE, overrides)

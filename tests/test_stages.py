@@ -113,13 +113,18 @@ def test_every_method_runs_one_tiny_epoch(tiny_context, overrides):
     m = art.metrics
     assert verify_artifact(art) == []
     assert 0 <= m["test_top1"] <= 100 and m["train_s"] > 0 and m["images_per_s"] > 0 and m["teacher_top1"] > 0
+    labelled = ctx.recipe.distill.labels
+    # every method gets the fitted read-outs that apply to it: fit_ce with labels, fit_ridge always
+    assert ("fit_ce_top1" in m) == labelled and "fit_ridge_top1" in m
     if ctx.recipe.distill.method == "gendd":
-        assert {"published_top1", "published_sampler", "ddim0_top1", "fit_ridge_top1", "fit_sampler_top1"} <= set(m)
-        labelled = ctx.recipe.distill.labels
-        # an unlabelled student has no trained probe (its fc is frozen) and no CE-fitted read-out
-        assert ("probe_top1" in m) == labelled and ("fit_ce_top1" in m) == labelled
+        assert {"published_top1", "published_floored_top1", "published_sampler", "ddim0_top1", "fit_sampler_top1"} <= set(m)
+        # an unlabelled student has no trained probe (its fc is frozen)
+        assert ("probe_top1" in m) == labelled
         assert set(art.manifest["info"]["readouts"]) == ({"fit_ridge", "fit_sampler", "fit_ce"} if labelled else {"fit_ridge", "fit_sampler"})
         assert art.manifest["info"]["deviations"]
+    else:
+        assert set(art.manifest["info"]["readouts"]) == ({"fit_ridge", "fit_ce"} if labelled else {"fit_ridge"})
+        assert "fit_sampler_top1" not in m and "published_top1" not in m
     student = load_student(art)
     assert student(torch.zeros(2, 1, 8, 8)).shape[-1] == 10 if ctx.recipe.distill.method != "gendd" else student.head.num_tokens == 2
 

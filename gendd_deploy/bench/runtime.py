@@ -24,6 +24,7 @@ from rich.table import Table
 from gendd_deploy.bench.quality import equal_epoch_overrides
 from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import UsageError
+from gendd_deploy.loaders import deployed_from_artifacts
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, runtime_status
 from gendd_deploy.runtime.aoti import export_aoti
@@ -48,11 +49,13 @@ PLAIN = ("ce student", "kd student", "student")
 
 
 def _plain_student(make_ctx, ctx: Context, method: str) -> DeployedModel:
-    """The recipe's student trained as a plain `method` student, with the same total epochs."""
+    """The recipe's student trained as a plain `method` student, with the same total epochs, and
+    deployed as calibrate chose (its own head or a fitted read-out), as the GenDD student is."""
     dc = ctx.recipe.distill
     epoch_ov, _ = equal_epoch_overrides([f"distill.method='{method}'"], dc.stage1_epochs, dc.epochs)
-    art = run_chain(DistillStage(), make_ctx([f"distill.method='{method}'", *epoch_ov]))
-    return DeployedModel(load_student(art))
+    plain = make_ctx([f"distill.method='{method}'", *epoch_ov])
+    sampler = run_chain(CalibrateStage(), plain)
+    return deployed_from_artifacts(DistillStage().require(plain), sampler)
 
 
 def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, DeployedModel], dict]:

@@ -1,7 +1,8 @@
 """The model that ships: images (+ noise) -> logits, with the sampler settings baked in.
 
 `DeployedModel` wraps a GenDD student with one `SamplerSetting` (or the linear probe), a kd / ce
-student, or a teacher, and is what export, calibrate, bench and serve all run. Its forward is
+student with its own head or a fitted read-out, or a teacher, and is what export, calibrate, bench
+and serve all run. Its forward is
 export-friendly: the sampler is unrolled over python-int steps, and noise is either an input
 (noise = "fresh"), a seeded tensor frozen into the model ("fixed"), or zero ("zero"). A setting
 whose output does not depend on the noise (the probe, DDIM at temperature 0) takes no noise input.
@@ -16,14 +17,16 @@ import torch
 from torch import nn
 
 from gendd_deploy import seeds
+from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.schedule import SamplingSchedule
 from gendd_deploy.models.student import GenDDStudent
 
 
 @dataclass(frozen=True)
 class SamplerSetting:
-    # sampler: the diffusion head; probe: the in-training linear probe; readout: a Linear fitted on
-    # the frozen backbone after training (models/readout.py), named by `readout`
+    # sampler: the diffusion head; probe: the in-training linear probe (a kd / ce student's own
+    # head); readout: a Linear fitted on the frozen backbone after training (models/readout.py),
+    # named by `readout`
     kind: Literal["sampler", "probe", "readout"] = "sampler"
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     steps: int = 64
@@ -92,7 +95,9 @@ class DeployedModel(nn.Module):
         self.is_gendd = isinstance(model, GenDDStudent)
         if self.is_gendd and setting is None:
             raise ValueError("a GenDD student needs a SamplerSetting (or SamplerSetting.probe())")
-        if self.is_gendd and setting.kind == "readout" and setting.readout not in getattr(model, "readouts", {}):
+        if not self.is_gendd and setting is not None and setting.kind == "sampler":
+            raise ValueError(f"a kd / ce student has no sampler; deploy its own head (probe) or a fitted read-out, not '{setting.label()}'")
+        if setting is not None and setting.kind == "readout" and setting.readout not in getattr(model, "readouts", {}):
             have = ", ".join(getattr(model, "readouts", {})) or "none"
             raise ValueError(f"the student has no fitted read-out '{setting.readout}' (it has: {have}); re-run distill")
         self.schedule = None
@@ -101,6 +106,16 @@ class DeployedModel(nn.Module):
             if setting.noise == "fixed":
                 g = seeds.generator(fixed_noise_seed)
                 self.register_buffer("fixed_noise", torch.randn(self.noise_shape(1), generator=g))
+
+    def linear_head(self) -> nn.Linear:
+        """The Linear a linear setting applies to the pooled feature (B, D_s): the student's own
+        head (the probe) or a fitted read-out."""
+        s = self.setting
+        if s is not None and s.kind == "readout":
+            return self.model.readouts[s.readout]
+        if s is None or s.kind == "probe":
+            return bb.classifier(self.model.backbone if self.is_gendd else self.model)
+        raise ValueError(f"'{s.label()}' is a sampler, not a linear read-out")
 
     @property
     def needs_noise(self) -> bool:
@@ -116,14 +131,14 @@ class DeployedModel(nn.Module):
         return tuple(self.noise_shape(1)[1:]) if self.needs_noise else None
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.is_gendd:
-            return self.model(images)
-        f_s = self.model.features(images)  # (B, D_s)
         s = self.setting
-        if s.kind == "probe":
-            return self.model.probe_logits(f_s)
-        if s.kind == "readout":
-            return self.model.readouts[s.readout](f_s)
+        if not self.is_gendd:
+            if s is not None and s.kind == "readout":
+                return self.linear_head()(bb.pooled_features(self.model, images))
+            return self.model(images)  # its own head
+        f_s = self.model.features(images)  # (B, D_s)
+        if s.linear:
+            return self.linear_head()(f_s)
         z = self.model.condition(f_s)
         if s.noise == "fixed":
             noise = self.fixed_noise.expand(images.shape[0], *self.fixed_noise.shape[1:])

@@ -16,7 +16,9 @@ The grid, the choice and the report are gendd_deploy/calibration.py; this module
 
 The artifact holds `table.json` (every setting) and `accuracy_vs_latency.png`; the manifest's
 info carries the chosen `setting`, `fixed_noise_seed`, the `reason` and the `reference`.
-A kd / ce student has no sampler: the artifact says so (setting null) so later stages are uniform.
+A kd / ce student has no sampler; its candidates are its own head (the probe setting) and the
+read-outs distill fitted to its backbone, chosen under the same rule, so every method can ship a
+fitted head.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import torch
 
 from gendd_deploy import seeds
 from gendd_deploy.artifacts import Artifact, Draft
-from gendd_deploy.calibration import MIN_ALPHA_BAR, NO_SAMPLER, PROBE, REFERENCE, Result, build_grid, candidates, choose, plot, structure, table
+from gendd_deploy.calibration import MIN_ALPHA_BAR, PROBE, REFERENCE, Result, build_grid, candidates, choose, plot, structure, table
+from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
 from gendd_deploy.runtime import make_runner
@@ -60,19 +63,25 @@ def _headless(student: GenDDStudent) -> GenDDStudent:
 
 
 @torch.no_grad()
-def calib_features(ctx: Context, student: GenDDStudent, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Pooled student features per eval batch [(b, D_s)] and labels (n,) of the first n calibration images."""
+def calib_features(ctx: Context, student: torch.nn.Module, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled student features per eval batch [(b, D_s)] and labels (n,) of the first n calibration
+    images; `student` is a GenDD student or a plain (kd / ce) backbone."""
     calib, bs = ctx.data().calib, ctx.recipe.data.eval_batch_size
+    features = student.features if isinstance(student, GenDDStudent) else lambda x: bb.pooled_features(student, x)
     feats = []
     for i in range(0, n, bs):
         x = model_input(ctx, calib.get_batch(torch.arange(i, min(n, i + bs))), device)
-        feats.append(student.features(x))
+        feats.append(features(x))
     return feats, calib.labels[:n]
 
 
 @torch.no_grad()
-def predict_setting(student: GenDDStudent, setting: SamplerSetting, feats: list[torch.Tensor], *, noise_seed: int, fixed_noise_seed: int) -> torch.Tensor:
-    """Predicted classes (n,) of one setting; batch b gets noise from seed noise_seed + b."""
+def predict_setting(student: torch.nn.Module, setting: SamplerSetting, feats: list[torch.Tensor], *, noise_seed: int, fixed_noise_seed: int) -> torch.Tensor:
+    """Predicted classes (n,) of one setting; batch b gets noise from seed noise_seed + b. A linear
+    setting (own head, fitted read-out) applies the deployed model's Linear to the features."""
+    if setting.linear:
+        head = DeployedModel(student, setting).linear_head()
+        return torch.cat([head(f_s).argmax(1).cpu() for f_s in feats])
     model = DeployedModel(_headless(student), setting, fixed_noise_seed).to(feats[0].device)
     preds = []
     for b, f_s in enumerate(feats):
@@ -157,13 +166,14 @@ class CalibrateStage(Stage):
     def build(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact]) -> None:
         cc = ctx.recipe.calibrate
         student_art = inputs["student"]
-        if student_art.manifest["info"]["method"] != "gendd":
-            self._no_sampler(ctx, draft, student_art)
-            return
         timer = Timer()
         student = load_student(student_art, ctx.device())
-        T = student.head.train_schedule.num_timesteps
-        grid, n_candidates = build_grid(cc, T), len(set(candidates(cc, T)) | {PROBE, REFERENCE})
+        gendd = isinstance(student, GenDDStudent)
+        if gendd:
+            T = student.head.train_schedule.num_timesteps
+            grid, n_candidates = build_grid(cc, T), len(set(candidates(cc, T)) | {PROBE, REFERENCE})
+        else:  # a kd / ce student: its own head, then the fitted read-outs
+            grid, n_candidates = [PROBE], 1
         if cc.readouts:
             fitted = [SamplerSetting.fitted(name) for name in sorted(getattr(student, "readouts", {}))]
             grid, n_candidates = grid[:1] + fitted + grid[1:], n_candidates + len(fitted)
@@ -177,15 +187,17 @@ class CalibrateStage(Stage):
         chosen, best = choose(results, cc.tolerance, resamples=cc.bootstrap, confidence=cc.confidence, seed=ctx.recipe.pipeline.seed)
         chosen.chosen = True
         by = {r.setting: r for r in results}
-        ref, probe = by[REFERENCE], by[PROBE]
+        ref, probe = by.get(REFERENCE), by[PROBE]
         n = sweep["calib_images"]
         lo, hi = chosen.interval or (chosen.top1 - best.top1,) * 2
+        ratios = f"{chosen.latency_ms / probe.latency_ms:.3g}x the probe's (own head's) latency"
+        if ref is not None:
+            ratios = f"{chosen.latency_ms / ref.latency_ms:.3g}x the reference's latency and " + ratios
         reason = (
             f"{chosen.setting.label()}: the lowest latency ({chosen.latency_ms:.3g} ms per {cc.latency_batch} images on {cc.runtime}) "
-            f"among {len(results)} settings not shown more than {cc.tolerance:g} top-1 points below the best ({best.setting.label()}, "
+            f"among the {len(results)} settings shown at most {cc.tolerance:g} top-1 points below the best ({best.setting.label()}, "
             f"{best.top1:.2f}%); it scores {chosen.top1:.2f}% on {n} calibration images ({cc.confidence:.0%} paired bootstrap interval "
-            f"vs the best: {lo:+.2f} to {hi:+.2f} points), "
-            f"{chosen.latency_ms / ref.latency_ms:.3g}x the reference's latency and {chosen.latency_ms / probe.latency_ms:.3g}x the probe's"
+            f"vs the best: {lo:+.2f} to {hi:+.2f} points), {ratios}"
         )
         table_json = {"runtime": cc.runtime, "latency_batch": cc.latency_batch, "calib_images": n, "settings": [r.row() for r in results]}
         draft.path("table.json").write_text(json.dumps(table_json, indent=1))
@@ -198,14 +210,18 @@ class CalibrateStage(Stage):
                 "eval_noise_seed": sweep.pop("eval_noise_seed"),
                 "reason": reason,
                 "reference": REFERENCE.to_dict(),
+                "method": student_art.manifest["info"]["method"],
                 "choice": {
                     "best": {"setting": best.setting.to_dict(), "label": best.setting.label(), "top1": round(best.top1, 3)},
                     "chosen": {"label": chosen.setting.label(), "top1": round(chosen.top1, 3), "latency_ms": round(chosen.latency_ms, 4)},
                     "tolerance": cc.tolerance,
-                    "test": f"paired bootstrap over the calibration images, {cc.bootstrap} resamples, {cc.confidence:.0%} interval of top-1 minus the best's",
+                    "test": (
+                        f"non-inferiority: paired bootstrap over the calibration images, {cc.bootstrap} resamples; a cheaper setting is kept "
+                        f"when the lower end of its {cc.confidence:.0%} interval of top-1 minus the best's is >= -tolerance"
+                    ),
                     "interval_vs_best": [round(lo, 3), round(hi, 3)],
                     "latency_vs_probe": round(chosen.latency_ms / probe.latency_ms, 4),
-                    "latency_vs_reference": round(chosen.latency_ms / ref.latency_ms, 4),
+                    "latency_vs_reference": round(chosen.latency_ms / ref.latency_ms, 4) if ref is not None else None,
                 },
                 "grid": {"candidates": n_candidates, "evaluated": len(grid), "max_settings": cc.max_settings},
                 **sweep,
@@ -214,11 +230,10 @@ class CalibrateStage(Stage):
         draft.metrics.update(
             {
                 "calib_top1": round(chosen.top1, 3),
-                "reference_top1": round(ref.top1, 3),
+                **({"reference_top1": round(ref.top1, 3), "reference_latency_ms": round(ref.latency_ms, 4)} if ref is not None else {}),
                 "probe_top1": round(probe.top1, 3),
                 "best_top1": round(best.top1, 3),
                 "latency_ms": round(chosen.latency_ms, 4),
-                "reference_latency_ms": round(ref.latency_ms, 4),
                 "probe_latency_ms": round(probe.latency_ms, 4),
                 "n_settings": len(results),
                 "calib_images": n,
@@ -230,7 +245,7 @@ class CalibrateStage(Stage):
             ctx.console.print(table(results, chosen, best, batch=cc.latency_batch, runtime=cc.runtime))
         ctx.log(f"calibrate: {reason}")
 
-    def _sweep(self, ctx: Context, student: GenDDStudent, grid: list[SamplerSetting]) -> tuple[list[Result], dict]:
+    def _sweep(self, ctx: Context, student: torch.nn.Module, grid: list[SamplerSetting]) -> tuple[list[Result], dict]:
         """Top-1, agreement with the reference and latency of every setting; plus what the
         manifest should say about how they were measured."""
         cc, seed, device = ctx.recipe.calibrate, ctx.recipe.pipeline.seed, ctx.device()
@@ -263,8 +278,9 @@ class CalibrateStage(Stage):
                 spent["latency"] += time.perf_counter() - t1
                 results.append(Result(s, top1(preds[s], labels), latency_ms=latency[key], correct=preds[s] == labels))
                 bar.advance(task)
+        agree_with = preds.get(REFERENCE, preds[PROBE])  # a kd / ce student has no reference sampler: its own head
         for r in results:
-            r.agreement = (preds[r.setting] == preds[REFERENCE]).float().mean().item()
+            r.agreement = (preds[r.setting] == agree_with).float().mean().item()
         return results, {
             "calib_images": n,
             "fixed_noise_seed": fixed_noise_seed,
@@ -273,10 +289,3 @@ class CalibrateStage(Stage):
             "latency": {"runtime": cc.runtime, "providers": providers, "batch": cc.latency_batch, "structures": len(latency), "statistic": "median after one warm-up"},
             "time_s": {k: round(v, 2) for k, v in spent.items()},
         }
-
-    def _no_sampler(self, ctx: Context, draft: Draft, student_art: Artifact) -> None:
-        method = student_art.manifest["info"]["method"]
-        draft.path("table.json").write_text(json.dumps({"settings": []}))
-        draft.info.update({"setting": None, "fixed_noise_seed": None, "reason": NO_SAMPLER, "reference": REFERENCE.to_dict(), "method": method})
-        draft.metrics.update({"n_settings": 0, "runtime": ctx.recipe.calibrate.runtime})
-        ctx.log(f"calibrate: {NO_SAMPLER} ({method}); publishing an empty sampler artifact")

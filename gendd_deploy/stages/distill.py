@@ -12,6 +12,7 @@ read-outs and the evaluation of every read-out are one stage's work and share it
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -111,16 +112,24 @@ DDIM0 = SamplerSetting(sampler="ddim", steps=DDIM0_STEPS, draws=1, guidance=1.0,
 # on a field that is in no list).
 SHARED_FIELDS = (
     "method", "labels", "student", "student_kwargs", "small_input", "zero_init_last", "seed", "train_limit",
-    "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "beta1", "beta2_start", "beta2_end",
+    "epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "beta1", "beta2_start", "beta2_end",
     "kd_temperature", "kd_weight", "ce_weight", "amp", "channels_last", "compile",
 )  # fmt: skip
 GENDD_FIELDS = (
     "stage1_epochs", "head_width", "head_depth", "token_dim", "smooth", "mixup_beta", "cfg_drop",
     "diffusion_batch_mul", "train_timesteps", "probe_ce",
-    "eval_sampler", "eval_steps", "eval_draws", "eval_guidance", "eval_temperature", "eval_limit",
+    "eval_sampler", "eval_steps", "eval_draws", "eval_guidance", "eval_temperature", "eval_limit", "eval_published",
 )  # fmt: skip
 UNHASHED_FIELDS = ("use_cache",)  # how teacher features are read (cache or online), not what is trained
 FINGERPRINT_FIELDS = {"ce": SHARED_FIELDS, "kd": SHARED_FIELDS, "gendd": SHARED_FIELDS + GENDD_FIELDS}
+
+# How the fitted read-outs are made, part of every student's fingerprint: 2 = every method gets
+# them, fitted on the un-augmented training images (1 was GenDD only, on the first cached view).
+READOUT_PROTOCOL = 2
+
+# The published sampler beside the authors' own run: the same noise with alpha_bar floored at 1e-3
+# in the x0 estimate (gendd-method.md, "Numerical pitfalls": at t = 999 alpha_bar is ~2.4e-9).
+PUBLISHED_FLOOR = 1e-3
 
 
 class DistillStage(Stage):
@@ -142,7 +151,7 @@ class DistillStage(Stage):
         cfg["seed"] = student_seed(ctx)  # an explicit seed equal to the pipeline's is the same run
         # The number of processes is not part of the fingerprint (the recipe is the same run); the
         # global batch it implies is recorded in the manifest (info.global_batch).
-        return {"distill": cfg, "seed": student_seed(ctx), "augment": ctx.recipe.data.augment}
+        return {"distill": cfg, "seed": student_seed(ctx), "augment": ctx.recipe.data.augment, "readout_protocol": READOUT_PROTOCOL}
 
     # ---- training --------------------------------------------------------------------------
 
@@ -162,7 +171,7 @@ class DistillStage(Stage):
         timer = Timer()
         stats = self._stage1(ctx, student, teacher, cache, device) if (dc.method == "gendd" and dc.stage1_epochs and dc.labels) else {}
         stats.update(self._train(ctx, student, teacher, cache, device))
-        readouts = self._fit_readouts(ctx, student, teacher, cache, device) if isinstance(student, GenDDStudent) else {}
+        readouts = self._fit_readouts(ctx, student, teacher, device)
         stats.update(self._evaluate(ctx, student, teacher, device, readouts))
         stats["teacher_top1"] = inputs["teacher"].metrics.get("test_top1")
         stats["wall_s"] = round(timer(), 2)
@@ -217,9 +226,10 @@ class DistillStage(Stage):
                 f_t = bb.pooled_features(teacher, x).float()
         return x, f_t, data.train.labels[idx].to(device)
 
-    def _loop(self, ctx, *, label: str, epochs: int, opt, step_fn, teacher, cache, device, ckpt_name: str, modules: dict, beta2=None, warmup_epochs=None) -> dict:
+    def _loop(self, ctx, *, label: str, epochs: int, opt, step_fn, teacher, cache, device, ckpt_name: str, modules: dict, beta2=None, warmup: bool = True) -> dict:
         """distill's use of the shared epoch loop (training.train_epochs): batches of (x, f_t, y)
-        from the cache or the online teacher, bf16 autocast on CUDA, AdamW's beta2 on its ramp."""
+        from the cache or the online teacher, bf16 autocast on CUDA, AdamW's beta2 on its ramp,
+        a linear warm-up over [distill] warmup_fraction of the steps (none when `warmup` is off)."""
         dc, seed = ctx.recipe.distill, student_seed(ctx)
         n = min(len(ctx.data().train), dc.train_limit or len(ctx.data().train))
         per_epoch = steps_per_epoch(n, dc.batch_size, section="distill", limit_field="[distill] train_limit")
@@ -234,7 +244,7 @@ class DistillStage(Stage):
 
         return train_epochs(
             ctx=ctx, label=label, failure_point="distill", epochs=epochs, n=n, batch_size=dc.batch_size, seed=seed,
-            opt=opt, lr=dc.lr, warmup_steps=(dc.warmup_epochs if warmup_epochs is None else warmup_epochs) * per_epoch,
+            opt=opt, lr=dc.lr, warmup_steps=round(dc.warmup_fraction * epochs * per_epoch) if warmup else 0,
             modules=modules, ckpt=Checkpointer(self.work_dir(ctx), ckpt_name), step=step, device=device,
             betas=None if beta2 is None else (lambda s, total: (dc.beta1, beta2(s, total))),
         )
@@ -255,7 +265,7 @@ class DistillStage(Stage):
         # its own schedule: cosine from the full lr, no warm-up ramp (it would eat a 1-epoch stage)
         stats = self._loop(
             ctx, label="distill stage 1", epochs=dc.stage1_epochs, opt=opt, step_fn=step_fn, teacher=teacher, cache=cache,
-            device=device, ckpt_name="stage1.pt", modules={"student": student, "proj": proj}, warmup_epochs=0,
+            device=device, ckpt_name="stage1.pt", modules={"student": student, "proj": proj}, warmup=False,
         )
         return {f"stage1_{k}": v for k, v in stats.items()}
 
@@ -319,32 +329,33 @@ class DistillStage(Stage):
     # ---- evaluation ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _fit_readouts(self, ctx, student, teacher, cache, device) -> dict[str, nn.Linear]:
-        """Linear read-outs fitted on the frozen backbone over the training images (models/readout.py)."""
+    def _fit_readouts(self, ctx, student, teacher, device) -> dict[str, nn.Linear]:
+        """Linear read-outs fitted on the frozen backbone of any student (models/readout.py), over
+        the un-augmented training images, preprocessed as at test time: fit_ce where labels exist,
+        fit_ridge (label-free, through the teacher classifier) for every student, fit_sampler for
+        GenDD students. The teacher runs online on the same images (the cache holds augmented views)."""
         dc, data = ctx.recipe.distill, ctx.data()
         student.eval()
+        gendd = isinstance(student, GenDDStudent)
+        features = student.features if gendd else functools.partial(bb.pooled_features, student)
         n = min(len(data.train), dc.train_limit or len(data.train))
-        views = torch.zeros(n, dtype=torch.long)  # the first cached view (or a seeded augmentation)
-        gen = seeds.readout_fit(student_seed(ctx))
-        ddim0 = deterministic_schedule(student)
+        ddim0 = deterministic_schedule(student) if gendd else None
         f_s, f_t, f_d, ys = [], [], [], []
-        with progress_bar(ctx.console, ctx.quiet) as bar, torch.no_grad():
+        with progress_bar(ctx.console, ctx.quiet) as bar:
             task = bar.add_task("fit read-outs", total=n, info="")
-            for i in range(0, n, ctx.recipe.data.eval_batch_size):
-                idx = torch.arange(i, min(n, i + ctx.recipe.data.eval_batch_size))
-                x, ft, y = self._batch(ctx, idx, views, gen, cache=cache, teacher=teacher, device=device)
-                fs = student.features(x)
+            for idx in torch.arange(n).split(ctx.recipe.data.eval_batch_size):
+                x = model_input(ctx, data.train.get_batch(idx), device)
+                fs = features(x)
                 f_s.append(fs.float().cpu())
-                f_t.append(ft.float().cpu())
-                # sampler distillation: the deterministic sampler's teacher-like feature is the target
-                f_d.append(student.sample_features(fs, ddim0, "ddim", draws=1, guidance=1.0, temperature=0.0).float().cpu())
-                ys.append(y.cpu())
+                f_t.append(bb.pooled_features(teacher, x).float().cpu())
+                if gendd:  # sampler distillation: the deterministic sampler's teacher-like feature is the target
+                    f_d.append(student.sample_features(fs, ddim0, "ddim", draws=1, guidance=1.0, temperature=0.0).float().cpu())
+                ys.append(data.train.labels[idx])
                 bar.update(task, advance=len(idx))
-        f_s, f_t, f_d, ys = torch.cat(f_s), torch.cat(f_t), torch.cat(f_d), torch.cat(ys)
-        out = {
-            "fit_ridge": readout.fit_ridge(f_s, f_t, student.teacher_fc),
-            "fit_sampler": readout.fit_ridge(f_s, f_d, student.teacher_fc),
-        }
+        f_s, f_t, ys = torch.cat(f_s), torch.cat(f_t), torch.cat(ys)
+        out = {"fit_ridge": readout.fit_ridge(f_s, f_t, bb.classifier(teacher))}
+        if gendd:
+            out["fit_sampler"] = readout.fit_ridge(f_s, torch.cat(f_d), student.teacher_fc)
         if dc.labels:
             out["fit_ce"] = readout.fit_ce(f_s, ys, data.num_classes)
         return {k: v.to(device) for k, v in out.items()}
@@ -358,21 +369,27 @@ class DistillStage(Stage):
         out: dict = {"test_images": n}
         gendd = isinstance(student, GenDDStudent)
         if not gendd:
-            out["test_top1"] = round(self._top1(ctx, device, n, lambda x, i: student(x), "eval"), 3)
-            return out
-        if dc.labels:  # unlabelled students have no trained probe to report
-            probe = lambda x, i: student.probe_logits(student.features(x))  # noqa: E731
-            out["probe_top1"] = round(self._top1(ctx, device, n, probe, "eval probe"), 3)
-        # the published reference exactly as the authors run it: no x0 clipping, no alpha_bar floor
-        published = published_setting(dc)
-        out["published_top1"] = round(self._top1(ctx, device, n, self._sampler_fn(ctx, student, published), f"eval {published.label()}"), 3)
-        out["published_sampler"] = published.label()
-        # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
-        out["ddim0_top1"] = round(self._top1(ctx, device, n, self._sampler_fn(ctx, student, DDIM0), f"eval {DDIM0.label()}"), 3)
+            out["test_top1"] = round(self._top1(ctx, device, n, lambda x, i: student(x), "eval"), 3)  # its own head
+            features = functools.partial(bb.pooled_features, student)
+        else:
+            features = student.features
+            if dc.labels:  # unlabelled students have no trained probe to report
+                probe = lambda x, i: student.probe_logits(student.features(x))  # noqa: E731
+                out["probe_top1"] = round(self._top1(ctx, device, n, probe, "eval probe"), 3)
+            if dc.eval_published:
+                # the published reference exactly as the authors run it (no x0 clipping, no alpha_bar
+                # floor), then with the same noise and an alpha_bar floor, to show what t = 999 costs
+                published = published_setting(dc)
+                out["published_top1"] = round(self._top1(ctx, device, n, self._sampler_fn(ctx, student, published), f"eval {published.label()}"), 3)
+                out["published_sampler"] = published.label()
+                floored = replace(published, min_alpha_bar=PUBLISHED_FLOOR)
+                out["published_floored_top1"] = round(self._top1(ctx, device, n, self._sampler_fn(ctx, student, floored), f"eval {published.label()} floor"), 3)
+                out["test_top1"] = out["published_top1"]
+            # deterministic read-out (DDIM from zero noise), the cheap alternative calibrate considers
+            out["ddim0_top1"] = round(self._top1(ctx, device, n, self._sampler_fn(ctx, student, DDIM0), f"eval {DDIM0.label()}"), 3)
         for name, lin in (readouts or {}).items():
-            fn = lambda x, i, lin=lin: lin(student.features(x))  # noqa: E731
+            fn = lambda x, i, lin=lin: lin(features(x))  # noqa: E731
             out[f"{name}_top1"] = round(self._top1(ctx, device, n, fn, f"eval {name}"), 3)
-        out["test_top1"] = out["published_top1"]
         return out
 
     def _sampler_fn(self, ctx, student, s: SamplerSetting):

@@ -1,7 +1,8 @@
 """Export the deployed student. Reads: student, sampler. Writes: onnx. Example: gendd export -p pipelines/quickstart.toml
 
-The student (a GenDD student with the calibrated sampler baked in, or a kd / ce student) becomes
-one ONNX graph images [, noise] -> logits with a dynamic batch dim. Before anything is published
+The student with the read-out calibrate chose (a GenDD student's sampler or fitted read-out, a kd /
+ce student's own head or fitted read-out) becomes one ONNX graph images [, noise] -> logits with a
+dynamic batch dim. Before anything is published
 the graph is run in ONNX Runtime (CPU) against PyTorch on the calibration split, with the same
 noise, and must agree within [export] atol (max abs logit difference) and min_agreement (top-1).
 `gendd export --aoti` also writes an AOTInductor package (artifact "aoti") under the same gate.
@@ -47,10 +48,8 @@ class _DeployStage(Stage):
     """Shared by onnx and aoti: inputs (student [+ sampler]), the model, the parity gate, the manifest."""
 
     def inputs(self, ctx: Context) -> dict[str, Stage]:
-        ins: dict[str, Stage] = {"student": DistillStage()}
-        if ctx.recipe.distill.method == "gendd":
-            ins["sampler"] = CalibrateStage()
-        return ins
+        # every method: calibrate chose the read-out (a sampler, a fitted head, or the student's own)
+        return {"student": DistillStage(), "sampler": CalibrateStage()}
 
     def _gate(self, ctx: Context, model: DeployedModel, candidate, images: np.ndarray, what: str) -> dict:
         ec = ctx.recipe.export
