@@ -215,7 +215,8 @@ class ServeConfig(Section):
     max_delay_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(256, gt=0, description="requests waiting at most (also Triton's max_queue_size)")
     instances: int = Field(1, gt=0, description="model instances in an exported Triton repository (instance_group count)")
-    max_body_mb: float = Field(16.0, gt=0)
+    max_body_mb: float = Field(16.0, gt=0, description="largest request body (binary tensors and images included)")
+    max_json_mb: float = Field(4.0, gt=0, description="largest JSON part of a request; larger tensors go as binary data")
     max_connections: int = Field(512, gt=0, description="open connections served at once; more are answered 503 and closed")
     idle_timeout_s: float = Field(15.0, gt=0, description="an idle keep-alive connection is closed after this long")
 

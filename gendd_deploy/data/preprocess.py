@@ -27,6 +27,13 @@ from gendd_deploy.errors import UsageError
 
 RESIZE_POLICY = "shorter_side_bilinear_center_crop"
 BACKENDS = ("torch", "pil")
+# The encoded-image formats a served model opens; never EPS / PS (Pillow hands those to Ghostscript)
+# or any other format Pillow happens to know.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+# Longest / shortest side an image may have. The model sees the centre square; resizing a thin strip
+# to the shorter side first would build a tensor MAX_ASPECT times the input's side long, so the
+# limit bounds that tensor (and no real photograph, panorama included, is thinner than 8:1).
+MAX_ASPECT = 8
 
 
 def make_spec(in_chans: int, image_size: int, mean, std, backend: str) -> dict:
@@ -44,12 +51,36 @@ def make_spec(in_chans: int, image_size: int, mean, std, backend: str) -> dict:
     }
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (not lazily), so a truncated file fails here and not later."""
+def check_image_size(width: int, height: int, max_pixels: int) -> None:
+    """Refuse, from the header alone, an image whose decoding or resizing would cost more than the
+    model needs: over `max_pixels`, or thinner than MAX_ASPECT : 1."""
+    if width < 1 or height < 1:
+        raise UsageError(f"{width}x{height} image has no pixels")
+    if width * height > max_pixels:
+        raise UsageError(f"{width}x{height} image is larger than {max_pixels} pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise UsageError(f"{width}x{height} image is thinner than {MAX_ASPECT}:1; the model sees a centred square, crop the image first")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open image bytes lazily (the header only) in one of IMAGE_FORMATS."""
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise UsageError(f"undecodable image: not an image in a served format ({', '.join(IMAGE_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise UsageError(f"undecodable image: {e}") from None
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes fully (not lazily), so a truncated file fails here and not later; with
+    `max_pixels`, size and aspect are checked from the header first (check_image_size)."""
+    img = open_image(data)
+    if max_pixels is not None:
+        check_image_size(*img.size, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
             img.load()
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise UsageError(f"undecodable image: {e}") from None
@@ -100,8 +131,16 @@ def pil_resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def image_to_uint8(img: Image.Image, in_chans: int, image_size: int, backend: str) -> torch.Tensor:
-    """PIL image -> uint8 (C, S, S): colour conversion, then resize + centre crop if needed."""
+    """PIL image -> uint8 (C, S, S): colour conversion, then resize + centre crop if needed.
+
+    Torch backend: an image whose shorter side is 2S or more is first reduced by an integer factor
+    (Pillow's box filter, in uint8) to a shorter side in [S, 2S), so the float tensor the bilinear
+    resize works on is at most C x 2S x 2S*MAX_ASPECT whatever the upload. The torch backend serves
+    in-memory sources, whose images are S x S (resized at load), so a larger upload is never one of
+    them. The PIL backend resizes in uint8 and is left exact (imagefolder files come back as trained)."""
     img = img.convert("L" if in_chans == 1 else "RGB")
+    if backend == "torch" and min(img.size) >= 2 * image_size:
+        img = img.reduce(min(img.size) // image_size)
     if backend == "pil":
         img = pil_resize_center_crop(img, image_size)
     arr = np.asarray(img)  # (H, W) for L, (H, W, 3) for RGB

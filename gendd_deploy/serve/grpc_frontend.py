@@ -152,7 +152,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         try:
             body, header_length = rest_request(request)
-            req = parse_infer_request(served.model, body, header_length)
+            req = parse_infer_request(served.model, body, header_length, max_json_bytes=int(self.app.cfg.max_json_mb * 1024 * 1024))
             payload, json_length = build_infer_response(served.model, req, self.app.predict(served, req))
             resp = grpc_response(payload, json_length)
         except ProtocolError as e:

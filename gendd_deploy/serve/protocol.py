@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import struct
@@ -58,9 +57,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from gendd_deploy.data.preprocess import decode_image, preprocess_image
+from gendd_deploy.data.preprocess import check_image_size, decode_image, open_image, preprocess_image
 from gendd_deploy.errors import UsageError
 
 IMAGE_INPUT = "image_bytes"
@@ -70,6 +68,11 @@ TOPK_OUTPUT = "top_k"
 TRITON_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch", "aoti": "torch_aoti"}
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding (CPU, memory)
 MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS  # all the images of one request together
+MAX_JSON_BYTES = 4 * 1024 * 1024  # default JSON part of a request ([serve] max_json_mb); tensors that large go binary
+# Python objects a JSON text can make, counted on the bytes before json.loads builds any: every
+# array / object costs ~60 bytes, every number ~30, so these bound one request's parse to ~40 MB.
+MAX_JSON_CONTAINERS = 65_536
+MAX_JSON_ELEMENTS = 1_048_576
 
 
 class ProtocolError(Exception):
@@ -313,17 +316,16 @@ def decode_images(model: ServedModel, blobs: list[bytes]) -> np.ndarray:
     rows, budget = [], MAX_REQUEST_PIXELS
     for i, blob in enumerate(blobs):
         try:
-            with Image.open(io.BytesIO(blob)) as probe:  # reads the header only
+            with open_image(blob) as probe:  # reads the header only; served formats only
                 w, h = probe.size
-        except Exception as e:
-            raise bad(f"input '{IMAGE_INPUT}' element {i}: undecodable image: {e}") from None
-        if w * h > MAX_IMAGE_PIXELS:
-            raise bad(f"input '{IMAGE_INPUT}' element {i}: {w}x{h} image is larger than {MAX_IMAGE_PIXELS} pixels")
+            check_image_size(w, h, MAX_IMAGE_PIXELS)
+        except UsageError as e:
+            raise bad(f"input '{IMAGE_INPUT}' element {i}: {e}") from None
         budget -= w * h
         if budget < 0:
             raise bad(f"input '{IMAGE_INPUT}': the images of one request may hold {MAX_REQUEST_PIXELS} pixels in all; send fewer or smaller images per request")
         try:
-            img = decode_image(blob)
+            img = decode_image(blob, MAX_IMAGE_PIXELS)
         except UsageError as e:
             raise bad(f"input '{IMAGE_INPUT}' element {i}: {e}") from None
         try:
@@ -402,7 +404,23 @@ def missing_input_message(model: ServedModel) -> str:
     return f"missing input: model '{model.name}' takes '{model.inputs[0]['name']}'"
 
 
-def parse_infer_request(model: ServedModel, body: bytes, header_length: int | None = None) -> InferRequest:
+def check_json_budget(head: bytes, max_bytes: int = MAX_JSON_BYTES) -> None:
+    """Refuse a JSON text whose parse would cost more memory than any valid request needs, from
+    byte counts alone (C-speed scans, before any Python object exists): its size, its arrays and
+    objects (`[[],[],...]` makes ~60 bytes per 3 bytes sent), its elements (commas)."""
+    if len(head) > max_bytes:
+        raise ProtocolError(
+            413, f"the JSON part of the request is {len(head)} bytes, over the limit of {max_bytes} (max_json_mb); send large tensors "
+            "as binary data (Inference-Header-Content-Length)",
+        )
+    containers = head.count(b"[") + head.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise bad(f"the JSON request nests too deeply or holds too many arrays / objects ({containers} > {MAX_JSON_CONTAINERS}); send a flat 'data' list or binary data")
+    if head.count(b",") > MAX_JSON_ELEMENTS:
+        raise bad(f"the JSON request holds more than {MAX_JSON_ELEMENTS} elements; send large tensors as binary data")
+
+
+def parse_infer_request(model: ServedModel, body: bytes, header_length: int | None = None, *, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:
     """An infer request body (JSON, or JSON + binary tensors when `header_length` is given)."""
     if header_length is not None:
         if not 0 < header_length <= len(body):
@@ -410,12 +428,15 @@ def parse_infer_request(model: ServedModel, body: bytes, header_length: int | No
         head, binary = body[:header_length], body[header_length:]
     else:
         head, binary = body, b""
+    check_json_budget(head, max_json_bytes)
     try:
         req = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"malformed JSON request body: {e}") from None
     except RecursionError:
         raise bad("the JSON request nests too deeply; no valid request does") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int limit)
+        raise bad(f"malformed JSON request body: {e}") from None
     if not isinstance(req, dict):
         raise bad("the request body must be a JSON object with 'inputs'")
     rid = req.get("id")

@@ -555,11 +555,11 @@ class InferenceServer:
         if encoding != "identity":
             return _error(400, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
         header_text = headers.get("Inference-Header-Content-Length")
+        if header_text is not None and not (header_text.strip().isdigit() and len(header_text.strip()) <= 19):
+            return _error(400, f"bad Inference-Header-Content-Length {header_text[:40]!r}: expected a byte count")
         try:
             header_length = None if header_text is None else int(header_text)
-            req = parse_infer_request(served.model, body, header_length)
-        except ValueError:
-            return _error(400, f"bad Inference-Header-Content-Length {header_text!r}")
+            req = parse_infer_request(served.model, body, header_length, max_json_bytes=int(self.cfg.max_json_mb * 1024 * 1024))
         except ProtocolError as e:
             return _error(e.status, e.message)
         try:
