@@ -37,6 +37,7 @@ from typing import Any, Iterator
 from gendd_deploy.envinfo import environment
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.hashing import file_sha256, json_sha256
+from gendd_deploy.signing import SIGNATURE, sign, signing_key
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -187,7 +188,7 @@ def verify_artifact(art: Artifact) -> list[str]:
             problems.append(f"{art.ref}: {rel} sha256 {digest[:12]} does not match manifest {entry['sha256'][:12]}")
     for p in sorted(art.path.rglob("*")):
         rel = p.relative_to(art.path).as_posix()
-        if p.is_file() and rel != MANIFEST and rel not in listed:
+        if p.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in listed:
             problems.append(f"{art.ref}: unexpected file {rel} not in manifest")
     return problems
 
@@ -230,6 +231,7 @@ class Draft:
                     os.fsync(f.fileno())
                 files.append({"path": p.relative_to(self.dir).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
         stage_dir = self.store.stage_dir(self.pipeline, self.stage)
+        key = signing_key()
         for _ in range(100):
             version = f"v{self.store.next_number(self.pipeline, self.stage):03d}"
             manifest = {
@@ -252,6 +254,8 @@ class Draft:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.dir / MANIFEST)
+            if key is not None:  # GENDD_SIGNING_KEY: the signature covers the manifest, hence every file
+                sign(self.dir, manifest, key)
             final = stage_dir / version
             try:
                 os.rename(self.dir, final)
@@ -314,8 +318,13 @@ class Store:
                 continue
 
     def broken(self) -> list[str]:
-        """One message per version folder whose manifest is unreadable or untrustworthy."""
+        """One message per version folder whose manifest is missing, unreadable or untrustworthy."""
         out = []
+        for pdir in self._dirs(self.root):
+            for sdir in self._dirs(pdir):
+                for vdir in self._dirs(sdir):
+                    if _VERSION_RE.match(vdir.name) and not (vdir / MANIFEST).is_file():
+                        out.append(f"{vdir}: version folder without {MANIFEST}; nothing in it can be checked, delete it and rerun the stage that made it")
         for vdir in self._version_dirs():
             try:
                 read_manifest(vdir)

@@ -251,6 +251,16 @@ def bench(
     from gendd_deploy.bench.runtime import run_bench
 
     def go():
+        from gendd_deploy.bench.runtime import MODEL_CHOICES
+        from gendd_deploy.runtime import RUNTIMES
+
+        bad = [f"--batch {b}" for b in batch if b < 1] + ([f"--reps {reps}"] if reps < 1 else []) + ([f"--limit {limit}"] if limit < 0 else [])
+        bad += [f"--budget-s {budget_s}"] if not (budget_s > 0 and budget_s < float("inf")) else []
+        if bad:
+            raise UsageError(f"{', '.join(bad)}: batch sizes and reps must be >= 1, --limit >= 0 (0: all test images), --budget-s a positive number of seconds")
+        unknown = [r for r in runtime or [] if r not in RUNTIMES] + [m for m in models or [] if m not in MODEL_CHOICES]
+        if unknown:
+            raise UsageError(f"unknown runtime or model {unknown}; runtimes: {', '.join(RUNTIMES)}; models: {', '.join(MODEL_CHOICES)}")
         base = make_context(pipeline, artifacts, list(set_ or []))
         mk = lambda ov: base if not ov else make_context(pipeline, artifacts, list(set_ or []) + ov)  # noqa: E731
         run_bench(mk, models=models, runtimes=runtime, batches=list(batch), reps=reps, limit=limit, budget_s=budget_s, out=_bench_out(out_file, "bench", base.pipeline), console=out)
@@ -318,6 +328,7 @@ def serve(
     set_: SetOpt = None,
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN); repeat for several models or versions \\[default: latest onnx of the pipeline]")] = None,
     http_port: Annotated[Optional[int], typer.Option("--http-port", help="HTTP port, as Triton names it (same as --port) \\[default: 8000]", show_default=False)] = None,
+    trust_unsigned: Annotated[bool, typer.Option("--trust-unsigned", help="load an aoti package or TensorRT engine (native code) without a signature from GENDD_TRUSTED_KEYS")] = False,
 ) -> None:
     """Serve the deployed student over HTTP and gRPC (Open Inference Protocol v2, as KServe and Triton speak): --host, --http-port, --grpc-port, --runtime, --max-batch, --max-delay-ms ..."""
 
@@ -326,6 +337,7 @@ def serve(
 
         ports = [f"serve.port={http_port}"] if http_port is not None else []
         c = make_context(pipeline, artifacts, list(set_ or []) + flags_to_overrides("serve", ctx.args) + ports)
+        c.trust_unsigned = trust_unsigned
         serve_artifacts(c, version=list(artifact) if artifact else None)
 
     guarded(go)
@@ -337,12 +349,14 @@ def run(
     pipeline_opt: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
+    rebuild_corrupt: Annotated[bool, typer.Option("--rebuild-corrupt", help="rebuild, as a new version, any stage whose existing artifact fails its size / sha256 check (default: stop with exit 3 naming the file)")] = False,
 ) -> None:
-    """Run every stage of a recipe in order, reusing each artifact whose fingerprint already exists."""
+    """Run every stage of a recipe in order, reusing each artifact whose fingerprint already exists (after checking its files)."""
     from gendd_deploy import stages
 
     def go():
         c = make_context(pipeline or pipeline_opt, artifacts, list(set_ or []))
+        c.rebuild_corrupt = rebuild_corrupt
         built = {}
         for command in stages.ORDER:
             if command == "build":
@@ -442,19 +456,63 @@ def artifacts_show(
 
 @artifacts_app.command("verify")
 def artifacts_verify(artifacts: ArtifactsOpt = None) -> None:
-    """Re-hash every file of every artifact; exit 3 naming each mismatch."""
+    """Re-hash every file of every artifact and check its signature; exit 3 naming each mismatch, each
+    version folder without a manifest, each bad signature, and (with GENDD_TRUSTED_KEYS set) each
+    aoti / engine artifact (native code) without a trusted signature."""
+    from gendd_deploy import signing
     from gendd_deploy.artifacts import Store, verify_artifact
 
     store = Store(_artifact_root(artifacts))
     guarded(store.require_root)
+    keys = guarded(signing.trusted_keys)
     arts, problems = store.list(), store.broken()
+    signed = 0
     for a in arts:
         problems += verify_artifact(a)
+        state, words = signing.status(a.path, a.manifest, keys)
+        signed += state == "trusted"
+        if state == "invalid" or (keys and a.stage in signing.NATIVE_STAGES and state != "trusted"):
+            problems.append(f"{a.ref}: {words}")
+        elif state != "trusted" and a.stage in signing.NATIVE_STAGES:
+            console.print(f"[yellow]note:[/] {escape(a.ref)} holds native code and is {escape(words)} (set GENDD_TRUSTED_KEYS to require signatures)")
     for p in problems:
         console.print(f"[red]mismatch:[/] {escape(p)}")
     if problems:
         raise typer.Exit(3)
-    out.print(f"{len(arts)} artifacts verified, all files match their manifests")
+    out.print(f"{len(arts)} artifacts verified, all files match their manifests; {signed} signed by a trusted key")
+
+
+@artifacts_app.command("keygen")
+def artifacts_keygen(folder: Annotated[str, typer.Argument(help="folder for gendd-signing.pem (private, mode 0600) and gendd-signing.pub.pem")]) -> None:
+    """Make an Ed25519 key pair for signing artifacts: keep the private key off the artifact root
+    (GENDD_SIGNING_KEY on the builder), list the public key in GENDD_TRUSTED_KEYS where artifacts load."""
+    from gendd_deploy import signing
+
+    private, public = guarded(lambda: signing.keygen(Path(folder)))
+    out.print(f"private key {private} (set GENDD_SIGNING_KEY to it where artifacts are built)")
+    out.print(f"public key {public} (list it in GENDD_TRUSTED_KEYS where they are loaded)")
+
+
+@artifacts_app.command("sign")
+def artifacts_sign(
+    versions: Annotated[list[str], typer.Argument(help="artifacts to sign: pipeline/stage/vN, stage/vN, vN or a fingerprint prefix")],
+    artifacts: ArtifactsOpt = None,
+) -> None:
+    """Sign existing artifacts with GENDD_SIGNING_KEY, after checking their files."""
+    from gendd_deploy import signing
+    from gendd_deploy.artifacts import Store
+
+    def go():
+        key = signing.signing_key()
+        if key is None:
+            raise UsageError("GENDD_SIGNING_KEY is not set; point it at a private key made by 'gendd artifacts keygen DIR'")
+        store = Store(_artifact_root(artifacts))
+        for v in versions:
+            art = store.check_input(store.resolve(v), "rebuild it before signing it")
+            signing.sign(art.path, art.manifest, key)
+            out.print(f"signed {art.ref} (key {signing.key_id(key.public_key())})")
+
+    guarded(go)
 
 
 @artifacts_app.command("gc")

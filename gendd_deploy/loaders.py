@@ -7,8 +7,10 @@ imports nothing from `stages/` (tests/test_layers.py checks the direction). Weig
 
 from __future__ import annotations
 
+import pickle
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,16 +22,44 @@ from gendd_deploy.models.student import GenDDStudent, HeadSpec
 from gendd_deploy.runtime.aoti import AotiRunner
 from gendd_deploy.runtime.ort import OrtRunner
 from gendd_deploy.runtime.torch_runner import TorchRunner
+from gendd_deploy.signing import require_trusted
 from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
 
 ONNX_FILE = "model.onnx"
 AOTI_FILE = "model.pt2"
 
 
+def load_tensors(art: Artifact, name: str) -> dict:
+    """A dict of tensors saved by torch.save, read with weights_only=True (never unpickling
+    objects); anything else in its place is an ArtifactError naming the file and the fix."""
+    try:
+        obj = torch.load(art.file(name), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, KeyError, AttributeError, TypeError) as e:
+        raise ArtifactError(f"{art.ref}: {name} is not a plain tensor file ({type(e).__name__}); delete {art.path} and rebuild it") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ArtifactError(f"{art.ref}: {name} does not hold a dict of tensors; delete {art.path} and rebuild it")
+    return obj
+
+
+def load_array(art: Artifact, name: str, mmap: bool = True) -> np.ndarray:
+    """A .npy payload, memory-mapped, never with pickled objects; a bad file is an ArtifactError."""
+    try:
+        return np.load(art.file(name), mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{art.ref}: {name} is not a plain numeric array ({e}); delete {art.path} and rebuild it") from None
+
+
+def _load_state(model: nn.Module, state: dict, art: Artifact) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # shapes or names that do not fit the architecture the manifest names
+        raise ArtifactError(f"{art.ref}: model.pt does not fit its manifest's architecture ({str(e).splitlines()[0]}); delete {art.path} and rebuild it") from None
+
+
 def load_teacher(art: Artifact, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild the frozen teacher from its artifact (eval mode, no grad)."""
     model = bb.build_from_architecture(art.manifest["info"]["architecture"])
-    model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))
+    _load_state(model, load_tensors(art, "model.pt"), art)
     model.eval().requires_grad_(False)
     return model.to(device)
 
@@ -43,14 +73,17 @@ def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module
         model = GenDDStudent(backbone, nn.Linear(spec.teacher_dim, info["architecture"]["num_classes"]), spec)
     else:
         model = backbone
-    model.load_state_dict(torch.load(art.file("model.pt"), map_location="cpu", weights_only=True))
+    _load_state(model, load_tensors(art, "model.pt"), art)
     if info.get("readouts"):
         # fitted read-outs live beside the weights (readouts.pt), not in the student's state_dict
-        flat = torch.load(art.file("readouts.pt"), map_location="cpu", weights_only=True)
+        flat = load_tensors(art, "readouts.pt")
         heads = {}
         for name, shape in info["readouts"].items():
             lin = nn.Linear(shape["in_features"], shape["out_features"])
-            lin.load_state_dict({"weight": flat[f"{name}.weight"], "bias": flat[f"{name}.bias"]})
+            try:
+                lin.load_state_dict({"weight": flat[f"{name}.weight"], "bias": flat[f"{name}.bias"]})
+            except (KeyError, RuntimeError):
+                raise ArtifactError(f"{art.ref}: readouts.pt has no fitting '{name}' read-out; delete {art.path} and rerun 'gendd distill'") from None
             heads[name] = lin
         model.readouts = nn.ModuleDict(heads)
     return model.eval().requires_grad_(False).to(device)
@@ -167,10 +200,11 @@ def describing_artifact(store: Store, art: Artifact) -> Artifact:
     return art
 
 
-def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Callable[[], torch.device], command: Callable[[str], str]):
+def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Callable[[], torch.device], command: Callable[[str], str], trust_unsigned: bool = False):
     """(runner, the artifact it runs) for `runtime`, from the onnx artifact `art` or its sibling
     made from the same student (aoti package, TensorRT engine); torch runs the model it was
-    exported from on `device()`."""
+    exported from on `device()`. Native code (aoti, engine) loads only with a trusted signature
+    (signing.py) unless `trust_unsigned`."""
     hint = command("export")
     if runtime == "onnxruntime":
         if art.stage != "onnx":
@@ -183,6 +217,7 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
             art = _sibling(store, art, "aoti", lambda a: _model_inputs(a) == want, missing, f"{hint} --aoti")
         elif art.stage != "aoti":
             raise UsageError(f"runtime aoti serves an onnx or aoti artifact, not {art.ref}")
+        require_trusted(art, trust_unsigned)
         return load_aoti_runner(art), art
     if runtime == "torch":
         if art.stage not in ("onnx", "aoti"):
@@ -195,5 +230,6 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
             art = _sibling(store, art, "engine", built_from, f"no TensorRT engine built from {art.ref}", command("build"))
         elif art.stage != "engine":
             raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
+        require_trusted(art, trust_unsigned)
         return TrtRunner(art), art
     raise UsageError(f"unknown runtime '{runtime}'; use {RUNTIME_NAMES}")

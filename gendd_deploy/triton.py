@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from gendd_deploy import __version__
-from gendd_deploy.artifacts import Artifact, sha256_file
-from gendd_deploy.errors import UsageError
+from gendd_deploy.artifacts import Artifact, sha256_file, verify_artifact
+from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.trt.plan import read_io
 
 VERSIONS_FILE = "versions.json"
@@ -126,6 +126,15 @@ def _unchanged_latest(model_dir: Path, versions: dict, fingerprint: str, filenam
     return None
 
 
+def _manifest_sha256(src: Path) -> str | None:
+    """The sha256 the artifact's manifest records for `src` (None when it records none)."""
+    try:
+        files = json.loads((src.parent / "manifest.json").read_text()).get("files", [])
+    except (OSError, ValueError):
+        return None
+    return next((f.get("sha256") for f in files if isinstance(f, dict) and f.get("path") == src.name), None)
+
+
 def _add_version(model_dir: Path, versions: dict, src: Path, filename: str) -> int:
     """Copy `src` into the next version folder; staged beside it and renamed, so Triton never
     sees half a model. Returns the version number."""
@@ -133,6 +142,9 @@ def _add_version(model_dir: Path, versions: dict, src: Path, filename: str) -> i
     staging.mkdir()
     try:
         shutil.copyfile(src, staging / filename)
+        expected = _manifest_sha256(src)
+        if expected is not None and sha256_file(staging / filename) != expected:  # changed while being copied
+            raise ArtifactError(f"{src} changed while it was copied into {model_dir}; nothing was added, export again")
         for _ in range(100):
             n = _next_version(model_dir, versions)
             try:
@@ -145,6 +157,21 @@ def _add_version(model_dir: Path, versions: dict, src: Path, filename: str) -> i
         raise UsageError(f"could not allocate a version folder in {model_dir}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_versions(vfile: Path) -> dict:
+    """versions.json's {"N": {...}} map; a damaged file is refused with its name and the fix."""
+    if not vfile.is_file():
+        return {}
+    fix = f"repair or delete {vfile} (it lists the versions this tool added; the version folders stay)"
+    try:
+        doc = json.loads(vfile.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{vfile} is not valid JSON ({e}); {fix}") from None
+    versions = doc.get("versions", {}) if isinstance(doc, dict) else None
+    if not isinstance(versions, dict) or not all(isinstance(k, str) and k.isdigit() and len(k) <= 9 and isinstance(v, dict) for k, v in versions.items()):
+        raise UsageError(f"{vfile} does not hold a {{\"versions\": {{\"<number>\": {{...}}}}}} map; {fix}")
+    return versions
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -174,6 +201,10 @@ def write_triton_repo(
     """
     if not _NAME_RE.match(model_name):
         raise UsageError(f"Triton model name '{model_name}' may use only letters, digits, '_', '.', '-'; set [serve] model_name")
+    for art in (onnx_art, engine_art):  # nothing is copied out of the store unchecked
+        problems = verify_artifact(art) if art is not None else []
+        if problems:
+            raise ArtifactError(f"{problems[0]}; nothing was written to {out_dir}. Rebuild it with 'gendd run --rebuild-corrupt' (or delete {art.path} and export again)")
     onnx_path = onnx_art.file("model.onnx")
     onnx_info = onnx_art.manifest.get("info", {})
     io = read_io(onnx_path)
@@ -204,7 +235,7 @@ def write_triton_repo(
     model_dir = root / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     vfile = model_dir / VERSIONS_FILE
-    versions = json.loads(vfile.read_text()).get("versions", {}) if vfile.is_file() else {}
+    versions = _read_versions(vfile)
 
     same = _unchanged_latest(model_dir, versions, source.fingerprint, filename)
     if same is not None:  # re-exporting the newest version: nothing new to serve

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GENDD_HASH_CACHE", "off")  # hermetic: no hash cache shared with other runs (tests/test_store_reuse.py tests it)
 
 REPO = Path(__file__).resolve().parents[1]
 

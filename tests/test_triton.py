@@ -183,3 +183,28 @@ def test_reexport_is_idempotent_and_carries_labels_queue_and_instances(arts, tmp
     # a damaged copy is not "unchanged": the export writes a fresh version
     (v1 / "model.onnx").write_bytes(b"damaged")
     assert write_triton_repo(art, None, repo, "tiny").name == "2"
+
+
+def test_a_corrupted_onnx_artifact_is_not_copied_out(arts, tmp_path):
+    from gendd_deploy.errors import ArtifactError
+
+    onnx_art, _ = arts
+    art = onnx_art(False)
+    path = art.file("model.onnx")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size
+    path.write_bytes(bytes(data))
+    repo = tmp_path / "repo"
+    with pytest.raises(ArtifactError, match="model.onnx sha256"):
+        write_triton_repo(art, None, repo, "tiny")
+    assert not (repo / "tiny").exists()  # nothing written
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1,2]", '{"versions":{"x":{}}}', '{"versions": [1]}'])
+def test_a_damaged_versions_file_is_refused_with_its_name(arts, tmp_path, text):
+    onnx_art, _ = arts
+    repo = tmp_path / "repo"
+    (repo / "tiny").mkdir(parents=True)
+    (repo / "tiny" / "versions.json").write_text(text)
+    with pytest.raises(UsageError, match="versions.json"):
+        write_triton_repo(onnx_art(False), None, repo, "tiny")

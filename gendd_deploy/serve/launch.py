@@ -121,7 +121,7 @@ def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: s
     or engine artifact instead.
     """
     art = loaders.servable_artifact(ctx.store, ctx.pipeline, version, ctx.command)
-    runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command)
+    runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command, trust_unsigned=ctx.trust_unsigned)
     name = ctx.recipe.serve.model_name or art.pipeline
     model = served_model_from_manifest(loaders.describing_artifact(ctx.store, served), name, runner)
     return runner, replace(model, version=numeric_version(served.version), extra={**model.extra, "artifact": served.ref, "fingerprint": served.fingerprint})

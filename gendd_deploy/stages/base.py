@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from gendd_deploy import dist
-from gendd_deploy.artifacts import Artifact, Draft, Store, fingerprint
+from gendd_deploy.artifacts import Artifact, Draft, Store, fingerprint, verify_artifact
 from gendd_deploy.config import Recipe
 from gendd_deploy.data import load_data
 from gendd_deploy.errors import ArtifactError, MissingDependency, UsageError
@@ -33,6 +33,8 @@ class Context:
     console: Console = field(default_factory=lambda: Console(stderr=True))
     recipe_path: str = "pipelines/quickstart.toml"
     quiet: bool = False
+    rebuild_corrupt: bool = False  # a reused artifact whose files fail their check is rebuilt as a new version
+    trust_unsigned: bool = False  # load native code (aoti, engine) without a trusted signature (signing.py)
     _data: Any = None
     _fps: dict = field(default_factory=dict)
 
@@ -136,14 +138,26 @@ class Stage:
         fp = self.fingerprint(ctx)
         found = ctx.store.find(ctx.pipeline, self.artifact, fp)
         if found is not None:
-            ctx.log(f"[bold]{self.name}[/]: reused {found.ref} (fingerprint {fp[:8]}), nothing to do")
-            return found
+            # what is reused is checked like an input: size and sha256 of every file it holds
+            problems = verify_artifact(found)
+            if not problems:
+                ctx.log(f"[bold]{self.name}[/]: reused {found.ref} (fingerprint {fp[:8]}), nothing to do")
+                return found
+            if not ctx.rebuild_corrupt:
+                more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise ArtifactError(
+                    f"{problems[0]}{more}; rebuild it as a new version with 'gendd run --rebuild-corrupt' "
+                    f"(or delete {found.path} and run '{ctx.command(self.command)}')"
+                )
+            ctx.log(f"[bold]{self.name}[/]: {found.ref} fails its check ({problems[0]}); rebuilding it as a new version")
         inputs = {name: stage.require(ctx) for name, stage in self.inputs(ctx).items()}
         extra = {"data": ctx.data().fingerprint} if self.uses_data else {}
         if dist.is_main():
             wait = lambda: ctx.log(f"[bold]{self.name}[/]: another process is building fingerprint {fp[:8]}; waiting for it")  # noqa: E731
             with ctx.store.lock(ctx.pipeline, self.artifact, fp, on_wait=wait):
                 art = ctx.store.find(ctx.pipeline, self.artifact, fp)  # published while we waited?
+                if art is not None and (art.path == getattr(found, "path", None) or verify_artifact(art)):
+                    art = None  # the corrupt version being rebuilt (or another broken one): not reused
                 if art is not None:
                     ctx.log(f"[bold]{self.name}[/]: reused {art.ref} (fingerprint {fp[:8]}), published by another process")
                 else:

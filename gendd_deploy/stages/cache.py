@@ -25,6 +25,7 @@ from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import ArtifactError
+from gendd_deploy.loaders import load_array
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.teacher import TeacherStage, load_teacher
@@ -54,8 +55,10 @@ class CachedFeatures:
 
     def __init__(self, art: Artifact):
         self.art = art
-        self.features = np.load(art.file("features.npy"), mmap_mode="r")  # (V, N, D_t)
-        self.params = np.load(art.file("params.npy"), mmap_mode="r")  # (V, N, 5)
+        self.features = load_array(art, "features.npy")  # (V, N, D_t)
+        self.params = load_array(art, "params.npy")  # (V, N, 5)
+        if self.features.ndim != 3 or self.params.shape != self.features.shape[:2] + (5,):
+            raise ArtifactError(f"{art.ref}: features.npy {self.features.shape} and params.npy {self.params.shape} do not fit; delete {art.path} and rerun 'gendd cache'")
         self.views, self.n, self.dim = self.features.shape
 
     def batch(self, view: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +134,12 @@ class CacheStage(Stage):
             feats = np.lib.format.open_memmap(draft.path("features.npy"), mode="w+", dtype=dtype, shape=(V, N, D))
             params = np.lib.format.open_memmap(draft.path("params.npy"), mode="w+", dtype=np.int32, shape=(V, N, 5))
             for v, start in chunks:
-                with np.load(chunk_dir / f"v{v}-{start}.npz") as z:
-                    feats[v, start : start + len(z["features"])] = z["features"]
-                    params[v, start : start + len(z["params"])] = z["params"]
+                try:
+                    with np.load(chunk_dir / f"v{v}-{start}.npz", allow_pickle=False) as z:
+                        feats[v, start : start + len(z["features"])] = z["features"]
+                        params[v, start : start + len(z["params"])] = z["params"]
+                except (ValueError, OSError, EOFError, KeyError) as e:  # a chunk file planted or damaged in the work folder
+                    raise ArtifactError(f"{chunk_dir / f'v{v}-{start}.npz'} is not a chunk this stage wrote ({e}); delete {chunk_dir} and run the command again") from None
             feats.flush(), params.flush()
             del feats, params
         np.save(draft.path("labels.npy"), train.labels.numpy().astype(np.int64))
