@@ -42,12 +42,18 @@ def resolve_recipe(path: str | Path) -> Path:
 MAX_OPSET = 23  # the newest opset torch's ONNX exporters write
 
 
+# names that become folder names or URL segments: letters, digits, '_', '.', '-', not starting
+# with '.' (so never '.' or '..'), at most 100 characters
+SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float finite: lr = inf would train to garbage and publish it
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PipelineConfig(Section):
-    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under the artifact root")
+    name: str = Field("quickstart", pattern=SAFE_NAME, description="folder name under the artifact root (letters, digits, '_', '.', '-'; not starting with '.')")
     seed: int = Field(0, description="seed for model init, shuffling and augmentation")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present")
 
@@ -210,7 +216,7 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, lt=65536, description="HTTP port (also --http-port, as Triton names it)")
     grpc_port: int = Field(8001, ge=-1, lt=65536, description="gRPC port (KServe v2 GRPCInferenceService); -1 = no gRPC")
     runtime: Literal["onnxruntime", "aoti", "torch", "tensorrt"] = "onnxruntime"
-    model_name: str | None = Field(None, description="name in URLs; default: the pipeline name")
+    model_name: str | None = Field(None, pattern=SAFE_NAME, description="name in URLs (letters, digits, '_', '.', '-'); default: the pipeline name")
     max_batch: int = Field(32, gt=0)
     max_delay_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(256, gt=0, description="requests waiting at most (also Triton's max_queue_size)")
@@ -219,6 +225,8 @@ class ServeConfig(Section):
     max_json_mb: float = Field(4.0, gt=0, description="largest JSON part of a request; larger tensors go as binary data")
     max_connections: int = Field(512, gt=0, description="open connections served at once; more are answered 503 and closed")
     idle_timeout_s: float = Field(15.0, gt=0, description="an idle keep-alive connection is closed after this long")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must all arrive within this long of its first byte")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must all arrive within this long of its headers")
 
 
 class Recipe(Section):

@@ -187,3 +187,73 @@ def test_grpc_requests_are_bounded_like_http_bodies(runner):
     finally:
         client.close()
         srv.stop(drain_timeout_s=TIMEOUT)
+
+
+def test_grpc_5000_digit_version_is_not_found(client):
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("tiny", model_version="9" * 5000)
+    assert "NOT_FOUND" in str(e.value.status()) and "unknown model" in e.value.message()
+    x = grpcclient.InferInput("images", [1, 1, 8, 8], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("tiny", [x], model_version="9" * 5000)
+    assert "NOT_FOUND" in str(e.value.status())
+
+
+# ---- fuzzing the gRPC half -------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# UNKNOWN / INTERNAL would mean an exception the server did not map to a code
+_ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+_names = st.sampled_from(["tiny", "tiny_image", "other", "", "nope", "9" * 5000])
+_versions = st.sampled_from(["", "3", "4", "v003", "-1", "9" * 5000, "x"])
+_dtypes = st.sampled_from(["FP32", "BYTES", "INT64", "FP16", "", "BOOL"])
+
+
+@st.composite
+def _requests(draw):
+    req = pb.ModelInferRequest(model_name=draw(_names), model_version=draw(_versions), id=draw(st.text(max_size=8)))
+    for _ in range(draw(st.integers(0, 2))):
+        t = req.inputs.add(name=draw(st.sampled_from(["images", "image_bytes", "x", ""])), datatype=draw(_dtypes))
+        t.shape.extend(draw(st.lists(st.integers(-3, 70), max_size=5)))
+        if draw(st.booleans()):
+            t.contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=70)))
+        else:
+            t.contents.bytes_contents.extend(draw(st.lists(st.binary(max_size=40), max_size=3)))
+        if draw(st.booleans()):
+            t.parameters["binary_data_size"].int64_param = draw(st.integers(-2, 10**6))
+    if draw(st.booleans()):
+        req.raw_input_contents.extend(draw(st.lists(st.binary(max_size=300), max_size=3)))
+    for key in draw(st.lists(st.sampled_from(["seed", "classification", "top_k", "binary_data_output", "zzz"]), max_size=2)):
+        p = req.parameters[key]
+        choice = draw(st.integers(0, 2))
+        if choice == 0:
+            p.int64_param = draw(st.integers(-(2**63), 2**63 - 1))
+        elif choice == 1:
+            p.string_param = draw(st.text(max_size=10))
+        else:
+            p.bool_param = draw(st.booleans())
+    for name in draw(st.lists(st.sampled_from(["logits", "top_k", "nope"]), max_size=2)):
+        o = req.outputs.add(name=name)
+        if draw(st.booleans()):
+            o.parameters["classification"].int64_param = draw(st.integers(-5, 20))
+    return req
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(req=_requests())
+def test_fuzzed_grpc_requests_get_a_mapped_code(both, req):
+    with grpc.insecure_channel(f"127.0.0.1:{both.grpc_port}") as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        try:
+            stub.ModelInfer(req, timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            assert e.code() in _ALLOWED, (e.code(), e.details())
+        for call_ in (lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name=req.model_name, version=req.model_version), timeout=TIMEOUT),
+                      lambda: stub.ModelReady(pb.ModelReadyRequest(name=req.model_name, version=req.model_version), timeout=TIMEOUT)):
+            try:
+                call_()
+            except grpc.RpcError as e:
+                assert e.code() in _ALLOWED, (e.code(), e.details())

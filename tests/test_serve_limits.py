@@ -163,3 +163,48 @@ def test_a_timed_out_request_stops_its_running_batch():
         assert "gendd_abandoned_images_total" in call(srv.port, "GET", "/metrics")[2].decode()
     finally:
         srv.stop(drain_timeout_s=5)
+
+
+def test_a_5000_digit_version_is_404_not_500(server, runner):
+    status, _, resp = call(server.port, "GET", "/v2/models/tiny/versions/" + "9" * 5000)
+    assert status == 404 and "unknown model" in resp["error"]
+    _good(server.port, runner)
+
+
+@pytest.mark.parametrize("target", [b"http://[::1", b"http://", b"//x", b"*"])
+def test_every_malformed_request_target_is_answered(server, runner, target):
+    reply = _raw(server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 4"), reply[:80]
+    _good(server.port, runner)
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_slow_drip_clients_cannot_hold_every_slot(runner, phase):
+    """Each of max_connections clients sends a byte every 0.5 s (under the idle timeout, so a
+    per-read timeout never fires); the header / body deadline frees their slots and good
+    requests are answered (was: 11 of 11 good requests got 503 for 45 s)."""
+    import threading
+
+    with running(runner, max_connections=6, idle_timeout_s=30.0, header_timeout_s=1.5, body_timeout_s=1.5) as s:
+        stop = threading.Event()
+        start = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" if phase == "headers" else b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+
+        def drip():
+            try:
+                with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT) as c:
+                    c.sendall(start)
+                    while not stop.wait(0.5):
+                        c.sendall(b"X")
+            except OSError:
+                pass  # shut down by the server: what the deadline is for
+
+        threads = [threading.Thread(target=drip, daemon=True) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            assert _raw(s.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 503")  # every slot held
+            time.sleep(2.5)  # past the deadline
+            _good(s.port, runner)
+        finally:
+            stop.set()

@@ -68,9 +68,10 @@ def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, Deploy
         if method in wanted and gendd and (method == "kd" or ctx.recipe.distill.labels):
             models[f"{method} student"] = _plain_student(make_ctx, ctx, method)
     gendd_wanted = [m for m in ("calibrated", "reference", "probe") if m in wanted]
-    if not gendd:  # a kd / ce recipe: its student is the plain student, there is no sampler
-        student_art = run_chain(DistillStage(), ctx)
-        models["student"] = DeployedModel(load_student(student_art))
+    if not gendd:  # a kd / ce recipe: its student is the plain student, as calibrate chose to deploy it
+        sampler_art = run_chain(CalibrateStage(), ctx)
+        student_art = DistillStage().require(ctx)
+        models["student"] = deployed_from_artifacts(student_art, sampler_art)
         if gendd_wanted:
             ctx.log(f"[dim]bench: {', '.join(gendd_wanted)} skipped: the recipe's distill.method is {ctx.recipe.distill.method}, not gendd[/]")
         return models, dict(student_art.metrics)

@@ -159,6 +159,10 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             served.stats.request(False, time.perf_counter() - t0)
             self.app.metrics.requests.inc(endpoint="grpc_infer", code=str(e.status))
             context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+        except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:  # a message the parser's checks did not foresee
+            served.stats.request(False, time.perf_counter() - t0)
+            self.app.metrics.requests.inc(endpoint="grpc_infer", code="400")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {type(e).__name__}: {str(e)[:200]}")
         served.stats.request(True, time.perf_counter() - t0)
         self.app.metrics.requests.inc(endpoint="grpc_infer", code="200")
         self.app.metrics.latency.observe(time.perf_counter() - t0)

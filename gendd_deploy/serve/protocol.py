@@ -141,6 +141,8 @@ class ServedModel:
             return True
         digits = self.version.lstrip("v")
         theirs = version.lstrip("v")
+        if len(theirs) > 18:  # no version has that many digits (and int() refuses past 4300)
+            return False
         return digits.isdigit() and theirs.isdigit() and int(digits) == int(theirs)
 
     def encoded_variant(self) -> "ServedModel":

@@ -158,6 +158,28 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # no access log on stderr
         pass
 
+    def handle_one_request(self) -> None:
+        """The wait for a request's first byte is the idle timeout (keep-alive); from that byte the
+        request line and headers must all arrive within [serve] header_timeout_s."""
+        app = self.server.app
+        try:
+            first = self.rfile.peek(1)
+        except (OSError, ValueError):
+            first = b""
+        if not first:
+            self.close_connection = True
+            return
+        app._deadline(self.connection, app.cfg.header_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            app._deadline(self.connection, None)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.app._deadline(self.connection, None)  # headers are in: the header deadline is met
+        return ok
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol-level errors of http.server (bad request line, unknown method) as JSON."""
         body = error_body(message or HTTPStatus(code).phrase)
@@ -197,7 +219,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         app = self.server.app
-        path = unquote(urlsplit(self.path).path)
+        try:
+            path = unquote(urlsplit(self.path).path)
+        except ValueError:  # e.g. 'http://[::1': an unclosed IPv6 host in an absolute target
+            self._send(_error(400, f"malformed request target {self.path[:80]!r}"), close=True)
+            app.metrics.requests.inc(endpoint="other", code="400")
+            return
         endpoint = _endpoint(path)
         t0 = time.perf_counter()
         app._enter()
@@ -231,10 +258,15 @@ class _Handler(BaseHTTPRequestHandler):
             if length > limit:
                 self._linger(length)
                 return self._refuse(413, f"request body of {length} bytes is over the limit of {limit} bytes (max_body_mb = {app.cfg.max_body_mb:g})")
+            app._deadline(self.connection, app.cfg.body_timeout_s)
             try:
                 body = self.rfile.read(length)
             except TimeoutError:
                 return self._refuse(408, f"timed out after {self.timeout} s reading the request body")
+            except OSError:  # shut down by the body deadline
+                return self._refuse(408, f"the request body did not arrive within {app.cfg.body_timeout_s:g} s (body_timeout_s)")
+            finally:
+                app._deadline(self.connection, None)
             if len(body) != length:
                 return self._refuse(400, f"request body ended after {len(body)} of {length} bytes")
         return app.route(method, path, self.headers, body)
@@ -322,6 +354,10 @@ class InferenceServer:
         self._conns: set[socket.socket] = set()
         self._active = 0  # requests being handled right now
         self._lock = threading.Lock()
+        # total deadlines (monotonic s) for reading a request's headers or body, per connection: a
+        # client that drips a byte every few seconds resets a per-read timeout forever, not these
+        self._deadlines: dict[socket.socket, float] = {}
+        self._watchdog = threading.Thread(target=self._enforce_deadlines, name="gendd-deadlines", daemon=True)
 
     @property
     def runner(self) -> Runner:
@@ -378,6 +414,8 @@ class InferenceServer:
             raise UsageError(f"cannot listen on {self.cfg.host}:{self.cfg.port} ({e.strerror or e}); pick another --port") from None
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="gendd-http", daemon=True)
         self._thread.start()  # live from here; ready after the warm-up
+        if not self._watchdog.is_alive():
+            self._watchdog.start()
         try:
             self._fill_routes()  # metadata and readiness answer while warming up
             for p in self._primary:
@@ -462,6 +500,33 @@ class InferenceServer:
     def _track(self, sock: socket.socket, add: bool) -> None:
         with self._lock:
             (self._conns.add if add else self._conns.discard)(sock)
+            if not add:
+                self._deadlines.pop(sock, None)
+
+    def _deadline(self, sock: socket.socket, seconds: float | None) -> None:
+        """From now, reading on `sock` must be done within `seconds` (None: no deadline)."""
+        with self._lock:
+            if seconds is None:
+                self._deadlines.pop(sock, None)
+            else:
+                self._deadlines[sock] = time.monotonic() + seconds
+
+    def _enforce_deadlines(self) -> None:
+        """One thread for all connections: past its deadline a connection is shut down, which ends
+        the blocked read in its handler thread and frees its slot."""
+        while True:
+            time.sleep(0.2)
+            now = time.monotonic()
+            with self._lock:
+                late = [sk for sk, dl in self._deadlines.items() if dl < now]
+                for sk in late:
+                    del self._deadlines[sk]
+            for sk in late:
+                self.metrics.requests.inc(endpoint="connection", code="408")
+                try:
+                    sk.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _enter(self) -> None:
         with self._lock:

@@ -3,7 +3,8 @@
 GenDD's published read-out (64-step DDPM, 5 draws, guidance 2) costs ~640 head passes per token;
 gendd-method.md reports that a deterministic few-step DDIM can match or beat it. This stage
 measures that on the calibration split (never the test split) for a grid of `SamplerSetting`s
-plus the linear probe, and picks the cheapest setting within `tolerance` top-1 points of the best.
+plus the linear probe and the fitted read-outs, and picks the cheapest setting shown to be at most
+`tolerance` top-1 points below the best (the lower end of its paired bootstrap interval).
 The grid, the choice and the report are gendd_deploy/calibration.py; this module measures.
 
 - Accuracy runs in PyTorch through `DeployedModel` (the export stage later proves ORT == torch).
