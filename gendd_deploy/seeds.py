@@ -36,11 +36,6 @@ def view_choice(seed: int, epoch: int) -> torch.Generator:
     return generator(seed * 31337 + epoch)
 
 
-def readout_fit(student_seed: int) -> torch.Generator:
-    """Augmentation of the images that fitted read-outs are fitted on."""
-    return generator(student_seed + 4242)
-
-
 def eval_noise(student_seed: int, batch_index: int) -> torch.Generator:
     """Sampler noise of one evaluation batch in distill (the same whatever the process count)."""
     return generator(student_seed + 12345 + batch_index)

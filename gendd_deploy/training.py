@@ -11,10 +11,12 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gendd_deploy import dist, seeds
+from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import ArtifactError, UsageError
 
@@ -96,6 +98,27 @@ def progress_bar(console: Console, quiet: bool = False) -> Iterator[Progress]:
 
 
 @torch.no_grad()
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (1-d parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun, the module itself otherwise."""
+    if dist.world_size() == 1:
+        return module
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def model_input(data, images_u8: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 images (n, C, H, W) of a DataBundle `data` -> the normalised float32 model input on `device`."""
+    return to_model_input(images_u8, data.mean, data.std).to(device)
+
+
 def count_correct(logits_fn: Callable, batches: Iterable) -> tuple[int, int]:
     """(correct, seen) of argmax(logits_fn(x, batch_index)) over (batch_index, x, labels) batches:
     the one loop behind every top-1 the package reports (teacher, distill's read-outs, the

@@ -21,7 +21,7 @@ from gendd_deploy.runtime.base import make_noise
 from gendd_deploy.runtime.torch_runner import TorchRunner
 from gendd_deploy.stages import run_chain
 from gendd_deploy.stages.cache import CacheStage
-from gendd_deploy.stages.distill import load_student
+from gendd_deploy.loaders import load_student
 from gendd_deploy.loaders import deployed_from_export, load_onnx_runner
 from gendd_deploy.stages.export import ExportStage, calibration_images
 

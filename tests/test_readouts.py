@@ -11,10 +11,11 @@ from gendd_deploy.models import readout
 from gendd_deploy.models.deployed import SamplerSetting
 from gendd_deploy.stages import run_chain
 from gendd_deploy.stages.calibrate import CalibrateStage
-from gendd_deploy.stages.distill import DistillStage, load_student
+from gendd_deploy.loaders import load_student
+from gendd_deploy.stages.distill import DistillStage
 from gendd_deploy.models.student import deterministic_schedule
 from gendd_deploy.stages.export import ExportStage
-from gendd_deploy.stages.teacher import model_input
+from gendd_deploy.training import model_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +85,7 @@ def test_sampler_distilled_readout_imitates_the_deterministic_sampler(tiny_conte
     art = run_chain(DistillStage(), ctx)
     student = load_student(art).eval()
     data = ctx.data()
-    x = model_input(ctx, data.test.get_batch(torch.arange(len(data.test))), "cpu")
+    x = model_input(ctx.data(), data.test.get_batch(torch.arange(len(data.test))), "cpu")
     with torch.no_grad():
         f_s = student.features(x)
         sampled = student.teacher_fc(student.sample_features(f_s, deterministic_schedule(student), "ddim", draws=1, guidance=1.0, temperature=0.0))
@@ -113,7 +114,7 @@ def test_a_plain_student_gets_fitted_readouts_calibrates_and_exports_one(tiny_co
     from gendd_deploy.runtime.ort import OrtRunner
 
     data = ctx.data()
-    x = model_input(ctx, data.calib.get_batch(torch.arange(16)), "cpu")
+    x = model_input(ctx.data(), data.calib.get_batch(torch.arange(16)), "cpu")
     head = student.readouts[chosen.readout] if chosen.kind == "readout" else bb.classifier(student)
     with torch.no_grad():
         want = head(bb.pooled_features(student, x)).numpy()

@@ -16,8 +16,9 @@ from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.student import contract, feature_mixup
 from gendd_deploy.stages.cache import CacheStage, CachedFeatures, check_lineage
-from gendd_deploy.stages.distill import DistillStage, load_student
-from gendd_deploy.stages.teacher import TeacherStage, load_teacher
+from gendd_deploy.loaders import load_student, load_teacher
+from gendd_deploy.stages.distill import DistillStage
+from gendd_deploy.stages.teacher import TeacherStage
 from gendd_deploy.stages import run_chain
 from gendd_deploy.training import Checkpointer
 

@@ -40,8 +40,7 @@ from gendd_deploy.stages import Context, run_chain
 from gendd_deploy.stages.cache import CacheStage
 from gendd_deploy.stages.calibrate import CalibrateStage
 from gendd_deploy.stages.distill import DistillStage
-from gendd_deploy.stages.teacher import model_input
-from gendd_deploy.training import count_correct
+from gendd_deploy.training import count_correct, model_input
 
 LONG_TAIL = ["data.imbalance_factor=100"]
 LABELLED = [("ce", ["distill.method='ce'"]), ("kd", ["distill.method='kd'"]), ("gendd", ["distill.method='gendd'"])]
@@ -98,7 +97,7 @@ def deployed_test_top1(ctx: Context, student_art, sampler_art) -> float:
     device = ctx.device()
     runner = make_runner("torch", model=deployed_from_artifacts(student_art, sampler_art, device), device=device)
     test, bs, seed = ctx.data().test, ctx.recipe.data.eval_batch_size, ctx.recipe.pipeline.seed
-    batches = ((b, model_input(ctx, test.get_batch(idx), torch.device("cpu")).numpy(), test.labels[idx]) for b, idx in enumerate(torch.arange(len(test)).split(bs)))
+    batches = ((b, model_input(ctx.data(), test.get_batch(idx), torch.device("cpu")).numpy(), test.labels[idx]) for b, idx in enumerate(torch.arange(len(test)).split(bs)))
     correct, seen = count_correct(lambda x, b: runner.run(x, runner.noise(len(x), seed + b)), batches)
     return 100.0 * correct / max(seen, 1)
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from gendd_deploy.bench.quality import equal_epoch_overrides
 from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import UsageError
-from gendd_deploy.loaders import deployed_from_artifacts
+from gendd_deploy.loaders import deployed_from_artifacts, load_student, load_teacher
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, runtime_status
 from gendd_deploy.runtime.aoti import export_aoti
@@ -34,8 +34,8 @@ from gendd_deploy.runtime.timing import summary as timing_summary
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages import Context, run_chain
 from gendd_deploy.stages.calibrate import CalibrateStage
-from gendd_deploy.stages.distill import DistillStage, load_student
-from gendd_deploy.stages.teacher import TeacherStage, load_teacher
+from gendd_deploy.stages.distill import DistillStage
+from gendd_deploy.stages.teacher import TeacherStage
 from gendd_deploy.training import count_correct
 
 SEED = 1234

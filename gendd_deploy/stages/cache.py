@@ -25,10 +25,10 @@ from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data import augment as aug
 from gendd_deploy.data.loader import batch_stream
 from gendd_deploy.errors import ArtifactError
-from gendd_deploy.loaders import load_array
+from gendd_deploy.loaders import load_array, load_teacher
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.stages.teacher import TeacherStage, load_teacher
+from gendd_deploy.stages.teacher import TeacherStage
 from gendd_deploy.training import Timer, progress_bar
 
 

@@ -39,6 +39,7 @@ import torch
 from gendd_deploy import seeds
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.calibration import MIN_ALPHA_BAR, PROBE, REFERENCE, Result, build_grid, candidates, choose, plot, structure, table
+from gendd_deploy.loaders import load_student
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
@@ -47,9 +48,8 @@ from gendd_deploy.runtime.base import make_noise
 from gendd_deploy.runtime.onnx_export import export_onnx, export_onnx_fast
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.stages.distill import DistillStage, load_student
-from gendd_deploy.stages.teacher import model_input
-from gendd_deploy.training import Timer, progress_bar, top1
+from gendd_deploy.stages.distill import DistillStage
+from gendd_deploy.training import Timer, model_input, progress_bar, top1
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -71,7 +71,7 @@ def calib_features(ctx: Context, student: torch.nn.Module, n: int, device: torch
     features = student.features if isinstance(student, GenDDStudent) else lambda x: bb.pooled_features(student, x)
     feats = []
     for i in range(0, n, bs):
-        x = model_input(ctx, calib.get_batch(torch.arange(i, min(n, i + bs))), device)
+        x = model_input(ctx.data(), calib.get_batch(torch.arange(i, min(n, i + bs))), device)
         feats.append(features(x))
     return feats, calib.labels[:n]
 
@@ -258,7 +258,7 @@ class CalibrateStage(Stage):
         timer = Timer()
         with torch_threads(eval_threads):
             feats, labels = calib_features(ctx, student, n, device)
-        example = model_input(ctx, calib.get_batch(torch.arange(cc.latency_batch) % len(calib)), torch.device("cpu"))
+        example = model_input(ctx.data(), calib.get_batch(torch.arange(cc.latency_batch) % len(calib)), torch.device("cpu"))
         results, latency, preds, providers = [], {}, {}, None
         spent = {"features": timer(), "accuracy": 0.0, "latency": 0.0}
         with progress_bar(ctx.console, ctx.quiet) as bar, tempfile.TemporaryDirectory(prefix="gendd-calibrate-") as tmp:

@@ -23,7 +23,7 @@ from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.config import DistillConfig
 from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
-from gendd_deploy.loaders import load_student  # noqa: F401 - also imported from here
+from gendd_deploy.loaders import load_teacher
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models import readout
 from gendd_deploy.models.deployed import SamplerSetting
@@ -31,8 +31,8 @@ from gendd_deploy.models.schedule import SamplingSchedule
 from gendd_deploy.models.student import DDIM0_STEPS, DDIM0_T_START, GenDDStudent, HeadSpec, contract, deterministic_schedule, stage1_projector
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
-from gendd_deploy.stages.teacher import TeacherStage, load_teacher, model_input, param_groups, wrap_ddp
-from gendd_deploy.training import Checkpointer, Timer, cosine_ramp, count_correct, progress_bar, steps_per_epoch, train_epochs
+from gendd_deploy.stages.teacher import TeacherStage
+from gendd_deploy.training import Checkpointer, Timer, cosine_ramp, count_correct, model_input, param_groups, progress_bar, steps_per_epoch, train_epochs, wrap_ddp
 
 # Deviations from the authors' code, recorded in every student manifest.
 DEVIATIONS = [
@@ -344,7 +344,7 @@ class DistillStage(Stage):
         with progress_bar(ctx.console, ctx.quiet) as bar:
             task = bar.add_task("fit read-outs", total=n, info="")
             for idx in torch.arange(n).split(ctx.recipe.data.eval_batch_size):
-                x = model_input(ctx, data.train.get_batch(idx), device)
+                x = model_input(ctx.data(), data.train.get_batch(idx), device)
                 fs = features(x)
                 f_s.append(fs.float().cpu())
                 f_t.append(bb.pooled_features(teacher, x).float().cpu())
@@ -414,7 +414,7 @@ class DistillStage(Stage):
             def mine():  # this rank's share of the batches, in order
                 for b, idx in enumerate(torch.arange(n).split(bs)):
                     if b % dist.world_size() == dist.rank():
-                        yield b, model_input(ctx, data.test.get_batch(idx), device), data.test.labels[idx]
+                        yield b, model_input(ctx.data(), data.test.get_batch(idx), device), data.test.labels[idx]
                         bar.update(task, advance=len(idx) * dist.world_size())
 
             correct, _ = count_correct(logits_fn, mine())

@@ -10,25 +10,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft, sha256_file
 from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
-from gendd_deploy.loaders import load_teacher  # noqa: F401 - also imported from here
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.training import Checkpointer, Timer, count_correct, steps_per_epoch, train_epochs
+from gendd_deploy.training import Checkpointer, Timer, count_correct, model_input, param_groups, steps_per_epoch, train_epochs, wrap_ddp
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and biases (1-d parameters)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def load_state_dict_file(path: str) -> dict:
@@ -47,17 +38,8 @@ def load_state_dict_file(path: str) -> dict:
     return obj
 
 
-def model_input(ctx: Context, images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    data = ctx.data()
-    return aug.to_model_input(images_u8, data.mean, data.std).to(device)
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel under torchrun, the module itself otherwise."""
-    if dist.world_size() == 1:
-        return module
-
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
 class TeacherStage(Stage):
@@ -102,7 +84,7 @@ class TeacherStage(Stage):
         model.eval()
         test = data.test
         bs = ctx.recipe.data.eval_batch_size
-        test_batches = ((b, model_input(ctx, test.get_batch(idx), device), test.labels[idx]) for b, idx in enumerate(torch.arange(len(test)).split(bs)))
+        test_batches = ((b, model_input(ctx.data(), test.get_batch(idx), device), test.labels[idx]) for b, idx in enumerate(torch.arange(len(test)).split(bs)))
         correct, seen = count_correct(lambda x, b: model(x), test_batches)
         acc = 100.0 * correct / seen if seen else float("nan")
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, draft.path("model.pt"))
