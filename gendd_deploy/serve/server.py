@@ -357,7 +357,6 @@ class InferenceServer:
         # total deadlines (monotonic s) for reading a request's headers or body, per connection: a
         # client that drips a byte every few seconds resets a per-read timeout forever, not these
         self._deadlines: dict[socket.socket, float] = {}
-        self._watchdog = threading.Thread(target=self._enforce_deadlines, name="gendd-deadlines", daemon=True)
 
     @property
     def runner(self) -> Runner:
@@ -414,8 +413,7 @@ class InferenceServer:
             raise UsageError(f"cannot listen on {self.cfg.host}:{self.cfg.port} ({e.strerror or e}); pick another --port") from None
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="gendd-http", daemon=True)
         self._thread.start()  # live from here; ready after the warm-up
-        if not self._watchdog.is_alive():
-            self._watchdog.start()
+        threading.Thread(target=self._enforce_deadlines, name="gendd-deadlines", daemon=True).start()
         try:
             self._fill_routes()  # metadata and readiness answer while warming up
             for p in self._primary:
@@ -513,8 +511,8 @@ class InferenceServer:
 
     def _enforce_deadlines(self) -> None:
         """One thread for all connections: past its deadline a connection is shut down, which ends
-        the blocked read in its handler thread and frees its slot."""
-        while True:
+        the blocked read in its handler thread and frees its slot. Ends once the server has stopped."""
+        while not (self.stopping and self._httpd is None):
             time.sleep(0.2)
             now = time.monotonic()
             with self._lock:
