@@ -8,6 +8,7 @@ imports nothing from `stages/` (tests/test_layers.py checks the direction). Weig
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ from gendd_deploy.runtime.aoti import AotiRunner
 from gendd_deploy.runtime.ort import OrtRunner
 from gendd_deploy.runtime.torch_runner import TorchRunner
 from gendd_deploy.signing import require_trusted
+from gendd_deploy.spec import DeployedSpec
 from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
 
 ONNX_FILE = "model.onnx"
@@ -133,18 +135,27 @@ def deployed_from_export(art: Artifact, store: Store | None = None, device: str 
     return deployed_from_artifacts(student, input_artifact(store, art, "sampler"), device)
 
 
-def noise_tail(art: Artifact) -> tuple | None:
-    info = art.manifest.get("info", {})
-    return tuple(info["noise_shape_tail"]) if info.get("needs_noise") else None
+def spec_of(art: Artifact, store: Store | None = None) -> DeployedSpec:
+    """The deployed model's description (spec.py) from an onnx, aoti or engine artifact's manifest.
+    An engine built before the build copied the spec lacks the preprocessing: that comes from the
+    onnx artifact it was built from, when `store` still has it."""
+    spec = DeployedSpec.from_manifest(art.manifest.get("info", {}), art.ref)
+    if spec.preprocess is None and art.stage == "engine" and store is not None:
+        parent = art.manifest.get("info", {}).get("onnx", {}).get("fingerprint")
+        found = store.find(art.pipeline, "onnx", parent) if isinstance(parent, str) else None
+        if found is not None:
+            old = DeployedSpec.from_manifest(found.manifest.get("info", {}), found.ref)
+            spec = replace(spec, preprocess=old.preprocess, class_names=old.class_names, readout=old.readout)
+    return spec
 
 
 def load_onnx_runner(onnx_art: Artifact, providers: list[str] | None = None):
-    """An OrtRunner for the artifact's model.onnx, its noise shape taken from the manifest."""
-    return OrtRunner(onnx_art.file(ONNX_FILE), providers=providers, noise_shape_tail=noise_tail(onnx_art))
+    """An OrtRunner for the artifact's model.onnx, described by its manifest."""
+    return OrtRunner(onnx_art.file(ONNX_FILE), providers=providers, spec=spec_of(onnx_art))
 
 
 def load_aoti_runner(aoti_art: Artifact, device: str = "cpu"):
-    return AotiRunner(aoti_art.file(AOTI_FILE), noise_shape_tail=noise_tail(aoti_art), device=device)
+    return AotiRunner(aoti_art.file(AOTI_FILE), spec=spec_of(aoti_art), device=device)
 
 
 # ---- what `gendd serve` and the serving benchmark run -----------------------------------------
@@ -188,18 +199,6 @@ def _sibling(store: Store, art: Artifact, stage: str, match: Callable[[Artifact]
     return store.check_input(found, f"delete {found.path} and run '{remake}'")
 
 
-def describing_artifact(store: Store, art: Artifact) -> Artifact:
-    """The artifact whose manifest holds preprocess / class names: art, or for an engine its onnx input."""
-    if art.manifest.get("info", {}).get("preprocess"):
-        return art
-    for i in art.manifest.get("inputs", []):
-        if i.get("stage") == "onnx":
-            parent = store.find(i.get("pipeline", art.pipeline), "onnx", i["fingerprint"])
-            if parent is not None:
-                return parent
-    return art
-
-
 def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Callable[[], torch.device], command: Callable[[str], str], trust_unsigned: bool = False):
     """(runner, the artifact it runs) for `runtime`, from the onnx artifact `art` or its sibling
     made from the same student (aoti package, TensorRT engine); torch runs the model it was
@@ -231,5 +230,5 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
         elif art.stage != "engine":
             raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
         require_trusted(art, trust_unsigned)
-        return TrtRunner(art), art
+        return TrtRunner(art, spec=spec_of(art, store)), art
     raise UsageError(f"unknown runtime '{runtime}'; use {RUNTIME_NAMES}")

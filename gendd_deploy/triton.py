@@ -10,7 +10,7 @@
 Each export of a new artifact to the same DIR adds version N+1 and points config.pbtxt at the
 newest model (Triton serves the latest version only); exporting the newest version again adds
 nothing (it only refreshes config.pbtxt from the recipe). Queue and instance settings come from
-[serve]: max_delay_ms, queue_size, instances. Inputs and outputs are read from the graph itself; dims exclude
+[serve]: max_delay_ms, queue_size, instances. Inputs and outputs come from the model's description (spec.py); dims exclude
 the batch dim. A noise input, when the sampler needs one, is documented in the config for clients.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 from gendd_deploy import __version__
 from gendd_deploy.artifacts import Artifact, sha256_file, verify_artifact
 from gendd_deploy.errors import ArtifactError, UsageError
-from gendd_deploy.trt.plan import read_io
+from gendd_deploy.spec import DeployedSpec
 
 VERSIONS_FILE = "versions.json"
 LABELS_FILE = "labels.txt"  # one class name per line: Triton's classification labels
@@ -206,8 +206,8 @@ def write_triton_repo(
         if problems:
             raise ArtifactError(f"{problems[0]}; nothing was written to {out_dir}. Rebuild it with 'gendd run --rebuild-corrupt' (or delete {art.path} and export again)")
     onnx_path = onnx_art.file("model.onnx")
-    onnx_info = onnx_art.manifest.get("info", {})
-    io = read_io(onnx_path)
+    spec = DeployedSpec.from_manifest(onnx_art.manifest.get("info", {}), onnx_art.ref)
+    io = spec.io()
     if engine_art is not None:
         info = engine_art.manifest.get("info", {})
         if info.get("onnx", {}).get("fingerprint") not in (None, onnx_art.fingerprint):
@@ -217,19 +217,13 @@ def write_triton_repo(
         if lo > 1:
             raise UsageError(f"engine {engine_art.ref} has min batch {lo}; Triton sends batches from 1, so rebuild with --set build.min_batch=1")
         platform, src, filename, source = "tensorrt_plan", engine_art.file("model.plan"), "model.plan", engine_art
-        io = info.get("io", io)
     else:
         opt, hi = _field(build_cfg, "opt_batch", 32), _field(build_cfg, "max_batch", 256)
         platform, src, filename, source = "onnxruntime_onnx", onnx_path, "model.onnx", onnx_art
     max_delay_us = int(round(float(_field(serve_cfg, "max_delay_ms", 5.0)) * 1000))
     preferred = sorted({b for b in (opt, hi) if 1 <= b <= hi})
 
-    needs_noise = onnx_info.get("needs_noise", len(io["inputs"]) > 1)
-    tail = onnx_info.get("noise_shape_tail") if needs_noise else None
-    if needs_noise and not tail:
-        tail = _dims(io["inputs"][1]["shape"])
-    if needs_noise and len(io["inputs"]) < 2:
-        raise UsageError(f"{onnx_art.ref} says it needs noise but its graph has one input; re-export with 'gendd export'")
+    tail = spec.noise_tail
 
     root = Path(out_dir)
     model_dir = root / model_name
@@ -243,7 +237,7 @@ def write_triton_repo(
     else:
         n = _add_version(model_dir, versions, src, filename)
 
-    class_names = onnx_info.get("class_names")
+    class_names = spec.class_names
     label_file = LABELS_FILE if class_names else None
     if class_names:
         _write_atomic(model_dir / LABELS_FILE, "".join(f"{c}\n" for c in class_names))
@@ -257,7 +251,7 @@ def write_triton_repo(
             f"(compute capability {info.get('gpu_capability')}), precision {info.get('precision')}:\n"
             "# serve it with a tritonserver container that ships the same TensorRT version, on the same GPU model.\n"
         )
-    preprocess = preprocess if preprocess is not None else onnx_info.get("preprocess")
+    preprocess = preprocess if preprocess is not None else spec.preprocess
     see = " (versions.json 'preprocess' has the recipe)" if preprocess else ""
     header += f"# Inputs are float32 NCHW images normalized as in training{see}; output: logits.\n"
     text = render_config(
@@ -278,7 +272,7 @@ def write_triton_repo(
         "engine": ({"ref": engine_art.ref, "fingerprint": engine_art.fingerprint,
                     **{k: engine_art.manifest["info"].get(k) for k in ("tensorrt", "tensorrt_cuda", "cuda", "gpu", "gpu_capability", "precision")}}
                    if engine_art is not None else None),
-        "needs_noise": bool(needs_noise),
+        "needs_noise": spec.needs_noise,
         "noise_shape_tail": list(tail) if tail else None,
         "preprocess": preprocess,
         "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

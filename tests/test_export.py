@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gendd_deploy.spec import DeployedSpec
 from gendd_deploy.errors import ArtifactError, GateError
 from gendd_deploy.models.backbone import create_backbone
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
@@ -219,16 +220,17 @@ def test_export_stage_end_to_end(tiny_context):
     art = ExportStage().run(ctx)
     assert verify_artifact(art) == []
     info, m = art.manifest["info"], art.metrics
-    assert info["needs_noise"] and info["setting"] == setting.to_dict() and info["exporter"] == "dynamo"
-    assert [i["name"] for i in info["io"]["inputs"]] == ["images", "noise"]
-    assert info["preprocess"] == ctx.data().preprocess and info["class_names"] == ctx.data().class_names
+    spec = DeployedSpec.from_manifest(info)
+    assert spec.needs_noise and spec.setting == setting.to_dict() and spec.readout == setting.label() and info["exporter"] == "dynamo"
+    assert [t.name for t in spec.inputs] == ["images", "noise"] and spec.noise_tail == deployed_from_artifacts(student, sampler).noise_tail
+    assert spec.preprocess == ctx.data().preprocess and list(spec.class_names) == ctx.data().class_names and spec.num_classes == 10
     assert m["n"] == 24 and m["max_abs_diff"] <= ctx.recipe.export.atol and m["top1_agreement"] == 1.0
     assert m["onnx_bytes"] > 0 and m["atol"] == 1e-4
     assert {i["stage"] for i in art.manifest["inputs"]} == {"student", "sampler", "data"}
 
     # library helpers rebuild the same model and runner
     runner = load_onnx_runner(art)
-    assert runner.noise_shape_tail == tuple(info["noise_shape_tail"])
+    assert runner.noise_shape_tail == spec.noise_tail and runner.spec == spec
     model = deployed_from_artifacts(student, sampler)
     assert deployed_from_export(art, ctx.store).setting == model.setting == setting
     x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)

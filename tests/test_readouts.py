@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gendd_deploy.spec import DeployedSpec
 from gendd_deploy.models import readout
 from gendd_deploy.models.deployed import SamplerSetting
 from gendd_deploy.stages import run_chain
@@ -67,7 +68,8 @@ def test_calibrate_can_choose_a_fitted_readout_and_it_exports_as_a_plain_graph(t
     assert chosen.linear and chosen.deterministic
     art = run_chain(ExportStage(), ctx)
     info = art.manifest["info"]
-    assert info["needs_noise"] is False and [i["name"] for i in info["io"]["inputs"]] == ["images"]
+    spec = DeployedSpec.from_manifest(info)
+    assert not spec.needs_noise and [t.name for t in spec.inputs] == ["images"] and spec.readout == chosen.label()
     assert art.metrics["top1_agreement"] == 1.0
     # the same ops as the bare backbone with its own Linear classifier: a plain student's graph
     from gendd_deploy.models.deployed import DeployedModel
@@ -108,7 +110,7 @@ def test_a_plain_student_gets_fitted_readouts_calibrates_and_exports_one(tiny_co
     assert [r["label"] for r in table] == ["probe", "linear fit_ce", "linear fit_ridge"]
     chosen = SamplerSetting.from_dict(sampler.manifest["info"]["setting"])
     onnx_art = run_chain(ExportStage(), ctx)
-    assert onnx_art.manifest["info"]["setting"] == chosen.to_dict() and onnx_art.metrics["top1_agreement"] == 1.0
+    assert DeployedSpec.from_manifest(onnx_art.manifest["info"]).setting == chosen.to_dict() and onnx_art.metrics["top1_agreement"] == 1.0
     # the exported graph computes the chosen head on the backbone's pooled feature
     from gendd_deploy.models import backbone as bb
     from gendd_deploy.runtime.ort import OrtRunner

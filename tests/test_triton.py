@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from gendd_deploy.spec import DeployedSpec, onnx_io
 from gendd_deploy.artifacts import Store
 from gendd_deploy.config import BuildConfig, ServeConfig
 from gendd_deploy.errors import UsageError
@@ -61,8 +62,10 @@ def arts(tmp_path):
     store = Store(tmp_path / "artifacts")
 
     def onnx_art(noise: bool, fp: str = "a" * 64, class_names=None):
-        info = {"needs_noise": noise, "noise_shape_tail": NOISE_TAIL if noise else None, "class_names": class_names}
-        return publish(store, "onnx", {"model.onnx": tiny_graph(noise).SerializeToString()}, info, fp)
+        graph = tiny_graph(noise)
+        spec = DeployedSpec.from_io(onnx_io(None, graph), class_names=tuple(class_names) if class_names else None)
+        assert spec.noise_tail == (tuple(NOISE_TAIL) if noise else None)
+        return publish(store, "onnx", {"model.onnx": graph.SerializeToString()}, {"deployed": spec.to_manifest()}, fp)
 
     def engine_art(onnx_a, min_batch=1, max_batch=64):
         io = {"inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", 1, 8, 8]}],

@@ -15,6 +15,7 @@ from torch import nn
 from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.config import BuildConfig
 from gendd_deploy.errors import ArtifactError, GateError, MissingDependency, UsageError
+from gendd_deploy.spec import DeployedSpec, onnx_io
 from gendd_deploy.trt import plan as P
 from gendd_deploy.trt.precision import convert_precision, gate_conversion, ort_logits
 from conftest import ONNX_IR
@@ -101,14 +102,14 @@ def test_precision_plan_refuses_old_tensorrt_and_unknown_precision():
 
 
 def test_profile_shapes_from_the_recipe_cover_every_input_incl_noise(onnx_models):
-    io = P.read_io(onnx_models["noise"])
+    io = onnx_io(onnx_models["noise"])
     assert [i["name"] for i in io["inputs"]] == ["images", "noise"] and io["outputs"][0]["name"] == "logits"
     shapes = P.profile_shapes(io, BuildConfig(min_batch=1, opt_batch=8, max_batch=64))
     assert shapes == {
         "images": ((1, 1, 8, 8), (8, 1, 8, 8), (64, 1, 8, 8)),
         "noise": ((1,) + NOISE_TAIL, (8,) + NOISE_TAIL, (64,) + NOISE_TAIL),
     }
-    plain = P.profile_shapes(P.read_io(onnx_models["plain"]), BuildConfig())
+    plain = P.profile_shapes(onnx_io(onnx_models["plain"]), BuildConfig())
     assert list(plain) == ["images"] and plain["images"][2] == (256, 1, 8, 8)  # default max_batch
     assert P.profile_to_json(shapes)["noise"]["opt"] == [8, *NOISE_TAIL]
 
@@ -209,7 +210,7 @@ def test_fp16_conversion_passes_its_parity_gate_on_cpu(onnx_models, tmp_path, to
     assert report["tool"] == tool and report["version"] >= 1 and report["io"] == "float32"
     m = onnx.load(dst)
     # the interface is unchanged: float32 in and out, same names
-    assert [(v.name, v.type.tensor_type.elem_type) for v in m.graph.input] == [(v["name"], 1) for v in P.read_io(src)["inputs"]]
+    assert [(v.name, v.type.tensor_type.elem_type) for v in m.graph.input] == [(v["name"], 1) for v in onnx_io(src)["inputs"]]
     assert [v.type.tensor_type.elem_type for v in m.graph.output] == [onnx.TensorProto.FLOAT]
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
     images, noise = inputs_for(kind)
@@ -370,7 +371,7 @@ def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, on
             return BuiltEngine(plan=str(onnx_path).encode(), timing_cache=(timing_cache or b"") + b"+tactics", build_s=0.01)
 
     class FakeRunner:
-        def __init__(self, path, noise_shape_tail=None, check=True):
+        def __init__(self, path, spec=None, check=True):
             self.graph = open(path, "rb").read().decode()  # the fake plan is the path of the graph it was built from
 
         def run(self, images, noise=None):
@@ -384,7 +385,7 @@ def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, on
     ctx = tiny_context("build.precision='fp16'", "build.opt_batch=8", "build.max_batch=16", "export.parity_limit=40")
     with ctx.store.draft(ctx.pipeline, "onnx", "f" * 64, {}, []) as d:  # stands in for ExportStage's artifact
         d.path("model.onnx").write_bytes(open(onnx_models["noise"], "rb").read())
-        d.info = {"needs_noise": True, "noise_shape_tail": list(NOISE_TAIL)}
+        d.info = {"deployed": DeployedSpec.from_io(onnx_io(onnx_models["noise"])).to_manifest()}
         onnx_art = d.publish()
 
     def build_once():
@@ -398,7 +399,8 @@ def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, on
     assert info["tensorrt"] == version and info["gpu"] == "NVIDIA H100 80GB HBM3" and info["gpu_capability"] == "9.0" and info["cuda"] == "12.8"
     assert info["onnx"]["fingerprint"] == onnx_art.fingerprint and len(info["onnx"]["sha256"]) == 64
     assert info["profile"]["noise"]["max"] == [16, *NOISE_TAIL] and seen["shapes"]["images"][1] == (8, 1, 8, 8)
-    assert info["needs_noise"] and info["noise_shape_tail"] == list(NOISE_TAIL)
+    assert info["deployed"] == onnx_art.manifest["info"]["deployed"]  # copied unchanged
+    assert DeployedSpec.from_manifest(info).noise_tail == NOISE_TAIL
     assert m["parity_n"] == 40 and m["parity_top1_agreement"] >= 0.99 and m["atol"] == BuildConfig().atol
     if version.startswith("11"):  # the graph handed to TensorRT is the converted, separately gated one
         assert str(seen["graph"]).endswith("model.fp16.onnx") and engine.file("model.fp16.onnx")
@@ -438,12 +440,12 @@ def test_engine_builds_matches_onnxruntime_and_runs(onnx_models, tmp_path, preci
         graph = tmp_path / "converted.onnx"
         convert_precision(onnx_models[kind], graph, plan.onnx_conversion)
     cfg = BuildConfig(min_batch=1, opt_batch=8, max_batch=32, workspace_mb=256)
-    shapes = P.profile_shapes(P.read_io(onnx_models[kind]), cfg)
+    shapes = P.profile_shapes(onnx_io(onnx_models[kind]), cfg)
     built = EngineBuilder(cfg.workspace_mb).build(graph, plan, shapes)
     assert built.plan and built.timing_cache
     (tmp_path / "model.plan").write_bytes(built.plan)
 
-    runner = TrtRunner(tmp_path / "model.plan", noise_shape_tail=NOISE_TAIL if kind == "noise" else None, check=False)
+    runner = TrtRunner(tmp_path / "model.plan", check=False)  # no manifest: the engine's own tensors describe it
     images, noise = inputs_for(kind, n=48)  # 48 > max_batch: the runner splits
     report = compare(ort_logits(onnx_models[kind], images, noise), runner.run(images, noise))
     gate(report, cfg.atol, cfg.min_agreement, f"{precision} engine")
@@ -464,7 +466,7 @@ def test_engine_manifest_mismatch_is_refused_by_the_runner(onnx_models, tmp_path
     from gendd_deploy.trt.runner import TrtRunner
 
     plan = P.precision_plan(P.trt_major(trt.__version__), "fp32")
-    shapes = P.profile_shapes(P.read_io(onnx_models["plain"]), BuildConfig(opt_batch=4, max_batch=8))
+    shapes = P.profile_shapes(onnx_io(onnx_models["plain"]), BuildConfig(opt_batch=4, max_batch=8))
     (tmp_path / "model.plan").write_bytes(EngineBuilder(256).build(onnx_models["plain"], plan, shapes).plan)
     info = {"tensorrt": "9.9.9", "gpu": "Some Other GPU", "gpu_capability": "1.0", "cuda": "11.0"}
     (tmp_path / "manifest.json").write_text(json.dumps({"info": info}))

@@ -94,7 +94,6 @@ def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, Deploy
 def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, *, name: str, device: torch.device):
     """A runner of `kind` for the CPU-resident `model`; torch eager and AOTInductor run on `device`
     (the recipe's: the GPU where there is one), ONNX Runtime on the providers it has."""
-    tail = model.noise_tail
     slug = _slug(name)
     on_device = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     if kind == "torch":
@@ -104,12 +103,12 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
         path = folder / f"{slug}.onnx"
         if not path.exists():
             export_onnx(model, path, example)
-        return make_runner(kind, onnx_path=path, noise_shape_tail=tail)
+        return make_runner(kind, onnx_path=path)  # the graph's own inputs say whether it takes noise
     if kind == "aoti":
         path = folder / f"{slug}.pt2"
         export_aoti(on_device, path, example)
-        return make_runner("aoti", aoti_path=path, noise_shape_tail=tail, device=device)
-    return make_runner(kind, model=model, noise_shape_tail=tail)
+        return make_runner("aoti", aoti_path=path, device=device)
+    return make_runner(kind, model=model)
 
 
 def _graph_ops(folder: Path, name: str) -> dict | None:

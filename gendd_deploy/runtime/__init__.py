@@ -58,10 +58,10 @@ def _torch_unavailable() -> str | None:
 
 # ---- onnxruntime
 
-def _ort_runner(onnx_path=None, device="cpu", providers=None, noise_shape_tail=None, path=None, **_):
+def _ort_runner(onnx_path=None, device="cpu", providers=None, spec=None, path=None, **_):
     if providers is None and str(device) == "cpu":
         providers = ["CPUExecutionProvider"]  # an explicit cpu request must not land on a GPU provider
-    return OrtRunner(_need("onnxruntime", "onnx_path", onnx_path or path), providers=providers, noise_shape_tail=noise_shape_tail)
+    return OrtRunner(_need("onnxruntime", "onnx_path", onnx_path or path), providers=providers, spec=spec)
 
 
 def _ort_unavailable() -> str | None:
@@ -74,8 +74,8 @@ def _ort_unavailable() -> str | None:
 
 # ---- AOTInductor
 
-def _aoti_runner(aoti_path=None, device="cpu", noise_shape_tail=None, path=None, **_):
-    return AotiRunner(_need("aoti", "aoti_path", aoti_path or path), noise_shape_tail=noise_shape_tail, device=device)
+def _aoti_runner(aoti_path=None, device="cpu", spec=None, path=None, **_):
+    return AotiRunner(_need("aoti", "aoti_path", aoti_path or path), spec=spec, device=device)
 
 
 def _aoti_unavailable() -> str | None:
@@ -88,7 +88,7 @@ def _aoti_unavailable() -> str | None:
 
 # ---- TensorRT (optional, NVIDIA GPUs only)
 
-def _trt_runner(engine_path=None, onnx_path=None, path=None, noise_shape_tail=None, max_batch: int = 256, **_):
+def _trt_runner(engine_path=None, onnx_path=None, path=None, spec=None, max_batch: int = 256, **_):
     """From an engine (`engine_path`: a plan file or an engine artifact folder, as `gendd build`
     writes), or from `onnx_path`, built here into an fp32 engine beside it (batch 1 to max_batch)."""
     # imported on use: trt.runner imports runtime.base, which runs this package's __init__ first
@@ -97,16 +97,17 @@ def _trt_runner(engine_path=None, onnx_path=None, path=None, noise_shape_tail=No
     engine = engine_path or path
     if engine is None:
         engine = _fp32_engine(_need("tensorrt", "engine_path or onnx_path", onnx_path), max_batch)
-    return TrtRunner(engine, noise_shape_tail=noise_shape_tail)
+    return TrtRunner(engine, spec=spec)
 
 
 def _fp32_engine(onnx_path, max_batch: int):
     from gendd_deploy.trt.builder import EngineBuilder  # imported on use, as trt.runner above
-    from gendd_deploy.trt.plan import precision_plan, profile_shapes, read_io, trt_major
+    from gendd_deploy.spec import onnx_io
+    from gendd_deploy.trt.plan import precision_plan, profile_shapes, trt_major
 
     here = require_tensorrt("the TensorRT runtime")
     batches = SimpleNamespace(min_batch=1, opt_batch=min(32, max_batch), max_batch=max_batch)
-    built = EngineBuilder().build(onnx_path, precision_plan(trt_major(here["tensorrt"]), "fp32"), profile_shapes(read_io(onnx_path), batches))
+    built = EngineBuilder().build(onnx_path, precision_plan(trt_major(here["tensorrt"]), "fp32"), profile_shapes(onnx_io(onnx_path), batches))
     out = Path(onnx_path).with_suffix(".plan")
     out.write_bytes(built.plan)
     return out
@@ -140,7 +141,8 @@ def make_runner(kind: str, *, model=None, onnx_path=None, aoti_path=None, device
 
     torch takes `model` (or `artifact=` an onnx / aoti artifact); onnxruntime `onnx_path` (or `path`;
     device "cpu" pins the CPU provider, else TensorRT > CUDA > CPU as available, or `providers=`);
-    aoti `aoti_path` (or `path`). `noise_shape_tail=` overrides what the file says.
+    aoti `aoti_path` (or `path`). `spec=` (spec.DeployedSpec) describes the model where the file's
+    own inputs and outputs do not suffice.
     """
     if kind not in RUNTIMES:
         raise UsageError(f"unknown runtime '{kind}'; choose one of: {', '.join(RUNTIMES)}")

@@ -20,6 +20,7 @@ from gendd_deploy.errors import MissingDependency
 from gendd_deploy.models.deployed import DeployedModel
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.runtime.onnx_export import traceable
+from gendd_deploy.spec import DeployedSpec
 
 MAX_BATCH = 1024  # largest batch the compiled package accepts
 _META_KEY = "gendd_io"
@@ -32,6 +33,15 @@ def cxx_compiler() -> str | None:
     for cand in [c for c in (name, os.environ.get("CXX"), "g++", "c++", "clang++") if c]:
         if shutil.which(cand):
             return cand
+    return None
+
+
+def aoti_unavailable() -> str | None:
+    """None when AOTInductor packages can be built and run here, else why not."""
+    if not hasattr(torch._inductor, "aoti_load_package"):
+        return f"torch {torch.__version__} has no AOTInductor packages"
+    if cxx_compiler() is None:
+        return "AOTInductor needs a C++ compiler (g++ / clang++) to build packages"
     return None
 
 
@@ -72,17 +82,17 @@ def export_aoti(model: DeployedModel, path: str | Path, example_images: torch.Te
 class AotiRunner(Runner):
     name = "aoti"
 
-    def __init__(self, path: str | Path, noise_shape_tail: tuple | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | Path, spec: DeployedSpec | None = None, device: str | torch.device = "cpu"):
+        """`spec`: the deployed model's description from its manifest; by default the io the
+        package carries in its metadata (export_aoti writes it)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no AOTInductor package at {self.path}")
         self.device = torch.device(device)
         self.model = torch._inductor.aoti_load_package(str(self.path))
         self.io = self._io()
-        names = [i["name"] for i in self.io.get("inputs", [])]
-        if noise_shape_tail is None and "noise" in names:
-            noise_shape_tail = tuple(next(i["shape"][1:] for i in self.io["inputs"] if i["name"] == "noise"))
-        super().__init__(noise_shape_tail)
+        self.spec = spec or DeployedSpec.from_io(self.io)
+        super().__init__(self.spec.noise_tail)
 
     def _io(self) -> dict:
         try:

@@ -18,6 +18,7 @@ import torch
 
 from gendd_deploy.errors import GateError, MissingDependency
 from gendd_deploy.models.deployed import DeployedModel
+from gendd_deploy.spec import onnx_io
 
 # ops that draw random numbers inside the graph (ONNX standard domain)
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
@@ -103,13 +104,6 @@ def _export_torchscript(module, args, tmp: Path, *, inputs: list[str], outputs: 
         )
 
 
-def _value_info(v) -> dict:
-    onnx = _onnx()
-    t = v.type.tensor_type
-    dims = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
-    return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
-
-
 def _iter_nodes(graph):
     """Every node, including those in subgraphs (If / Loop / Scan bodies)."""
     onnx = _onnx()
@@ -146,8 +140,7 @@ def describe_onnx(path: str | Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
-        "inputs": [_value_info(v) for v in m.graph.input],
-        "outputs": [_value_info(v) for v in m.graph.output],
+        **onnx_io(path, m),
         "opset": opset,
         "nodes": sum(1 for _ in _iter_nodes(m.graph)),
     }

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gendd_deploy.errors import MissingDependency
+from gendd_deploy.errors import ArtifactError, MissingDependency
 from gendd_deploy.runtime.base import Runner
+from gendd_deploy.spec import DeployedSpec
 
 PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -31,12 +32,22 @@ def requested_providers(providers: list[str] | None = None) -> list[str]:
     return [p for p in (providers or PREFERRED) if p in have]
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def _entry(arg) -> dict:
+    """An ONNX Runtime NodeArg as a spec tensor entry {name, dtype, shape}."""
+    return {"name": arg.name, "dtype": _ORT_TYPES.get(arg.type, arg.type), "shape": list(arg.shape)}
+
+
 class OrtRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, path, providers: list[str] | None = None, intra_op_threads: int | None = None, noise_shape_tail: tuple | None = None):
+    def __init__(self, path, providers: list[str] | None = None, intra_op_threads: int | None = None, spec: DeployedSpec | None = None):
         """`path`: an .onnx file, or a graph in memory (an onnx.ModelProto or its bytes), which is
-        how the build stage runs converted graphs it never writes to disk."""
+        how the build stage runs converted graphs it never writes to disk. `spec`: the deployed
+        model's description from its manifest; by default the graph's own inputs and outputs."""
         ort = _ort()
         if hasattr(path, "SerializeToString"):
             path = path.SerializeToString()
@@ -52,18 +63,14 @@ class OrtRunner(Runner):
         opts.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
         self.requested = requested_providers(providers) or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(source, sess_options=opts, providers=self.requested)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.images_name = self.input_names[0] if "images" not in self.input_names else "images"
-        self.noise_name = "noise" if "noise" in self.input_names else None
-        if noise_shape_tail is None and self.noise_name:
-            # read the static tail (steps+1, draws, n, d) from the graph itself
-            shape = next(i.shape for i in self.session.get_inputs() if i.name == "noise")
-            if all(isinstance(s, int) for s in shape[1:]):
-                noise_shape_tail = tuple(shape[1:])
-        if noise_shape_tail is not None and not self.noise_name:
-            raise ValueError(f"{self.path} has no 'noise' input but a noise shape {tuple(noise_shape_tail)} was given")
-        super().__init__(noise_shape_tail)
+        graph = DeployedSpec.from_io({"inputs": [_entry(a) for a in self.session.get_inputs()], "outputs": [_entry(a) for a in self.session.get_outputs()]})
+        self.spec = spec or graph
+        if [t.name for t in self.spec.inputs] != [t.name for t in graph.inputs]:
+            raise ArtifactError(f"{self.path} takes inputs {[t.name for t in graph.inputs]}, its manifest says {[t.name for t in self.spec.inputs]}; re-export it")
+        self.images_name = self.spec.images.name
+        self.noise_name = self.spec.noise.name if self.spec.noise else None
+        self.output_names = [t.name for t in self.spec.outputs]
+        super().__init__(self.spec.noise_tail)
 
     def run(self, images: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         feeds = {self.images_name: np.ascontiguousarray(images, dtype=np.float32)}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from gendd_deploy import loaders
@@ -16,6 +15,7 @@ from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve.protocol import TRITON_PLATFORMS, ServedModel
 from gendd_deploy.serve.server import InferenceServer
+from gendd_deploy.spec import DeployedSpec
 
 if TYPE_CHECKING:
     from gendd_deploy.artifacts import Artifact
@@ -71,40 +71,26 @@ def serve(
 # ---- from the artifact store ----------------------------------------------------------------
 
 
-def _io_name(io: dict, kind: str, default: str) -> str:
-    """The graph's first input / output name from the export manifest's io description."""
-    entries = io.get(kind + "s") or []
-    names = [e.get("name") if isinstance(e, dict) else str(e) for e in entries]
-    if default in names:
-        return default
-    return names[0] if names and names[0] else default
-
-
 def numeric_version(version: str) -> str:
     """Triton numbers versions ('1'); the store spells them 'v001'."""
     digits = version.lstrip("v")
     return str(int(digits)) if digits.isdigit() else version
 
 
-def served_model_from_manifest(art: "Artifact", name: str, runner: Runner) -> ServedModel:
-    info = art.manifest.get("info", {})
-    spec = info.get("preprocess")
-    if not spec:
-        raise ArtifactError(f"{art.ref} has no info.preprocess in its manifest; re-export it with 'gendd export'")
-    io = info.get("io") or {}
-    extra = {"artifact": art.ref, "fingerprint": art.fingerprint}
-    if info.get("setting_label"):
-        extra["sampler"] = info["setting_label"]
+def served_model(spec: DeployedSpec, art: "Artifact", name: str, runner: Runner) -> ServedModel:
+    """How the server describes the artifact `art` (described by `spec`) run by `runner`."""
+    if not spec.preprocess:
+        raise ArtifactError(f"{art.ref} records no preprocessing in its description; re-export it with 'gendd export'")
     runtime = runner.describe().get("runtime") or runner.name
-    extra["runtime"] = runtime
+    extra = {"artifact": art.ref, "fingerprint": art.fingerprint, **({"sampler": spec.readout} if spec.readout else {}), "runtime": runtime}
     return ServedModel.from_meta(
         {
             "name": name,
             "version": numeric_version(art.version),
-            "input_name": _io_name(io, "input", "images"),
-            "output_name": _io_name(io, "output", "logits"),
-            "preprocess": spec,
-            "class_names": info.get("class_names"),
+            "input_name": spec.images.name,
+            "output_name": spec.logits.name,
+            "preprocess": spec.preprocess,
+            "class_names": spec.class_names,
             "needs_noise": runner.needs_noise,
             "platform": TRITON_PLATFORMS.get(runtime, runtime),
             "extra": extra,
@@ -123,8 +109,7 @@ def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: s
     art = loaders.servable_artifact(ctx.store, ctx.pipeline, version, ctx.command)
     runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command, trust_unsigned=ctx.trust_unsigned)
     name = ctx.recipe.serve.model_name or art.pipeline
-    model = served_model_from_manifest(loaders.describing_artifact(ctx.store, served), name, runner)
-    return runner, replace(model, version=numeric_version(served.version), extra={**model.extra, "artifact": served.ref, "fingerprint": served.fingerprint})
+    return runner, served_model(loaders.spec_of(served, ctx.store), served, name, runner)
 
 
 def serve_artifacts(

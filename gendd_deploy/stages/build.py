@@ -16,6 +16,7 @@ import numpy as np
 from gendd_deploy.artifacts import Artifact, Draft, fingerprint, sha256_file
 from gendd_deploy.runtime.base import make_noise
 from gendd_deploy.runtime.parity import compare, gate
+from gendd_deploy.spec import SPEC_KEY, DeployedSpec
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.export import ExportStage, calibration_images
 from gendd_deploy.trt import require_tensorrt
@@ -25,7 +26,6 @@ from gendd_deploy.trt.plan import (
     precision_plan,
     profile_shapes,
     profile_to_json,
-    read_io,
     timing_cache_key,
     trt_major,
 )
@@ -35,17 +35,6 @@ from gendd_deploy.trt.runner import TrtRunner
 ENGINE_FILE = "model.plan"
 TIMING_CACHE = "timing_cache"  # stage / artifact name of the timing cache
 TIMING_FILE = "timing.cache"
-
-
-def noise_spec(onnx_art: Artifact, io: dict) -> tuple[bool, tuple | None]:
-    """(needs_noise, noise_shape_tail) from the onnx manifest, else from the graph's second input."""
-    info = onnx_art.manifest.get("info", {})
-    if "needs_noise" in info:
-        tail = tuple(info.get("noise_shape_tail") or ()) or None
-        return bool(info["needs_noise"]), tail if info["needs_noise"] else None
-    if len(io["inputs"]) > 1:
-        return True, tuple(io["inputs"][1]["shape"][1:])
-    return False, None
 
 
 def calibration_inputs(ctx: Context, noise_tail: tuple | None, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -113,9 +102,9 @@ class BuildStage(Stage):
         bc, ec = ctx.recipe.build, ctx.recipe.export
         onnx_art = inputs["onnx"]
         src = onnx_art.file("model.onnx")
-        io = read_io(src)
-        needs_noise, tail = noise_spec(onnx_art, io)
-        shapes = profile_shapes(io, bc)
+        spec = DeployedSpec.from_manifest(onnx_art.manifest["info"], onnx_art.ref)  # copied unchanged into the engine's manifest
+        tail = spec.noise_tail
+        shapes = profile_shapes(spec.io(), bc)
         plan = precision_plan(trt_major(here["tensorrt"]), bc.precision)
         ctx.log(f"[bold]build[/]: {plan.describe()}; profile batch {bc.min_batch}/{bc.opt_batch}/{bc.max_batch}")
 
@@ -141,7 +130,7 @@ class BuildStage(Stage):
         cache_out = save_timing_cache(ctx, key, built.timing_cache, cache_in)
         ctx.log(f"build: engine built in {built.build_s:.1f}s; timing cache {cache_out.ref}" + (" (reused)" if cache_in else " (new)"))
 
-        runner = TrtRunner(draft.path(ENGINE_FILE), noise_shape_tail=tail, check=False)
+        runner = TrtRunner(draft.path(ENGINE_FILE), spec=spec, check=False)
         report = compare(ref, runner.run(images, noise))
         gate(report, bc.atol, bc.min_agreement, f"TensorRT {bc.precision} engine vs ONNX Runtime fp32", images="calibration images", hint=GATE_HINT)
         latency = runner.latency_ms(bc.opt_batch)
@@ -172,9 +161,7 @@ class BuildStage(Stage):
             "conversion": conversion,
             "profile": profile_to_json(shapes),
             "workspace_mb": bc.workspace_mb,
-            "io": io,
-            "needs_noise": needs_noise,
-            "noise_shape_tail": list(tail) if tail else None,
+            SPEC_KEY: spec.to_manifest(),
             "onnx": {"ref": onnx_art.ref, "fingerprint": onnx_art.fingerprint, "sha256": sha256_file(src)},
             "timing_cache": {"key": key, "used": cache_in.ref if cache_in else None, "saved": cache_out.ref},
             "parity_reference": "ONNX Runtime CPU, fp32 graph, calibration split",

@@ -26,6 +26,7 @@ from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
 from gendd_deploy.runtime.ort import OrtRunner
 from gendd_deploy.runtime.parity import gate, parity
 from gendd_deploy.runtime.torch_runner import TorchRunner
+from gendd_deploy.spec import SPEC_KEY, DeployedSpec
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.calibrate import CalibrateStage
 from gendd_deploy.stages.distill import DistillStage
@@ -60,21 +61,23 @@ class _DeployStage(Stage):
     def _record(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact], model: DeployedModel, *, io: dict, result: dict, file: str, export_s: float) -> None:
         ec, s = ctx.recipe.export, model.setting
         student_info = inputs["student"].manifest["info"]
-        tail = list(model.noise_tail) if model.needs_noise else None
+        spec = DeployedSpec.from_io(
+            io,
+            preprocess=student_info.get("preprocess"),
+            class_names=tuple(student_info["class_names"]) if student_info.get("class_names") else None,
+            method=student_info["method"],
+            readout=s.label() if s is not None else "probe",
+            setting=s.to_dict() if s is not None else None,
+            fixed_noise_seed=int(inputs["sampler"].manifest["info"].get("fixed_noise_seed") or 0) if s is not None and s.noise == "fixed" else None,
+            max_batch=io.get("max_batch"),
+        )
+        if spec.noise_tail != model.noise_tail:  # the graph must take exactly the noise the model draws
+            raise ExportError(f"the exported graph takes noise {spec.noise_tail}, the model draws {model.noise_tail}; export again")
         draft.info.update(
             {
-                "io": {"inputs": io["inputs"], "outputs": io["outputs"]},
-                "method": student_info["method"],
-                "setting": s.to_dict() if s is not None else None,
-                "setting_label": s.label() if s is not None else None,
-                "fixed_noise_seed": int(inputs["sampler"].manifest["info"].get("fixed_noise_seed") or 0) if s is not None and s.noise == "fixed" else None,
-                "needs_noise": model.needs_noise,
-                "noise_shape_tail": tail,
-                "noise": "standard normal from torch.Generator().manual_seed(seed), shape (batch, *noise_shape_tail)" if tail else None,
-                "preprocess": student_info.get("preprocess"),
-                "class_names": student_info.get("class_names"),
+                SPEC_KEY: spec.to_manifest(),
                 "parity_reference": "PyTorch eager (CPU), same images and noise, calibration split",
-                **{k: io[k] for k in ("exporter", "opset", "nodes", "max_batch", "torch") if k in io},
+                **{k: io[k] for k in ("exporter", "opset", "nodes", "torch") if k in io},
             }
         )
         draft.metrics.update(

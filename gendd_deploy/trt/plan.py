@@ -6,7 +6,7 @@ Everything here is pure (numpy and onnx at most) so it is tested on any machine:
   a weakly typed network; TensorRT 11 removed those flags and every network is strongly typed, so
   the precision is written into the ONNX graph first (trt/precision.py) and the builder is told
   nothing about it.
-- `read_io(onnx_path)` / `profile_shapes(io, build_cfg)`: one (min, opt, max) shape per graph
+- `profile_shapes(spec.onnx_io(onnx_path), build_cfg)`: one (min, opt, max) shape per graph
   input, the batch dim from the recipe, every other dim fixed by the graph.
 - `check_compatible(engine_info, here)`: an engine runs only with the TensorRT version and the GPU
   model it was built with; anything else is refused with both sides named.
@@ -19,8 +19,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-
-import onnx
 
 from gendd_deploy.errors import ArtifactError, UsageError
 
@@ -74,32 +72,8 @@ def precision_plan(trt_major: int, precision: str) -> PrecisionPlan:
 
 # ---- graph inputs and the optimization profile ------------------------------------------------
 
-_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32", 7: "int64", 9: "bool", 2: "uint8", 3: "int8"}
-
-
-def read_io(onnx_path: str | Path) -> dict:
-    """{'inputs': [...], 'outputs': [...]} of an ONNX graph, each {'name', 'dtype', 'shape'}.
-
-    A dim is an int when fixed, else the name of its symbol (e.g. 'batch') or None.
-    Initializers listed as graph inputs (old exporters) are not inputs.
-    """
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
-
-    def entry(v) -> dict:
-        tt = v.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        return {"name": v.name, "dtype": _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), "shape": dims}
-
-    return {
-        "inputs": [entry(v) for v in model.graph.input if v.name not in inits],
-        "outputs": [entry(v) for v in model.graph.output],
-    }
-
-
 def _inputs_of(io: Any) -> list[dict]:
-    """Accept read_io()'s dict, a list of input entries, or a {name: shape} mapping."""
+    """Accept spec.onnx_io()'s dict, a list of input entries, or a {name: shape} mapping."""
     if isinstance(io, Mapping) and "inputs" in io:
         return list(io["inputs"])
     if isinstance(io, Mapping):

@@ -21,6 +21,7 @@ from gendd_deploy import seeds
 from gendd_deploy.artifacts import MANIFEST, Artifact
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.runtime.base import Runner
+from gendd_deploy.spec import DeployedSpec
 from gendd_deploy.trt import import_tensorrt, require_tensorrt
 from gendd_deploy.trt.plan import check_compatible
 
@@ -54,7 +55,9 @@ def _engine_source(engine) -> tuple[Path, dict | None, str]:
 class TrtRunner(Runner):
     name = "tensorrt"
 
-    def __init__(self, engine, noise_shape_tail: tuple | None = None, check: bool = True, device: int = 0):
+    def __init__(self, engine, spec: DeployedSpec | None = None, check: bool = True, device: int = 0):
+        """`spec`: the deployed model's description; by default the engine manifest's (as the build
+        copied it from the onnx artifact), else the engine's own tensors."""
         require_tensorrt("the TensorRT runner")
 
         trt = import_tensorrt()
@@ -66,9 +69,6 @@ class TrtRunner(Runner):
                     "gpu": torch.cuda.get_device_name(device),
                     "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}
             check_compatible(info, here, hint)
-        if noise_shape_tail is None and self.info.get("needs_noise"):
-            noise_shape_tail = tuple(self.info["noise_shape_tail"])
-        super().__init__(noise_shape_tail)
 
         self.device = torch.device("cuda", device)
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -82,11 +82,17 @@ class TrtRunner(Runner):
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
         if len(self.outputs) != 1:
             raise ArtifactError(f"engine {path} has outputs {self.outputs}; expected one (logits)")
-        if (len(self.inputs) > 1) != self.needs_noise:
-            raise UsageError(f"engine inputs are {self.inputs} but noise_shape_tail is {self.noise_shape_tail}")
-        # feed by name where the graph uses gendd's names, else by position (images first)
-        self.images_name = "images" if "images" in self.inputs else self.inputs[0]
-        self.noise_name = ("noise" if "noise" in self.inputs else self.inputs[1]) if self.needs_noise else None
+        if spec is None and info:
+            spec = DeployedSpec.from_manifest(info, str(path.parent))
+        if spec is None:
+            entry = lambda n: {"name": n, "dtype": "float32", "shape": list(self.engine.get_tensor_shape(n))}  # noqa: E731
+            spec = DeployedSpec.from_io({"inputs": [entry(n) for n in self.inputs], "outputs": [entry(n) for n in self.outputs]})
+        self.spec = spec
+        if [t.name for t in spec.inputs] != self.inputs:
+            raise UsageError(f"engine inputs are {self.inputs} but its description names {[t.name for t in spec.inputs]}; rebuild it with 'gendd build'")
+        super().__init__(spec.noise_tail)
+        self.images_name = spec.images.name
+        self.noise_name = spec.noise.name if spec.noise else None
         lo, _, hi = self.engine.get_tensor_profile_shape(self.images_name, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self._lock = threading.Lock()  # one execution context: one batch at a time
