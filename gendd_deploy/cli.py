@@ -238,7 +238,7 @@ def bench(
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
     models: Annotated[Optional[list[str]], typer.Option("--models", help="models to measure, repeatable: teacher, ce, kd, calibrated, reference, probe \\[default: teacher, ce, kd, calibrated]")] = None,
-    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="runtimes to measure \\[default: torch, onnxruntime, tensorrt where available]; add aoti explicitly")] = None,
+    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="runtimes to measure \\[default: every registered runtime usable here but aoti, which compiles for minutes: name it]")] = None,
     batch: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 32, 256],
     reps: Annotated[int, typer.Option(help="timed runs per point (after one warm-up)")] = 20,
     budget_s: Annotated[float, typer.Option(help="stop timing a model at a batch size after this many seconds of its runs (at least 2 runs)")] = 5.0,
@@ -252,7 +252,7 @@ def bench(
 
     def go():
         from gendd_deploy.bench.runtime import MODEL_CHOICES
-        from gendd_deploy.runtime import RUNTIMES
+        from gendd_deploy.runtime.registry import RUNTIMES
 
         bad = [f"--batch {b}" for b in batch if b < 1] + ([f"--reps {reps}"] if reps < 1 else []) + ([f"--limit {limit}"] if limit < 0 else [])
         bad += [f"--budget-s {budget_s}"] if not (budget_s > 0 and budget_s < float("inf")) else []
@@ -399,7 +399,8 @@ def _summary(built: dict) -> None:
             lines.append(f"chosen sampler: {label}; calibration top-1 {sm.get('calib_top1')}% (reference {sm.get('reference_top1')}%)")
             if ratio is not None:
                 batch = built["calibrate"].config.get("calibrate", {}).get("latency_batch", "?")
-                lines.append(f"latency ({sm.get('runtime')}, batch {batch}): {ratio:.2f}x the plain student (linear probe), {ref:.4f}x the reference sampler")
+                vs_ref = f", {ref:.4f}x the reference sampler" if ref is not None else ""  # kd / ce students have none
+                lines.append(f"latency ({sm.get('runtime')}, batch {batch}): {ratio:.2f}x the plain student (linear probe){vs_ref}")
     if "export" in built:
         em = built["export"].metrics
         lines.append(f"ONNX parity vs PyTorch: max |logit diff| {em.get('max_abs_diff')}, top-1 agreement {em.get('top1_agreement')} on {em.get('n')} calibration images")

@@ -135,3 +135,22 @@ def test_serve_takes_triton_port_names():
     text = re.sub(r"\s+", " ", CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output)
     assert "--http-port" in text and "--grpc-port" in text and "-1 = no gRPC" in text
     assert "repeat for several models or versions" in text
+
+
+def test_run_summary_of_a_plain_student_has_no_reference_sampler_line(capsys):
+    """`gendd run` with distill.method = kd / ce: calibrate records no reference sampler, and the
+    closing summary must still print (it raised a TypeError on the missing ratio)."""
+    from types import SimpleNamespace
+
+    from gendd_deploy import cli
+    from gendd_deploy.models.deployed import SamplerSetting
+
+    def art(stage, metrics, info=None, config=None):
+        return SimpleNamespace(ref=f"tiny/{stage}/v001", short="0123abcd", metrics=metrics, manifest={"info": info or {}}, config=config or {})
+
+    calibrate = art("sampler", {"latency_ms": 2.0, "probe_latency_ms": 1.0, "calib_top1": 90.0, "runtime": "onnxruntime"},
+                    {"setting": SamplerSetting.probe().to_dict()}, {"calibrate": {"latency_batch": 32}})
+    export = art("onnx", {"parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0, "n": 32}})
+    cli._summary({"calibrate": calibrate, "export": export})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2.00x the plain student (linear probe)" in out and "reference sampler" not in out
