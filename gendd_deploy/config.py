@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gendd_deploy.errors import UsageError
 
@@ -180,10 +180,22 @@ class CalibrateConfig(Section):
     confidence: float = Field(0.95, gt=0, lt=1, description="two-sided level of the paired bootstrap interval")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the calibration images")
     readouts: bool = Field(True, description="fitted linear read-outs of the student are candidates too")
-    runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    runtime: str = Field("onnxruntime", description="where candidate read-outs are timed: torch, or a runtime that runs the exported ONNX graph")
     latency_batch: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0, description="calibration images to use")
     max_settings: int = Field(200, gt=0, description="cap on the grid size (cheapest first)")
+
+
+    @field_validator("runtime")
+    @classmethod
+    def _timed_runtime(cls, v: str) -> str:
+        from gendd_deploy.runtime import registry
+
+        entry = registry.get_or_none(v)
+        if entry is None or entry.stage not in (None, "onnx"):
+            ok = [e.name for e in registry.RUNTIMES.values() if e.stage in (None, "onnx")]
+            raise ValueError(f"calibrate times the exported graph on torch or a runtime that runs ONNX files ({', '.join(ok)}), not '{v}'")
+        return v
 
 
 class ExportConfig(Section):
@@ -215,7 +227,7 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, lt=65536, description="HTTP port (also --http-port, as Triton names it)")
     grpc_port: int = Field(8001, ge=-1, lt=65536, description="gRPC port (KServe v2 GRPCInferenceService); -1 = no gRPC")
-    runtime: Literal["onnxruntime", "aoti", "torch", "tensorrt"] = "onnxruntime"
+    runtime: str = Field("onnxruntime", description="a registered runtime: onnxruntime, aoti, torch, tensorrt, ...")
     model_name: str | None = Field(None, pattern=SAFE_NAME, description="name in URLs (letters, digits, '_', '.', '-'); default: the pipeline name")
     max_batch: int = Field(32, gt=0)
     max_delay_ms: float = Field(5.0, ge=0)
@@ -227,6 +239,15 @@ class ServeConfig(Section):
     idle_timeout_s: float = Field(15.0, gt=0, description="an idle keep-alive connection is closed after this long")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must all arrive within this long of its first byte")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must all arrive within this long of its headers")
+
+    @field_validator("runtime")
+    @classmethod
+    def _registered_runtime(cls, v: str) -> str:
+        from gendd_deploy.runtime import registry
+
+        if registry.get_or_none(v) is None:
+            raise ValueError(f"unknown runtime '{v}'; choose one of: {', '.join(registry.RUNTIMES)}")
+        return v
 
 
 class Recipe(Section):

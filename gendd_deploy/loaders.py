@@ -20,15 +20,12 @@ from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent, HeadSpec
-from gendd_deploy.runtime.aoti import AotiRunner
-from gendd_deploy.runtime.ort import OrtRunner
-from gendd_deploy.runtime.torch_runner import TorchRunner
+from gendd_deploy.runtime import registry
 from gendd_deploy.signing import require_trusted
 from gendd_deploy.spec import DeployedSpec
-from gendd_deploy.trt.runner import TrtRunner  # refuses a machine without TensorRT / a GPU, naming why
 
-ONNX_FILE = "model.onnx"
-AOTI_FILE = "model.pt2"
+ONNX_FILE = registry.get("onnxruntime").file  # model.onnx
+AOTI_FILE = registry.get("aoti").file  # model.pt2
 
 
 def load_tensors(art: Artifact, name: str) -> dict:
@@ -149,29 +146,27 @@ def spec_of(art: Artifact, store: Store | None = None) -> DeployedSpec:
     return spec
 
 
-def load_onnx_runner(onnx_art: Artifact, providers: list[str] | None = None):
-    """An OrtRunner for the artifact's model.onnx, described by its manifest."""
-    return OrtRunner(onnx_art.file(ONNX_FILE), providers=providers, spec=spec_of(onnx_art))
-
-
-def load_aoti_runner(aoti_art: Artifact, device: str = "cpu"):
-    return AotiRunner(aoti_art.file(AOTI_FILE), spec=spec_of(aoti_art), device=device)
+def artifact_runner(art: Artifact, store: Store | None = None, runtime: str | None = None, **options):
+    """A runner for the file in `art` (onnx, aoti or engine), described by its manifest: by
+    `runtime`, else the registry's runtime for the artifact's stage. `options` go to the runner
+    (device, providers, ...)."""
+    entry = registry.get(runtime) if runtime else registry.for_stage(art.stage)
+    if entry is None or entry.stage != art.stage:
+        raise UsageError(f"{art.ref} is a {art.stage} artifact, which {'no runtime' if entry is None else f'runtime {entry.name}'} runs")
+    return registry.make_runner(entry.name, path=art.file(entry.file), spec=spec_of(art, store), **options)
 
 
 # ---- what `gendd serve` and the serving benchmark run -----------------------------------------
 
-SERVABLE = {"onnx": "onnxruntime", "aoti": "aoti", "engine": "tensorrt"}  # artifact stage -> its own runtime
-RUNTIME_NAMES = "onnxruntime, aoti, torch or tensorrt"
-
-
 def servable_artifact(store: Store, pipeline: str, version: str | None, command: Callable[[str], str]) -> Artifact:
-    """The artifact to serve, verified: `version` (any 'gendd artifacts show' handle, an onnx, aoti
-    or engine artifact), else the pipeline's newest onnx artifact. `command(stage)` spells the
-    command that makes a stage's artifact, for the messages."""
+    """The artifact to serve, verified: `version` (any 'gendd artifacts show' handle, an artifact a
+    registered runtime runs: onnx, aoti, engine), else the pipeline's newest onnx artifact.
+    `command(stage)` spells the command that makes a stage's artifact, for the messages."""
     if version:
         art = store.resolve(version)
-        if art.stage not in SERVABLE:
-            raise UsageError(f"{art.ref} is a {art.stage} artifact; serve an onnx artifact (made by '{command('export')}'), or an aoti or engine one")
+        if registry.for_stage(art.stage) is None:
+            kinds = ", ".join(registry.servable_stages())
+            raise UsageError(f"{art.ref} is a {art.stage} artifact; serve an onnx artifact (made by '{command('export')}'), or another one a runtime runs ({kinds})")
     else:
         art = store.latest(pipeline, "onnx")
         if art is None:
@@ -180,55 +175,44 @@ def servable_artifact(store: Store, pipeline: str, version: str | None, command:
 
 
 def _model_inputs(art: Artifact) -> set[tuple[str, str]]:
-    """(stage, fingerprint) of the student / sampler an onnx or aoti artifact was exported from."""
+    """(stage, fingerprint) of the student / sampler an artifact was exported from."""
     return {(i.get("stage"), i.get("fingerprint")) for i in art.manifest.get("inputs", []) if i.get("stage") in ("student", "sampler")}
 
 
-def _newest(store: Store, art: Artifact, stage: str, match: Callable[[Artifact], bool]) -> Artifact | None:
-    """The newest `stage` artifact of art's pipeline that `match` accepts."""
-    hits = [a for a in store.list(art.pipeline, stage) if match(a)]
-    return max(hits, key=lambda a: int(a.version[1:])) if hits else None
+def _made_from(onnx_art: Artifact) -> Callable[[Artifact], bool]:
+    """Whether an artifact runs the same model as `onnx_art`: built from it (an engine), or exported
+    from the same student and sampler (an AOTInductor package)."""
+    want = _model_inputs(onnx_art)
+    return lambda a: any(i.get("fingerprint") == onnx_art.fingerprint for i in a.manifest.get("inputs", [])) or (bool(want) and _model_inputs(a) == want)
 
 
-def _sibling(store: Store, art: Artifact, stage: str, match: Callable[[Artifact], bool], missing: str, remake: str) -> Artifact:
-    """The newest verified `stage` artifact of art's pipeline that `match` accepts; the errors say
-    `missing` and the command `remake` that makes one."""
-    found = _newest(store, art, stage, match)
-    if found is None:
-        raise ArtifactError(f"{missing}; run '{remake}'")
+def _sibling(store: Store, onnx_art: Artifact, entry: registry.RuntimeEntry, command: Callable[[str], str]) -> Artifact:
+    """The newest verified artifact of entry.stage that runs the same model as `onnx_art`."""
+    match = _made_from(onnx_art)
+    hits = [a for a in store.list(onnx_art.pipeline, entry.stage) if match(a)]
+    remake = command(entry.made_by or entry.stage)
+    if not hits:
+        raise ArtifactError(f"no {entry.what or entry.stage + ' artifact'} made from {onnx_art.ref} (runtime {entry.name} runs one); run '{remake}'")
+    found = max(hits, key=lambda a: int(a.version[1:]))
     return store.check_input(found, f"delete {found.path} and run '{remake}'")
 
 
 def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Callable[[], torch.device], command: Callable[[str], str], trust_unsigned: bool = False):
-    """(runner, the artifact it runs) for `runtime`, from the onnx artifact `art` or its sibling
-    made from the same student (aoti package, TensorRT engine); torch runs the model it was
-    exported from on `device()`. Native code (aoti, engine) loads only with a trusted signature
-    (signing.py) unless `trust_unsigned`."""
-    hint = command("export")
-    if runtime == "onnxruntime":
-        if art.stage != "onnx":
-            raise UsageError(f"runtime onnxruntime serves an onnx artifact, not {art.ref}; pass --runtime {SERVABLE[art.stage]}")
-        return load_onnx_runner(art), art
-    if runtime == "aoti":
-        if art.stage == "onnx":
-            want = _model_inputs(art)
-            missing = f"no AOTInductor package exported from the same student as {art.ref}"
-            art = _sibling(store, art, "aoti", lambda a: _model_inputs(a) == want, missing, f"{hint} --aoti")
-        elif art.stage != "aoti":
-            raise UsageError(f"runtime aoti serves an onnx or aoti artifact, not {art.ref}")
-        require_trusted(art, trust_unsigned)
-        return load_aoti_runner(art), art
-    if runtime == "torch":
-        if art.stage not in ("onnx", "aoti"):
-            raise UsageError(f"runtime torch serves the model behind an onnx or aoti artifact, not {art.ref}")
+    """(runner, the artifact it runs) for `runtime` (any registered one), from the onnx artifact
+    `art` or its sibling that runs the same model (an aoti package, a TensorRT engine); torch runs
+    the PyTorch model an export was made from, on `device()`. Native code (aoti, engine) loads
+    only with a trusted signature (signing.py) unless `trust_unsigned`."""
+    entry = registry.get(runtime)
+    if entry.stage is None:  # the PyTorch model behind an export
+        if registry.for_stage(art.stage) is None or art.stage == "engine":
+            raise UsageError(f"runtime {runtime} serves the model behind an onnx or aoti artifact, not {art.ref}")
         where = device()
-        return TorchRunner(deployed_from_export(art, store, where), where), art
-    if runtime == "tensorrt":
-        if art.stage == "onnx":
-            built_from = lambda a, fp=art.fingerprint: any(i.get("fingerprint") == fp for i in a.manifest.get("inputs", []))  # noqa: E731
-            art = _sibling(store, art, "engine", built_from, f"no TensorRT engine built from {art.ref}", command("build"))
-        elif art.stage != "engine":
-            raise UsageError(f"runtime tensorrt serves an onnx or engine artifact, not {art.ref}")
+        return registry.make_runner(runtime, model=deployed_from_export(art, store, where), device=where), art
+    if art.stage != entry.stage:
+        if art.stage != "onnx":
+            own = registry.for_stage(art.stage)
+            raise UsageError(f"runtime {runtime} serves {entry.stage} artifacts (or finds one from an onnx artifact), not {art.ref}; pass --runtime {own.name if own else 'onnxruntime'}")
+        art = _sibling(store, art, entry, command)
+    if entry.native_code:
         require_trusted(art, trust_unsigned)
-        return TrtRunner(art, spec=spec_of(art, store)), art
-    raise UsageError(f"unknown runtime '{runtime}'; use {RUNTIME_NAMES}")
+    return artifact_runner(art, store, runtime), art

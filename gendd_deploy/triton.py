@@ -28,6 +28,7 @@ from typing import Any
 from gendd_deploy import __version__
 from gendd_deploy.artifacts import Artifact, sha256_file, verify_artifact
 from gendd_deploy.errors import ArtifactError, UsageError
+from gendd_deploy.runtime import registry
 from gendd_deploy.spec import DeployedSpec
 
 VERSIONS_FILE = "versions.json"
@@ -102,7 +103,7 @@ def render_config(
         *([f"  default_queue_policy {{ max_queue_size: {queue_size} }}"] if queue_size else []),
         "}",
     ]
-    if platform == "tensorrt_plan":
+    if platform == registry.get("tensorrt").triton_platform:
         lines += ["# a TensorRT plan runs on the GPU model it was built for", f"instance_group [ {{ kind: KIND_GPU, count: {instances} }} ]"]
     else:
         lines += [f"instance_group [ {{ count: {instances} }} ]"]
@@ -193,11 +194,14 @@ def write_triton_repo(
     serve_cfg: Any = None,
     build_cfg: Any = None,
     preprocess: dict | None = None,
+    runtime: str | None = None,
 ) -> Path:
     """Add one version of the model to the Triton repository `out_dir`; return the version folder.
 
-    `preprocess` (e.g. DataBundle.preprocess: size, mean, std) is recorded in versions.json for
-    clients; by default it is taken from the onnx artifact's manifest when recorded there.
+    The file copied and its Triton platform come from the runtime registry: the engine's runtime
+    when `engine_art` is given, else the ONNX artifact's, or `runtime` (another registered runtime
+    that runs the same kind of artifact). `preprocess` (e.g. DataBundle.preprocess: size, mean,
+    std) is recorded in versions.json for clients; by default the model description's.
     """
     if not _NAME_RE.match(model_name):
         raise UsageError(f"Triton model name '{model_name}' may use only letters, digits, '_', '.', '-'; set [serve] model_name")
@@ -205,9 +209,14 @@ def write_triton_repo(
         problems = verify_artifact(art) if art is not None else []
         if problems:
             raise ArtifactError(f"{problems[0]}; nothing was written to {out_dir}. Rebuild it with 'gendd run --rebuild-corrupt' (or delete {art.path} and export again)")
-    onnx_path = onnx_art.file("model.onnx")
     spec = DeployedSpec.from_manifest(onnx_art.manifest.get("info", {}), onnx_art.ref)
     io = spec.io()
+    source = engine_art if engine_art is not None else onnx_art
+    entry = registry.get(runtime) if runtime else registry.for_stage(source.stage)
+    if entry is None or entry.stage != source.stage:
+        raise UsageError(f"runtime {runtime or '(none)'} does not run {source.stage} artifacts such as {source.ref}; Triton serves what a runtime runs")
+    platform, filename = entry.triton_platform, entry.file
+    src = source.file(filename)
     if engine_art is not None:
         info = engine_art.manifest.get("info", {})
         if info.get("onnx", {}).get("fingerprint") not in (None, onnx_art.fingerprint):
@@ -216,10 +225,8 @@ def write_triton_repo(
         lo, opt, hi = prof["min"][0], prof["opt"][0], prof["max"][0]
         if lo > 1:
             raise UsageError(f"engine {engine_art.ref} has min batch {lo}; Triton sends batches from 1, so rebuild with --set build.min_batch=1")
-        platform, src, filename, source = "tensorrt_plan", engine_art.file("model.plan"), "model.plan", engine_art
     else:
         opt, hi = _field(build_cfg, "opt_batch", 32), _field(build_cfg, "max_batch", 256)
-        platform, src, filename, source = "onnxruntime_onnx", onnx_path, "model.onnx", onnx_art
     max_delay_us = int(round(float(_field(serve_cfg, "max_delay_ms", 5.0)) * 1000))
     preferred = sorted({b for b in (opt, hi) if 1 <= b <= hi})
 

@@ -207,7 +207,7 @@ def test_export_stage_end_to_end(tiny_context):
     from gendd_deploy.artifacts import verify_artifact
     from gendd_deploy.stages import run_chain
     from gendd_deploy.stages.distill import DistillStage
-    from gendd_deploy.loaders import deployed_from_artifacts, deployed_from_export, load_onnx_runner, runner_for_artifact
+    from gendd_deploy.loaders import artifact_runner, deployed_from_artifacts, deployed_from_export, runner_for_artifact
     from gendd_deploy.stages.export import ExportStage
 
     ctx = tiny_context("teacher.epochs=1", "distill.epochs=1", "data.train_limit=128", "data.test_limit=32", "export.parity_limit=24")
@@ -229,7 +229,7 @@ def test_export_stage_end_to_end(tiny_context):
     assert {i["stage"] for i in art.manifest["inputs"]} == {"student", "sampler", "data"}
 
     # library helpers rebuild the same model and runner
-    runner = load_onnx_runner(art)
+    runner = artifact_runner(art)
     assert runner.noise_shape_tail == spec.noise_tail and runner.spec == spec
     model = deployed_from_artifacts(student, sampler)
     assert deployed_from_export(art, ctx.store).setting == model.setting == setting

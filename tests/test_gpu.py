@@ -22,7 +22,7 @@ from gendd_deploy.runtime.torch_runner import TorchRunner
 from gendd_deploy.stages import run_chain
 from gendd_deploy.stages.cache import CacheStage
 from gendd_deploy.loaders import load_student
-from gendd_deploy.loaders import deployed_from_export, load_onnx_runner
+from gendd_deploy.loaders import artifact_runner, deployed_from_export
 from gendd_deploy.stages.export import ExportStage, calibration_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible here)")
@@ -99,7 +99,7 @@ def test_sampler_on_cuda_matches_cpu_for_the_same_noise(cuda_chain, setting):
 def test_onnx_export_matches_the_cuda_model(cuda_chain):
     onnx_art = cuda_chain["onnx"]
     model = deployed_from_export(onnx_art, cuda_chain["ctx"].store, device="cuda")
-    ort = load_onnx_runner(onnx_art, providers=["CPUExecutionProvider"])
+    ort = artifact_runner(onnx_art, device="cpu")
     x = calibration_images(cuda_chain["ctx"], 64)
     noise = make_noise((len(x),) + ort.noise_shape_tail, 0) if ort.needs_noise else None
     a, b = ort.run(x, noise), TorchRunner(model, "cuda").run(x, noise)

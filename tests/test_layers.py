@@ -69,3 +69,34 @@ def test_the_check_sees_imports_at_any_depth(tmp_path, source, caught):
     p.write_text(source)
     got = [mod for _, mod in _imports(p) if mod == "gendd_deploy.stages" or mod.startswith("gendd_deploy.stages.")]
     assert bool(got) == caught
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports, at any depth (an import inside a function to dodge
+    a circle is still a circle). `from pkg import name` counts pkg, and pkg.name when that is a module."""
+    files = {_module_name(p): p for p in _modules(PKG)}
+    return {name: {mod for _, mod in _imports(path) if mod in files and mod != name} for name, path in files.items()}
+
+
+def test_no_import_circle_anywhere_in_the_package():
+    graph = _import_graph()
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []

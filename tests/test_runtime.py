@@ -9,7 +9,7 @@ from torch import nn
 
 from gendd_deploy.errors import GateError, MissingDependency, UsageError
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.runtime import RUNTIMES, available_runtimes, make_runner, register_runtime, runtime_status
+from gendd_deploy.runtime import RUNTIMES, RuntimeEntry, available_runtimes, make_runner, register, runtime_status, unregister
 from gendd_deploy.runtime.base import Runner, make_noise
 from gendd_deploy.runtime.parity import gate, parity
 from conftest import ONNX_IR
@@ -79,23 +79,23 @@ def test_tensorrt_is_registered_and_says_why_it_is_absent():
     else:
         assert "TensorRT" in why and "pip install" in why
         with pytest.raises(MissingDependency, match="runtime 'tensorrt' is not available here"):
-            make_runner("tensorrt", onnx_path="model.onnx")
+            make_runner("tensorrt", path="model.plan")
 
 
 def test_make_runner_refuses_unknown_and_unavailable_runtimes():
     with pytest.raises(UsageError, match="unknown runtime 'nope'.*torch"):
         make_runner("nope")
-    register_runtime("absent", lambda **kw: None, lambda: "needs hardware we do not have")
+    register(RuntimeEntry("absent", "onnx", "model.onnx", "absent_onnx", "export", lambda **kw: None, lambda: "needs hardware we do not have"))
     try:
         assert "absent" not in available_runtimes()
         with pytest.raises(MissingDependency, match="needs hardware we do not have"):
-            make_runner("absent")
+            make_runner("absent", path="model.onnx")
     finally:
-        RUNTIMES.pop("absent")
+        unregister("absent")
 
 
 def test_make_runner_needs_its_model_file():
-    with pytest.raises(ValueError, match="onnx_path"):
+    with pytest.raises(ValueError, match="path=.*model.onnx"):
         make_runner("onnxruntime")
     with pytest.raises(ValueError, match="model"):
         make_runner("torch")
@@ -141,7 +141,7 @@ def test_ort_runner_filters_out_a_provider_it_does_not_have(tmp_path):
 
 def test_ort_runner_reads_the_noise_input_from_the_graph(tmp_path):
     w = linear_onnx(tmp_path / "n.onnx", with_noise=True)
-    r = make_runner("onnxruntime", onnx_path=tmp_path / "n.onnx")
+    r = make_runner("onnxruntime", path=tmp_path / "n.onnx")
     assert r.noise_name == "noise" and r.noise_shape_tail == (4,)
     x = np.ones((2, 1, 2, 2), np.float32)
     nz = r.noise(2, seed=3)
@@ -150,7 +150,7 @@ def test_ort_runner_reads_the_noise_input_from_the_graph(tmp_path):
     with pytest.raises(ValueError, match="noise"):
         r.run(x)
     linear_onnx(tmp_path / "m.onnx")
-    assert not make_runner("onnxruntime", onnx_path=tmp_path / "m.onnx").needs_noise
+    assert not make_runner("onnxruntime", path=tmp_path / "m.onnx").needs_noise
 
 
 # ---- parity and the gate ----------------------------------------------------------------------
@@ -203,7 +203,7 @@ def _build_onnxruntime(model, tmp_path):
     from gendd_deploy.runtime.onnx_export import export_onnx
 
     export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8))
-    return {"onnx_path": tmp_path / "m.onnx"}
+    return {"path": tmp_path / "m.onnx"}
 
 
 def _build_aoti(model, tmp_path):
@@ -211,11 +211,17 @@ def _build_aoti(model, tmp_path):
 
     info = export_aoti(model, tmp_path / "m.pt2", torch.randn(2, 1, 8, 8))
     assert [i["name"] for i in info["inputs"]] == ["images", "noise"] and info["outputs"][0]["shape"] == ["batch", 10]
-    return {"aoti_path": tmp_path / "m.pt2"}  # no noise_shape_tail: the package carries it
+    return {"path": tmp_path / "m.pt2"}  # no spec: the package carries its io
+
+
+def _build_tensorrt(model, tmp_path):
+    from gendd_deploy.trt.builder import fp32_engine
+
+    return {"path": fp32_engine(_build_onnxruntime(model, tmp_path)["path"])}
 
 
 # runtime -> how to make its model file from a DeployedModel; a new runtime adds its builder here
-BUILDERS = {"torch": _build_torch, "onnxruntime": _build_onnxruntime, "aoti": _build_aoti, "tensorrt": _build_onnxruntime}  # TensorRT builds an fp32 engine from the graph
+BUILDERS = {"torch": _build_torch, "onnxruntime": _build_onnxruntime, "aoti": _build_aoti, "tensorrt": _build_tensorrt}
 SLOW = {"aoti"}  # compiles C++: ~20 s warm, minutes on a busy 2-core box
 
 

@@ -733,10 +733,59 @@ def test_load_artifact_model_errors_name_the_fix(tiny_context, onnx_path):
     with pytest.raises(UsageError, match="no artifact 'v999'"):
         load_artifact_model(ctx, "onnxruntime", version="v999")
     _publish_onnx(ctx, onnx_path)
-    with pytest.raises(ArtifactError, match="no AOTInductor package .* run 'gendd export .*--aoti'"):
+    with pytest.raises(ArtifactError, match="no AOTInductor package made from tiny/onnx/v001 .*; run 'gendd export --aoti"):
         load_artifact_model(ctx, "aoti")
-    with pytest.raises(ArtifactError, match="no TensorRT engine built from tiny/onnx/v001; run 'gendd build"):
+    with pytest.raises(ArtifactError, match="no TensorRT engine made from tiny/onnx/v001 .*; run 'gendd build"):
         load_artifact_model(ctx, "tensorrt")
+
+
+def test_a_registered_runtime_is_seen_by_config_serve_bench_and_the_triton_writer(tiny_context, onnx_path, tmp_path):
+    """Adding a runtime is one module and one register() call (docs/extending.md): a toy runtime of
+    ONNX graphs is then accepted by the config, served by `gendd serve`, measured by `gendd bench`
+    and written by the Triton writer with its own platform."""
+    import torch
+
+    from gendd_deploy.bench.runtime import _runner as bench_runner
+    from gendd_deploy.config import ServeConfig
+    from gendd_deploy.runtime import RuntimeEntry, register, runtime_status, unregister
+    from gendd_deploy.runtime.ort import OrtRunner
+    from gendd_deploy.serve import load_artifact_model
+    from gendd_deploy.triton import write_triton_repo
+
+    class ToyRunner(OrtRunner):
+        name = "toy"
+
+    made = []
+
+    def toy(path=None, spec=None, **_):
+        made.append(path)
+        return ToyRunner(path, providers=["CPUExecutionProvider"], intra_op_threads=1, spec=spec)
+
+    with pytest.raises(ValueError, match="unknown runtime 'toy'"):
+        ServeConfig(runtime="toy")
+    register(RuntimeEntry("toy", "onnx", "model.onnx", "toy_onnx", "export", toy, lambda: None, what="ONNX graph"))
+    try:
+        assert ServeConfig(runtime="toy").runtime == "toy" and runtime_status()["toy"] is None
+        ctx = tiny_context()
+        art = _publish_onnx(ctx, onnx_path)
+        runner, model = load_artifact_model(ctx, "toy")  # serve: the onnx artifact's file, by the toy runtime
+        assert isinstance(runner, ToyRunner) and made[-1] == art.file("model.onnx")
+        assert model.platform == "toy_onnx" and model.extra["runtime"] == "toy"
+        x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(runner.run(x), ort_runner(onnx_path).run(x), atol=1e-6)
+
+        from test_export import tiny_student  # bench: a model exported to ONNX and run by the toy runtime
+
+        from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
+
+        model_ = DeployedModel(tiny_student(), SamplerSetting.probe()).eval()
+        got = bench_runner("toy", model_, tmp_path, torch.randn(2, 1, 8, 8), name="tiny", device=torch.device("cpu"))
+        assert isinstance(got, ToyRunner) and made[-1] == tmp_path / "tiny.onnx"
+
+        version = write_triton_repo(art, None, tmp_path / "repo", "tiny", runtime="toy")  # the writer: its platform
+        assert 'platform: "toy_onnx"' in (version.parent / "config.pbtxt").read_text() and (version / "model.onnx").is_file()
+    finally:
+        unregister("toy")
 
 
 def test_serve_artifacts_serves_the_latest_onnx(tiny_context, onnx_path, runner):

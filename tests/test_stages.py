@@ -1,6 +1,5 @@
 """Teacher, cache and distill stages end to end on a tiny digits recipe."""
 
-import json
 import signal
 import subprocess
 import sys

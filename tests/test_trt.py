@@ -4,6 +4,7 @@ Everything above the GPU section runs on any machine. The GPU section builds tin
 skips with the reason where TensorRT or a CUDA GPU is absent.
 """
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -13,9 +14,11 @@ import torch
 from torch import nn
 
 from gendd_deploy.runtime.parity import compare, gate
+from gendd_deploy.runtime.registry import RUNTIMES
 from gendd_deploy.config import BuildConfig
 from gendd_deploy.errors import ArtifactError, GateError, MissingDependency, UsageError
 from gendd_deploy.spec import DeployedSpec, onnx_io
+from gendd_deploy.runtime.tensorrt import check_compatible, trt_major
 from gendd_deploy.trt import plan as P
 from gendd_deploy.trt.precision import convert_precision, gate_conversion, ort_logits
 from conftest import ONNX_IR
@@ -95,7 +98,7 @@ def test_precision_plan_refuses_old_tensorrt_and_unknown_precision():
         P.precision_plan(8, "fp16")
     with pytest.raises(UsageError, match="fp32, fp16, bf16"):
         P.precision_plan(10, "int8")
-    assert P.trt_major("10.9.0.34") == 10 and P.trt_major("11.0.1") == 11
+    assert trt_major("10.9.0.34") == 10 and trt_major("11.0.1") == 11
 
 
 # ---- profile shapes -------------------------------------------------------------------------
@@ -127,7 +130,7 @@ BUILT = {"tensorrt": "10.9.0.34", "cuda": "12.8", "gpu": "NVIDIA H100 80GB HBM3"
 
 
 def test_check_compatible_accepts_the_same_machine():
-    P.check_compatible(BUILT, dict(BUILT, cuda="12.9"))  # CUDA minor is recorded, not compared
+    check_compatible(BUILT, dict(BUILT, cuda="12.9"))  # CUDA minor is recorded, not compared
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,7 @@ def test_check_compatible_accepts_the_same_machine():
 )
 def test_check_compatible_refuses_a_mismatch_naming_both_sides(here, what):
     with pytest.raises(ArtifactError) as e:
-        P.check_compatible(BUILT, here, rebuild_hint="gendd build -p x.toml")
+        check_compatible(BUILT, here, rebuild_hint="gendd build -p x.toml")
     msg = str(e.value)
     assert what in msg and "gendd build -p x.toml" in msg
     assert "TensorRT 10.9.0.34" in msg and "NVIDIA H100 80GB HBM3" in msg  # the engine's side
@@ -151,7 +154,7 @@ def test_check_compatible_refuses_a_mismatch_naming_both_sides(here, what):
 
 def test_check_compatible_refuses_a_manifest_without_identity():
     with pytest.raises(ArtifactError, match="lacks gpu"):
-        P.check_compatible({"tensorrt": "10.9.0"}, BUILT)
+        check_compatible({"tensorrt": "10.9.0"}, BUILT)
 
 
 def test_timing_cache_key_is_gpu_capability_and_tensorrt():
@@ -274,7 +277,7 @@ class _FakeTrt:
     ],
 )
 def test_build_without_tensorrt_or_gpu_refuses_and_writes_nothing(tiny_context, tmp_path, monkeypatch, trt_import, gpu, expect):
-    import gendd_deploy.trt as trt_pkg
+    import gendd_deploy.runtime.tensorrt as trt_pkg
     from gendd_deploy.stages.build import BuildStage, export_and_build
 
     monkeypatch.setattr(trt_pkg, "import_tensorrt", trt_import)
@@ -294,7 +297,7 @@ def test_build_without_tensorrt_or_gpu_refuses_and_writes_nothing(tiny_context, 
 def test_cli_build_exits_5_with_the_install_hint(tiny_recipe, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import gendd_deploy.trt as trt_pkg
+    import gendd_deploy.runtime.tensorrt as trt_pkg
     from gendd_deploy import stages
     from gendd_deploy.cli import app
 
@@ -310,7 +313,7 @@ def test_cli_build_exits_5_with_the_install_hint(tiny_recipe, tmp_path, monkeypa
 
 
 def _fake_machine(monkeypatch, version):
-    import gendd_deploy.trt as trt_pkg
+    import gendd_deploy.runtime.tensorrt as trt_pkg
 
     monkeypatch.setattr(trt_pkg, "import_tensorrt", lambda: type("T", (), {"__version__": version}))
     monkeypatch.setattr(trt_pkg, "_gpu", lambda: ("NVIDIA H100 80GB HBM3", "9.0", "12.8"))
@@ -381,7 +384,8 @@ def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, on
             return {"batch": batch, "median_ms": 0.1, "p90_ms": 0.2, "iters": 1}
 
     monkeypatch.setattr(build_mod, "EngineBuilder", FakeBuilder)  # the names the build stage calls
-    monkeypatch.setattr(build_mod, "TrtRunner", FakeRunner)
+    fake = dataclasses.replace(RUNTIMES["tensorrt"], runner=lambda path=None, spec=None, check=True, **_: FakeRunner(path))
+    monkeypatch.setitem(RUNTIMES, "tensorrt", fake)  # the build makes its runner through the registry
     ctx = tiny_context("build.precision='fp16'", "build.opt_batch=8", "build.max_batch=16", "export.parity_limit=40")
     with ctx.store.draft(ctx.pipeline, "onnx", "f" * 64, {}, []) as d:  # stands in for ExportStage's artifact
         d.path("model.onnx").write_bytes(open(onnx_models["noise"], "rb").read())
@@ -432,9 +436,9 @@ def _need_trt():
 def test_engine_builds_matches_onnxruntime_and_runs(onnx_models, tmp_path, precision, kind):
     trt = _need_trt()
     from gendd_deploy.trt.builder import EngineBuilder
-    from gendd_deploy.trt.runner import TrtRunner
+    from gendd_deploy.runtime.tensorrt import TrtRunner
 
-    plan = P.precision_plan(P.trt_major(trt.__version__), precision)
+    plan = P.precision_plan(trt_major(trt.__version__), precision)
     graph = onnx_models[kind]
     if plan.onnx_conversion:
         graph = tmp_path / "converted.onnx"
@@ -463,9 +467,9 @@ def test_engine_manifest_mismatch_is_refused_by_the_runner(onnx_models, tmp_path
     import json
 
     from gendd_deploy.trt.builder import EngineBuilder
-    from gendd_deploy.trt.runner import TrtRunner
+    from gendd_deploy.runtime.tensorrt import TrtRunner
 
-    plan = P.precision_plan(P.trt_major(trt.__version__), "fp32")
+    plan = P.precision_plan(trt_major(trt.__version__), "fp32")
     shapes = P.profile_shapes(onnx_io(onnx_models["plain"]), BuildConfig(opt_batch=4, max_batch=8))
     (tmp_path / "model.plan").write_bytes(EngineBuilder(256).build(onnx_models["plain"], plan, shapes).plan)
     info = {"tensorrt": "9.9.9", "gpu": "Some Other GPU", "gpu_capability": "1.0", "cuda": "11.0"}

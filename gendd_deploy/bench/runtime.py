@@ -26,7 +26,7 @@ from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import deployed_from_artifacts, load_student, load_teacher
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.runtime import make_runner, runtime_status
+from gendd_deploy.runtime import make_runner, registry, runtime_status
 from gendd_deploy.runtime.aoti import export_aoti
 from gendd_deploy.runtime.onnx_export import export_onnx
 from gendd_deploy.runtime.parity import parity
@@ -92,23 +92,28 @@ def _models(make_ctx, ctx: Context, wanted: list[str]) -> tuple[dict[str, Deploy
 
 
 def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor, *, name: str, device: torch.device):
-    """A runner of `kind` for the CPU-resident `model`; torch eager and AOTInductor run on `device`
-    (the recipe's: the GPU where there is one), ONNX Runtime on the providers it has."""
-    slug = _slug(name)
+    """A runner of `kind` (any registered runtime) for the CPU-resident `model`: torch runs it as
+    is; a runtime of ONNX graphs runs it exported to ONNX, of AOTInductor packages compiled, of
+    TensorRT engines as an fp32 engine built from the ONNX graph. Torch eager and AOTInductor run
+    on `device` (the recipe's: the GPU where there is one), ONNX Runtime on the providers it has."""
+    entry = registry.get(kind)
     on_device = model if device.type == "cpu" else copy.deepcopy(model).to(device)
-    if kind == "torch":
-        return make_runner("torch", model=on_device, device=device)
-    if kind in ("onnxruntime", "tensorrt"):  # TensorRT builds an fp32 engine from the same graph
-
-        path = folder / f"{slug}.onnx"
-        if not path.exists():
-            export_onnx(model, path, example)
-        return make_runner(kind, onnx_path=path)  # the graph's own inputs say whether it takes noise
-    if kind == "aoti":
-        path = folder / f"{slug}.pt2"
+    if entry.stage is None:
+        return make_runner(kind, model=on_device, device=device)
+    onnx_path = folder / f"{_slug(name)}.onnx"
+    if entry.stage == "aoti":
+        path = folder / f"{_slug(name)}.pt2"
         export_aoti(on_device, path, example)
-        return make_runner("aoti", aoti_path=path, device=device)
-    return make_runner(kind, model=model)
+        return make_runner(kind, path=path, device=device)
+    if not onnx_path.exists():
+        export_onnx(model, onnx_path, example)
+    if entry.stage == "onnx":
+        return make_runner(kind, path=onnx_path)  # the graph's own inputs say whether it takes noise
+    if entry.stage == "engine":
+        from gendd_deploy.trt.builder import fp32_engine
+
+        return make_runner(kind, path=fp32_engine(onnx_path))
+    raise UsageError(f"gendd bench cannot make a {entry.stage} artifact for runtime '{kind}' from a model")
 
 
 def _graph_ops(folder: Path, name: str) -> dict | None:
@@ -176,7 +181,7 @@ def run_bench(
     test_x, test_y = all_x[:n], all_y[:n]
     example = torch.from_numpy(test_x[:2])
     status = runtime_status()
-    wanted_rt = runtimes or [r for r in ("torch", "onnxruntime", "tensorrt") if r in status]
+    wanted_rt = runtimes or [name for name, e in registry.RUNTIMES.items() if e.bench_default]
     skipped = {r: status.get(r, "not registered") for r in wanted_rt if status.get(r, "not registered") is not None}
     use = [r for r in wanted_rt if r not in skipped]
     for r, why in skipped.items():

@@ -10,13 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import numpy as np
-import torch
-
-from gendd_deploy import seeds
 
 
 def make_noise(shape: tuple, seed: int) -> np.ndarray:
     """Standard normal noise from torch's CPU generator: the same numbers for every runtime."""
+    import torch  # on use: the registry and a serving path without noise need no torch
+
+    from gendd_deploy import seeds
+
     return torch.randn(shape, generator=seeds.generator(seed)).numpy()
 
 

@@ -25,8 +25,7 @@ import numpy as np
 
 from gendd_deploy import __version__
 from gendd_deploy.errors import MissingDependency, UsageError
-from gendd_deploy.serve.protocol import IMAGE_INPUT, ProtocolError, build_infer_response, parse_infer_request
-from gendd_deploy.serve.server import EXTENSIONS, SERVER_NAME
+from gendd_deploy.serve.protocol import EXTENSIONS, IMAGE_INPUT, SERVER_NAME, ProtocolError, build_infer_response, parse_infer_request
 
 try:  # optional: the [serve] extra
     import grpc

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Callable
 
 from gendd_deploy import loaders
 from gendd_deploy.config import ServeConfig
-from gendd_deploy.errors import ArtifactError, UsageError
+from gendd_deploy.errors import ArtifactError
 from gendd_deploy.runtime.base import Runner
-from gendd_deploy.serve.protocol import TRITON_PLATFORMS, ServedModel
+from gendd_deploy.runtime import registry
+from gendd_deploy.serve.protocol import ServedModel
 from gendd_deploy.serve.server import InferenceServer
 from gendd_deploy.spec import DeployedSpec
 
@@ -92,7 +93,7 @@ def served_model(spec: DeployedSpec, art: "Artifact", name: str, runner: Runner)
             "preprocess": spec.preprocess,
             "class_names": spec.class_names,
             "needs_noise": runner.needs_noise,
-            "platform": TRITON_PLATFORMS.get(runtime, runtime),
+            "platform": registry.triton_platform(runtime),
             "extra": extra,
         }
     )
@@ -124,10 +125,8 @@ def serve_artifacts(
     model: artifacts of one pipeline are versions of one model)."""
     cfg = ctx.recipe.serve
     if runtime is not None and runtime != cfg.runtime:
-        try:
-            cfg = ServeConfig.model_validate({**cfg.model_dump(), "runtime": runtime})
-        except Exception:
-            raise UsageError(f"unknown runtime '{runtime}'; use {loaders.RUNTIME_NAMES}") from None
+        registry.get(runtime)  # an unknown name is refused with the registered ones
+        cfg = ServeConfig.model_validate({**cfg.model_dump(), "runtime": runtime})
     handles = version if isinstance(version, list) else [version]
     loaded = [load_artifact_model(ctx, cfg.runtime, v) for v in (handles or [None])]
     (runner, model), more = loaded[0], loaded[1:]

@@ -64,8 +64,8 @@ from gendd_deploy.errors import UsageError
 IMAGE_INPUT = "image_bytes"
 ENCODED_SUFFIX = "_image"  # model '<name>_image' takes encoded images
 TOPK_OUTPUT = "top_k"
-# gendd runtime -> Triton's platform name (the backend that would serve the same file)
-TRITON_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch", "aoti": "torch_aoti"}
+SERVER_NAME = "gendd"  # server metadata, both frontends
+EXTENSIONS = ["binary_tensor_data", "classification"]
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding (CPU, memory)
 MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS  # all the images of one request together
 MAX_JSON_BYTES = 4 * 1024 * 1024  # default JSON part of a request ([serve] max_json_mb); tensors that large go binary
@@ -99,7 +99,7 @@ class ServedModel:
     class_names: tuple[str, ...] | None = None
     preprocess: dict | None = None  # data.preprocess spec; None = encoded images are refused
     needs_noise: bool = False
-    platform: str = "onnxruntime_onnx"  # Triton's platform name (TRITON_PLATFORMS)
+    platform: str = "onnxruntime_onnx"  # Triton's platform name (runtime/registry.py: triton_platform)
     max_batch: int = 32  # the server's dynamic batch limit: config.max_batch_size
     max_delay_ms: float = 5.0  # the batcher's wait: config.dynamic_batching
     encoded: bool = False  # the encoded-image sibling: its one input is image_bytes

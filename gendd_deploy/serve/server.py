@@ -53,14 +53,12 @@ from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
 from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gendd_deploy.serve.metrics import ServerMetrics
-from gendd_deploy.serve.protocol import InferRequest, ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
+from gendd_deploy.serve.protocol import EXTENSIONS, SERVER_NAME, InferRequest, ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
 from gendd_deploy.serve.stats import ModelStats
 
 if TYPE_CHECKING:
     pass
 
-SERVER_NAME = "gendd"
-EXTENSIONS = ["binary_tensor_data", "classification"]
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer|/config|/stats)?/?$")
 _LINGER_BYTES = 1 << 20  # after refusing an oversized body, read at most this much of it before closing
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from gendd_deploy.artifacts import Artifact, Draft, fingerprint, sha256_file
-from gendd_deploy.runtime.base import make_noise
+from gendd_deploy.runtime import make_noise, make_runner
 from gendd_deploy.runtime.parity import compare, gate
+from gendd_deploy.runtime.tensorrt import ENGINE_FILE, require_tensorrt, trt_major
 from gendd_deploy.spec import SPEC_KEY, DeployedSpec
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.export import ExportStage, calibration_images
-from gendd_deploy.trt import require_tensorrt
 from gendd_deploy.trt.builder import EngineBuilder
 from gendd_deploy.trt.plan import (
     GATE_HINT,
@@ -27,12 +27,9 @@ from gendd_deploy.trt.plan import (
     profile_shapes,
     profile_to_json,
     timing_cache_key,
-    trt_major,
 )
 from gendd_deploy.trt.precision import convert_precision, converter_identity, gate_conversion, ort_logits
-from gendd_deploy.trt.runner import TrtRunner
 
-ENGINE_FILE = "model.plan"
 TIMING_CACHE = "timing_cache"  # stage / artifact name of the timing cache
 TIMING_FILE = "timing.cache"
 
@@ -130,7 +127,7 @@ class BuildStage(Stage):
         cache_out = save_timing_cache(ctx, key, built.timing_cache, cache_in)
         ctx.log(f"build: engine built in {built.build_s:.1f}s; timing cache {cache_out.ref}" + (" (reused)" if cache_in else " (new)"))
 
-        runner = TrtRunner(draft.path(ENGINE_FILE), spec=spec, check=False)
+        runner = make_runner("tensorrt", path=draft.path(ENGINE_FILE), spec=spec, check=False)
         report = compare(ref, runner.run(images, noise))
         gate(report, bc.atol, bc.min_agreement, f"TensorRT {bc.precision} engine vs ONNX Runtime fp32", images="calibration images", hint=GATE_HINT)
         latency = runner.latency_ms(bc.opt_batch)

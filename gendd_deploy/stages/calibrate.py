@@ -43,7 +43,7 @@ from gendd_deploy.loaders import load_student
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent
-from gendd_deploy.runtime import make_runner
+from gendd_deploy.runtime import make_runner, registry
 from gendd_deploy.runtime.base import make_noise
 from gendd_deploy.runtime.onnx_export import export_onnx, export_onnx_fast
 from gendd_deploy.runtime.timing import time_in_turn
@@ -122,17 +122,18 @@ def export_for_timing(model: DeployedModel, path: Path, example: torch.Tensor) -
 
 
 def timing_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp: Path, device: torch.device):
-    """A runner for `model` on the target runtime, from the runtime registry (onnxruntime: the model
-    exported to a temporary .onnx that the session holds, so the file is deleted at once)."""
-    if runtime == "torch":
-        return make_runner("torch", model=model, device=device)
+    """A runner for `model` on the target runtime ([calibrate] runtime, a registered one): torch
+    runs the module; any other runs the model exported to a temporary .onnx, which the session
+    holds, so the file is deleted at once. No TensorRT execution provider: it would build an engine
+    per setting (`device` cuda asks onnxruntime for CUDA, then the CPU)."""
+    if registry.get(runtime).stage is None:
+        return make_runner(runtime, model=model, device=device)
     path = tmp / f"timing-{uuid.uuid4().hex[:8]}.onnx"
     on_cpu = next(model.parameters()).device.type == "cpu"
     with torch_threads(1):  # tracing is python-bound; see torch_threads
         # a copy when the student lives on a GPU: .cpu() would move the caller's student too
         export_for_timing((model if on_cpu else copy.deepcopy(model).cpu()).eval(), path, example.cpu())
-    # no TensorRT EP: it would build an engine per setting; TensorRT is the build stage's business
-    runner = make_runner("onnxruntime", onnx_path=path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    runner = make_runner(runtime, path=path, device=device.type)
     path.unlink()
     return runner
 

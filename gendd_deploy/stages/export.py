@@ -21,11 +21,10 @@ from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import AOTI_FILE, ONNX_FILE, deployed_from_artifacts
 from gendd_deploy.models.deployed import DeployedModel
-from gendd_deploy.runtime.aoti import MAX_BATCH, AotiRunner, export_aoti
+from gendd_deploy.runtime import make_runner
+from gendd_deploy.runtime.aoti import MAX_BATCH, export_aoti
 from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
-from gendd_deploy.runtime.ort import OrtRunner
 from gendd_deploy.runtime.parity import gate, parity
-from gendd_deploy.runtime.torch_runner import TorchRunner
 from gendd_deploy.spec import SPEC_KEY, DeployedSpec
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.calibrate import CalibrateStage
@@ -54,7 +53,7 @@ class _DeployStage(Stage):
 
     def _gate(self, ctx: Context, model: DeployedModel, candidate, images: np.ndarray, what: str) -> dict:
         ec = ctx.recipe.export
-        result = parity(TorchRunner(model), candidate, images, ec.parity_batch, ctx.recipe.pipeline.seed)
+        result = parity(make_runner("torch", model=model), candidate, images, ec.parity_batch, ctx.recipe.pipeline.seed)
         gate(result, ec.atol, ec.min_agreement, what)
         return result
 
@@ -114,7 +113,7 @@ class ExportStage(_DeployStage):
         export_s = time.perf_counter() - t0
         if io["opset"] != ec.opset:  # never publish one opset under another's fingerprint
             raise ExportError(f"the {io['exporter']} exporter wrote opset {io['opset']} where [export] opset = {ec.opset}; choose an opset it writes (e.g. 18)")
-        ort = OrtRunner(draft.path(ONNX_FILE), providers=["CPUExecutionProvider"])
+        ort = make_runner("onnxruntime", path=draft.path(ONNX_FILE), device="cpu")
         result = self._gate(ctx, model, ort, images, "ONNX Runtime (CPU) vs PyTorch")
         self._record(ctx, draft, inputs, model, io=io, result=result, file=ONNX_FILE, export_s=export_s)
         draft.info["providers"] = ort.providers()
@@ -136,7 +135,7 @@ class AotiStage(_DeployStage):
         t0 = time.perf_counter()
         io = export_aoti(model, draft.path(AOTI_FILE), torch.from_numpy(images[:2]))
         export_s = time.perf_counter() - t0
-        runner = AotiRunner(draft.path(AOTI_FILE))
+        runner = make_runner("aoti", path=draft.path(AOTI_FILE))
         result = self._gate(ctx, model, runner, images, "AOTInductor (CPU) vs PyTorch")
         self._record(ctx, draft, inputs, model, io=io, result=result, file=AOTI_FILE, export_s=export_s)
         draft.info["exporter"] = "torch.export + aoti_compile_and_package"

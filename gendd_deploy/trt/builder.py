@@ -139,3 +139,20 @@ class EngineBuilder:
             )
         new_cache = config.get_timing_cache().serialize()
         return BuiltEngine(bytes(serialized), bytes(new_cache), time.perf_counter() - t0, list(self.messages))
+
+
+def fp32_engine(onnx_path: str | Path, max_batch: int = 256) -> Path:
+    """An fp32 engine (batch 1 to max_batch) built from `onnx_path` and written beside it as .plan:
+    how `gendd bench` and the runtime tests run TensorRT on a graph that has no engine artifact."""
+    from types import SimpleNamespace
+
+    from gendd_deploy.runtime.tensorrt import require_tensorrt, trt_major
+    from gendd_deploy.spec import onnx_io
+    from gendd_deploy.trt.plan import precision_plan, profile_shapes
+
+    here = require_tensorrt("the TensorRT runtime")
+    batches = SimpleNamespace(min_batch=1, opt_batch=min(32, max_batch), max_batch=max_batch)
+    built = EngineBuilder().build(onnx_path, precision_plan(trt_major(here["tensorrt"]), "fp32"), profile_shapes(onnx_io(onnx_path), batches))
+    out = Path(onnx_path).with_suffix(".plan")
+    out.write_bytes(built.plan)
+    return out

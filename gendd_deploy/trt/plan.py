@@ -1,4 +1,5 @@
-"""What an engine build will do, decided without TensorRT: precision plan, profile, compatibility.
+"""What an engine build will do, decided without TensorRT: precision plan, profile, timing-cache key.
+(Whether a built engine fits this machine is gendd_deploy/runtime/tensorrt.py: check_compatible.)
 
 Everything here is pure (numpy and onnx at most) so it is tested on any machine:
 
@@ -8,29 +9,18 @@ Everything here is pure (numpy and onnx at most) so it is tested on any machine:
   nothing about it.
 - `profile_shapes(spec.onnx_io(onnx_path), build_cfg)`: one (min, opt, max) shape per graph
   input, the batch dim from the recipe, every other dim fixed by the graph.
-- `check_compatible(engine_info, here)`: an engine runs only with the TensorRT version and the GPU
-  model it was built with; anything else is refused with both sides named.
 - `GATE_HINT`: what the build's parity gates (runtime/parity.py) suggest when they fail.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from gendd_deploy.errors import ArtifactError, UsageError
+from gendd_deploy.errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def trt_major(version: str) -> int:
-    """'10.9.0.34' -> 10."""
-    m = re.match(r"^\s*(\d+)", str(version))
-    if not m:
-        raise UsageError(f"cannot read a TensorRT major version from '{version}'")
-    return int(m.group(1))
 
 
 @dataclass(frozen=True)
@@ -117,38 +107,11 @@ def profile_to_json(shapes: Mapping) -> dict:
 
 # ---- engine identity and compatibility -------------------------------------------------------
 
-IDENTITY_KEYS = ("tensorrt", "gpu", "gpu_capability")
 
 
 def timing_cache_key(here: Mapping) -> dict:
     """What a timing cache is valid for: GPU model, compute capability and exact TensorRT version."""
     return {"gpu": here.get("gpu"), "gpu_capability": here.get("gpu_capability"), "tensorrt": here.get("tensorrt")}
-
-
-def _side(d: Mapping) -> str:
-    gpu = d.get("gpu") or "no GPU"
-    cap = f" (compute capability {d['gpu_capability']})" if d.get("gpu_capability") else ""
-    trt = f"TensorRT {d['tensorrt']}" if d.get("tensorrt") else "no TensorRT"
-    cuda = f", CUDA {d['cuda']}" if d.get("cuda") else ""
-    return f"{trt}{cuda} on {gpu}{cap}"
-
-
-def check_compatible(engine_info: Mapping, here: Mapping, rebuild_hint: str = "gendd build") -> None:
-    """Refuse an engine built for another TensorRT version or GPU, naming both sides.
-
-    Plans are tied to the exact TensorRT version and to the device they were tuned on; CUDA minor
-    versions are recorded but not compared (TensorRT's own compatibility rules cover them).
-    """
-    missing = [k for k in IDENTITY_KEYS if not engine_info.get(k)]
-    if missing:
-        raise ArtifactError(f"engine manifest lacks {', '.join(missing)}; it cannot be checked against this machine; rebuild it: {rebuild_hint}")
-    differ = [k for k in IDENTITY_KEYS if str(engine_info.get(k)) != str(here.get(k))]
-    if differ:
-        what = {"tensorrt": "TensorRT version", "gpu": "GPU", "gpu_capability": "compute capability"}
-        raise ArtifactError(
-            f"engine built with {_side(engine_info)} cannot run with {_side(here)} "
-            f"(different {', '.join(what[k] for k in differ)}); rebuild it on this machine: {rebuild_hint}"
-        )
 
 
 # ---- parity gate (runtime/parity.py) ---------------------------------------------------------

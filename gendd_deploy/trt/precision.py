@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from gendd_deploy.errors import UsageError
-from gendd_deploy.runtime.ort import OrtRunner
+from gendd_deploy.runtime import make_runner
 from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.trt.plan import GATE_HINT
 
@@ -232,11 +232,11 @@ def convert_builtin(model, precision: str):
 # ---- running and gating on ONNX Runtime CPU ----------------------------------------------------
 
 
-def _cpu_runner(model_or_path) -> OrtRunner:
-    return OrtRunner(model_or_path, providers=["CPUExecutionProvider"])
+def _cpu_runner(model_or_path):
+    return make_runner("onnxruntime", path=model_or_path, device="cpu")
 
 
-def ort_logits(model_or_path, images: np.ndarray, noise: np.ndarray | None, batch: int = 64, runner: OrtRunner | None = None) -> np.ndarray:
+def ort_logits(model_or_path, images: np.ndarray, noise: np.ndarray | None, batch: int = 64, runner=None) -> np.ndarray:
     """float32 logits of an ONNX graph (a file or in memory) on ORT CPU, in batches."""
     runner = runner or _cpu_runner(model_or_path)
     if runner.noise_name and noise is None:
