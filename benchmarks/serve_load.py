@@ -17,7 +17,6 @@ import base64
 import http.client
 import io
 import json
-import math
 import os
 import platform
 import queue
@@ -198,13 +197,12 @@ def drive(port: int, path: str, body: bytes, headers: dict, clients: int, durati
     for t in threads:
         t.join(duration + 120)
     elapsed = time.perf_counter() - t_start
-    lat = np.sort(np.concatenate([np.asarray(x) for x in latencies])) if any(latencies) else np.zeros(0)
+    from gendd_deploy.runtime.timing import summary  # the one timing vocabulary: p50 / p90 / p95 / p99 / mean / n
+
+    lat = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.zeros(0)
     ok = int(lat.size)
-
-    def pct(q: float) -> float:
-        return float(lat[min(lat.size - 1, math.ceil(q * lat.size) - 1)] * 1000) if lat.size else float("nan")
-
-    return {"ok": ok, "errors": int(sum(errors)), "codes": {str(k): v for k, v in sorted(codes.items())}, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "req_per_s": ok / elapsed, "seconds": elapsed}
+    timing = summary(list(lat * 1000)) if ok else {k: float("nan") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms")}
+    return {"ok": ok, "errors": int(sum(errors)), "codes": {str(k): v for k, v in sorted(codes.items())}, **timing, "req_per_s": ok / elapsed, "seconds": elapsed}
 
 
 def main(argv: list[str] | None = None) -> None:

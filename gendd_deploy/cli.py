@@ -402,8 +402,8 @@ def _summary(built: dict) -> None:
                 vs_ref = f", {ref:.4f}x the reference sampler" if ref is not None else ""  # kd / ce students have none
                 lines.append(f"latency ({sm.get('runtime')}, batch {batch}): {ratio:.2f}x the plain student (linear probe){vs_ref}")
     if "export" in built:
-        em = built["export"].metrics
-        lines.append(f"ONNX parity vs PyTorch: max |logit diff| {em.get('max_abs_diff')}, top-1 agreement {em.get('top1_agreement')} on {em.get('n')} calibration images")
+        par = built["export"].metrics.get("parity") or {}
+        lines.append(f"ONNX parity vs PyTorch: max |logit diff| {par.get('max_abs_diff')}, top-1 agreement {par.get('top1_agreement')} on {par.get('n')} calibration images")
     for line in lines:
         out.print(escape(line), soft_wrap=True)
 

@@ -1,4 +1,5 @@
-"""Training helpers shared by the teacher and distill stages: schedules, checkpoints, batches, eval."""
+"""Training helpers shared by the teacher and distill stages: schedules, checkpoints, batches and
+the epoch loop (top-1 is evaluation.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from rich.console import Console
@@ -119,24 +119,6 @@ def model_input(data, images_u8: torch.Tensor, device: torch.device | str) -> to
     return to_model_input(images_u8, data.mean, data.std).to(device)
 
 
-def count_correct(logits_fn: Callable, batches: Iterable) -> tuple[int, int]:
-    """(correct, seen) of argmax(logits_fn(x, batch_index)) over (batch_index, x, labels) batches:
-    the one loop behind every top-1 the package reports (teacher, distill's read-outs, the
-    runtime benchmark). Logits and labels may be torch tensors or numpy arrays."""
-    correct = seen = 0
-    for b, x, labels in batches:
-        logits = logits_fn(x, b)
-        pred = logits.argmax(1).cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits).argmax(1)
-        labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        correct += int((pred == labels).sum())
-        seen += len(labels)
-    return correct, seen
-
-
-def top1(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (pred == labels).float().mean().item() if len(labels) else float("nan")
-
-
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -158,7 +140,11 @@ def steps_per_epoch(n: int, batch_size: int, *, section: str, limit_field: str) 
 @torch.enable_grad()  # callers may hold no_grad
 def train_epochs(
     *,
-    ctx,
+    train_images,
+    loader_workers: int,
+    console: Console,
+    quiet: bool,
+    log: Callable[[str], None],
     label: str,
     failure_point: str,
     epochs: int,
@@ -177,9 +163,10 @@ def train_epochs(
     """The epoch loop the teacher and distill share: per-step LR (warm-up + cosine, `betas` too when
     given), one checkpoint per epoch holding weights, optimizer and RNG state, and resume from it.
 
-    Each epoch visits the first `n` training images of `ctx.data()` in the order seeds.epoch_order
-    gives (sharded over processes), decoded ahead by `[data] loader_workers`; `step(epoch, idx,
-    images_u8, gen)` returns (loss, parts to show), with `gen` the epoch's augmentation stream.
+    Each epoch visits the first `n` of `train_images` (a DataBundle's train split) in the order
+    seeds.epoch_order gives (sharded over processes), decoded ahead by `loader_workers` threads;
+    `step(epoch, idx, images_u8, gen)` returns (loss, parts to show), with `gen` the epoch's
+    augmentation stream. Progress goes to `console` (none when `quiet`), messages to `log`.
     A resumed run replays exactly what an uninterrupted one draws, so both end bit-identical.
     """
     per_epoch = len(batches(dist.shard(torch.arange(n)), batch_size))
@@ -192,9 +179,8 @@ def train_epochs(
         opt.load_state_dict(state["opt"])
         start, train_s, images = state["epoch"] + 1, state["train_s"], state.get("images", 0)
         restore_rng(state)
-        ctx.log(f"{label}: resuming from the checkpoint after epoch {start}/{epochs}")
-    train_images = ctx.data().train
-    with progress_bar(ctx.console, ctx.quiet) as bar:
+        log(f"{label}: resuming from the checkpoint after epoch {start}/{epochs}")
+    with progress_bar(console, quiet) as bar:
         task = bar.add_task(label, total=total, completed=start * per_epoch, info="")
         for epoch in range(start, epochs):
             timer = Timer()
@@ -202,7 +188,7 @@ def train_epochs(
                 m.train()
             gen = seeds.augmentation(seed, epoch, dist.rank())
             order = batches(dist.shard(epoch_order(n, seed, epoch)), batch_size)
-            for i, (idx, images_u8) in enumerate(zip(order, batch_stream(train_images, order, ctx.recipe.data.loader_workers))):
+            for i, (idx, images_u8) in enumerate(zip(order, batch_stream(train_images, order, loader_workers))):
                 s = epoch * per_epoch + i
                 for g in opt.param_groups:
                     g["lr"] = lr_at(s, total, warmup_steps, lr)

@@ -111,7 +111,7 @@ def _run(tmp_path: Path, tree: Path, teacher, student):
     ctx = Context(recipe=load_recipe(path), store=Store(tmp_path / "artifacts"), console=Console(quiet=True), recipe_path=str(path), quiet=True)
     art = run_chain(ExportStage(), ctx)
     assert verify_artifact(art) == []
-    assert art.metrics["max_abs_diff"] <= 1e-3 and art.metrics["top1_agreement"] == 1.0
+    assert art.metrics["parity"]["max_abs_diff"] <= 1e-3 and art.metrics["parity"]["top1_agreement"] == 1.0
     return ctx
 
 

@@ -70,7 +70,7 @@ def test_calibrate_can_choose_a_fitted_readout_and_it_exports_as_a_plain_graph(t
     info = art.manifest["info"]
     spec = DeployedSpec.from_manifest(info)
     assert not spec.needs_noise and [t.name for t in spec.inputs] == ["images"] and spec.readout == chosen.label()
-    assert art.metrics["top1_agreement"] == 1.0
+    assert art.metrics["parity"]["top1_agreement"] == 1.0
     # the same ops as the bare backbone with its own Linear classifier: a plain student's graph
     from gendd_deploy.models.deployed import DeployedModel
     from gendd_deploy.runtime.onnx_export import export_onnx_fast
@@ -110,7 +110,7 @@ def test_a_plain_student_gets_fitted_readouts_calibrates_and_exports_one(tiny_co
     assert [r["label"] for r in table] == ["probe", "linear fit_ce", "linear fit_ridge"]
     chosen = SamplerSetting.from_dict(sampler.manifest["info"]["setting"])
     onnx_art = run_chain(ExportStage(), ctx)
-    assert DeployedSpec.from_manifest(onnx_art.manifest["info"]).setting == chosen.to_dict() and onnx_art.metrics["top1_agreement"] == 1.0
+    assert DeployedSpec.from_manifest(onnx_art.manifest["info"]).setting == chosen.to_dict() and onnx_art.metrics["parity"]["top1_agreement"] == 1.0
     # the exported graph computes the chosen head on the backbone's pooled feature
     from gendd_deploy.models import backbone as bb
     from gendd_deploy.runtime.ort import OrtRunner

@@ -266,6 +266,6 @@ def test_time_in_turn_interleaves_and_stops_each_entry_on_its_own_budget():
     assert len(ms["fast"]) == 50  # never reaches min_s: capped by max_runs
     assert 3 <= len(ms["slow"]) <= 4 and min(ms["slow"]) >= 20.0  # leaves once it has spent min_s
     s = summary(ms["slow"])
-    assert s["reps"] == len(ms["slow"]) and s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"]
+    assert s["n"] == len(ms["slow"]) and s["p50_ms"] <= s["p90_ms"] <= s["p95_ms"] <= s["p99_ms"]
     with pytest.raises(ValueError, match="max_runs"):
         time_in_turn(calls, max_runs=0)

@@ -15,6 +15,7 @@ from torch import nn
 
 from gendd_deploy.runtime.parity import compare, gate
 from gendd_deploy.runtime.registry import RUNTIMES
+from gendd_deploy.runtime.timing import summary
 from gendd_deploy.config import BuildConfig
 from gendd_deploy.errors import ArtifactError, GateError, MissingDependency, UsageError
 from gendd_deploy.spec import DeployedSpec, onnx_io
@@ -381,7 +382,7 @@ def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, on
             return ort_logits(self.graph, images, noise)
 
         def latency_ms(self, batch):
-            return {"batch": batch, "median_ms": 0.1, "p90_ms": 0.2, "iters": 1}
+            return {"batch": batch, **summary([0.1])}
 
     monkeypatch.setattr(build_mod, "EngineBuilder", FakeBuilder)  # the names the build stage calls
     fake = dataclasses.replace(RUNTIMES["tensorrt"], runner=lambda path=None, spec=None, check=True, **_: FakeRunner(path))
@@ -405,14 +406,16 @@ def test_build_stage_flow_with_tensorrt_stood_in_by_onnxruntime(tiny_context, on
     assert info["profile"]["noise"]["max"] == [16, *NOISE_TAIL] and seen["shapes"]["images"][1] == (8, 1, 8, 8)
     assert info["deployed"] == onnx_art.manifest["info"]["deployed"]  # copied unchanged
     assert DeployedSpec.from_manifest(info).noise_tail == NOISE_TAIL
-    assert m["parity_n"] == 40 and m["parity_top1_agreement"] >= 0.99 and m["atol"] == BuildConfig().atol
+    par = m["parity"]
+    assert par["n"] == 40 and par["top1_agreement"] >= 0.99 and par["atol"] == BuildConfig().atol and "ONNX Runtime" in par["reference"]
+    assert m["latency"]["batch"] == 8 and m["latency"]["p50_ms"] == 0.1
     if version.startswith("11"):  # the graph handed to TensorRT is the converted, separately gated one
         assert str(seen["graph"]).endswith("model.fp16.onnx") and engine.file("model.fp16.onnx")
-        assert info["conversion"]["gate"]["gate"] == "full" and m["conversion_gate"] == "full"
-        assert 0 < m["parity_max_abs_diff"] <= BuildConfig().atol
+        assert info["conversion"]["gate"]["gate"] == "full" and m["conversion_parity"]["gate"] == "full"
+        assert 0 < par["max_abs_diff"] <= BuildConfig().atol
     else:  # builder flags: the fp32 graph goes to TensorRT unchanged
         assert seen["plan"].builder_flags == ("FP16",) and info["conversion"] is None
-        assert m["parity_max_abs_diff"] == 0.0
+        assert par["max_abs_diff"] == 0.0
     assert seen["cache_in"] is None and info["timing_cache"]["used"] is None
     again = build_once()
     assert seen["cache_in"] == b"+tactics"  # the second build starts from the first one's cache

@@ -40,7 +40,7 @@ from gendd_deploy.stages import Context, run_chain
 from gendd_deploy.stages.cache import CacheStage
 from gendd_deploy.stages.calibrate import CalibrateStage
 from gendd_deploy.stages.distill import DistillStage
-from gendd_deploy.training import count_correct, model_input
+from gendd_deploy.evaluation import test_top1
 
 LONG_TAIL = ["data.imbalance_factor=100"]
 LABELLED = [("ce", ["distill.method='ce'"]), ("kd", ["distill.method='kd'"]), ("gendd", ["distill.method='gendd'"])]
@@ -96,10 +96,8 @@ def deployed_test_top1(ctx: Context, student_art, sampler_art) -> float:
     batch b gets noise from seed pipeline.seed + b where the read-out samples."""
     device = ctx.device()
     runner = make_runner("torch", model=deployed_from_artifacts(student_art, sampler_art, device), device=device)
-    test, bs, seed = ctx.data().test, ctx.recipe.data.eval_batch_size, ctx.recipe.pipeline.seed
-    batches = ((b, model_input(ctx.data(), test.get_batch(idx), torch.device("cpu")).numpy(), test.labels[idx]) for b, idx in enumerate(torch.arange(len(test)).split(bs)))
-    correct, seen = count_correct(lambda x, b: runner.run(x, runner.noise(len(x), seed + b)), batches)
-    return 100.0 * correct / max(seen, 1)
+    data, seed = ctx.data(), ctx.recipe.pipeline.seed
+    return test_top1(lambda x, b: runner.run(x, runner.noise(len(x), seed + b)), data, n=len(data.test), batch_size=ctx.recipe.data.eval_batch_size, device="cpu", numpy=True)
 
 
 def readouts_of(metrics: dict, method: str) -> dict[str, float]:

@@ -29,14 +29,14 @@ from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, registry, runtime_status
 from gendd_deploy.runtime.aoti import export_aoti
 from gendd_deploy.runtime.onnx_export import export_onnx
-from gendd_deploy.runtime.parity import parity
+from gendd_deploy.runtime.parity import parity, record
 from gendd_deploy.runtime.timing import summary as timing_summary
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages import Context, run_chain
 from gendd_deploy.stages.calibrate import CalibrateStage
 from gendd_deploy.stages.distill import DistillStage
 from gendd_deploy.stages.teacher import TeacherStage
-from gendd_deploy.training import count_correct
+from gendd_deploy.evaluation import array_batches, top1_over
 
 SEED = 1234
 
@@ -144,10 +144,7 @@ def _interleaved_latency(runners: dict, images: np.ndarray, batch: int, reps: in
 
 
 def _top1(runner, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
-    starts = range(0, len(images), batch)
-    batches = ((i, np.ascontiguousarray(images[s : s + batch]), labels[s : s + batch]) for i, s in enumerate(starts))
-    correct, seen = count_correct(lambda x, i: runner.run(x, runner.noise(len(x), SEED + i)), batches)
-    return 100.0 * correct / max(1, seen)
+    return top1_over(lambda x, i: runner.run(x, runner.noise(len(x), SEED + i)), array_batches(images, labels, batch))
 
 
 def _readout_summary(models: dict, metrics: dict, calibrated_top1: float | None) -> dict | None:
@@ -201,7 +198,7 @@ def run_bench(
             for name, model in chosen.items():
                 runners[name] = _runner(kind, model, Path(tmp), example, name=name, device=device)
                 par = parity(refs[name], runners[name], test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
-                quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else par["max_abs_diff"])
+                quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else record(par, reference="torch eager (CPU)", atol=None, min_agreement=None))
                 console.print(f"bench: {escape(name)} / {kind}: top-1 {quality[name][0]:.2f} on {n} test images")
                 if kind == "onnxruntime":
                     graphs[name] = _graph_ops(Path(tmp), name)
@@ -215,7 +212,7 @@ def run_bench(
                         "model": name, "runtime": kind, "providers": runners[name].providers(), "batch": b, **stats,
                         "model_mb": sizes.get(name) if kind in ("onnxruntime", "tensorrt") else None,
                         "images_per_s": round(1000.0 * b / p50, 1), "top1": round(quality[name][0], 2), "top1_images": n,
-                        "max_abs_diff_vs_torch": quality[name][1],
+                        "parity": quality[name][1],  # vs torch eager on the same images and noise; None for torch itself
                     })
                     console.print(f"bench: {escape(name)} / {kind} / batch {b}: p50 {p50:.3f} ms, {rows[-1]['images_per_s']:.0f} images/s")
     ratios = _ratios(rows, chosen)
@@ -260,7 +257,7 @@ def _print(console, rows, ratios, summary) -> None:
     for col in ("model", "runtime", "batch", "p50 ms", "p95 ms", "p99 ms", "mean ms", "images/s", "top-1", "max |diff| vs torch", "ONNX MB"):
         t.add_column(col)
     for r in rows:
-        d, mb = r["max_abs_diff_vs_torch"], r["model_mb"]
+        d, mb = (r["parity"] or {}).get("max_abs_diff"), r["model_mb"]
         t.add_row(
             escape(r["model"]), r["runtime"], str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p95_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}",
             f"{r['images_per_s']:.0f}", f"{r['top1']:.2f}", "-" if d is None else f"{d:.1e}", "-" if mb is None else f"{mb:.3f}",

@@ -51,6 +51,20 @@ def parity(reference: Runner, candidate: Runner, images: np.ndarray, batch: int,
     return {**compare(np.concatenate(refs), np.concatenate(gots)), "reference": reference.name, "candidate": candidate.name}
 
 
+def record(result: dict, *, reference: str, atol: float, min_agreement: float) -> dict:
+    """The one parity record every manifest and bench row carries, nested under "parity": the
+    figures of compare() / parity(), what they were compared against, and the bounds of the gate."""
+    return {
+        "reference": reference,
+        "max_abs_diff": result["max_abs_diff"],
+        "mean_abs_diff": result["mean_abs_diff"],
+        "top1_agreement": result["top1_agreement"],
+        "n": result["n"],
+        "atol": atol,
+        "min_agreement": min_agreement,
+    }
+
+
 def gate(result: dict, atol: float, min_agreement: float, what: str, *, images: str = "images", hint: str = "") -> None:
     """Raise GateError (with the measured numbers) unless max_abs_diff <= atol and top1_agreement
     >= min_agreement. `images` names what was compared on, `hint` is appended to the message."""

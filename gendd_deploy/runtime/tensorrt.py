@@ -32,6 +32,7 @@ from gendd_deploy import seeds
 from gendd_deploy.artifacts import MANIFEST, Artifact
 from gendd_deploy.errors import ArtifactError, MissingDependency, UsageError
 from gendd_deploy.runtime.base import Runner
+from gendd_deploy.runtime.timing import summary
 from gendd_deploy.spec import DeployedSpec
 
 ENGINE_FILE = "model.plan"
@@ -268,7 +269,8 @@ class TrtRunner(Runner):
         return self.run_torch(x, z).cpu().numpy()
 
     def latency_ms(self, batch: int, iters: int = 50, warmup: int = 10, seed: int = 0) -> dict:
-        """Median / p90 milliseconds per batch of random inputs, timed with CUDA events on device tensors."""
+        """Milliseconds per batch of random inputs, timed with CUDA events on device tensors:
+        {"batch", **runtime.timing.summary} (p50 / p90 / p95 / p99 / mean / n)."""
 
         shape = tuple(self.engine.get_tensor_profile_shape(self.images_name, 0)[1])[1:]
         g = seeds.generator(seed)
@@ -284,5 +286,4 @@ class TrtRunner(Runner):
             end.record(self._stream)
             end.synchronize()
             times.append(start.elapsed_time(end))
-        t = np.array(times)
-        return {"batch": batch, "median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "iters": iters}
+        return {"batch": batch, **summary(times)}

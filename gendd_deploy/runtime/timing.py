@@ -38,11 +38,15 @@ def time_in_turn(calls: dict[str, Callable[[], object]], *, max_runs: int, min_r
 
 
 def summary(ms: list[float]) -> dict:
-    """p50 / p95 / p99 / mean milliseconds and the number of runs."""
+    """The one timing summary every timer reports: p50 / p90 / p95 / p99 / mean milliseconds and
+    the number of timed runs `n` (calibrate, bench, the TensorRT build, the serving load test)."""
+    if len(ms) == 0:
+        raise ValueError("a timing summary needs at least one run")
     return {
         "p50_ms": round(statistics.median(ms), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
         "p95_ms": round(float(np.percentile(ms, 95)), 3),
         "p99_ms": round(float(np.percentile(ms, 99)), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
-        "reps": len(ms),
+        "n": len(ms),
     }

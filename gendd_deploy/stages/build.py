@@ -15,7 +15,7 @@ import numpy as np
 
 from gendd_deploy.artifacts import Artifact, Draft, fingerprint, sha256_file
 from gendd_deploy.runtime import make_noise, make_runner
-from gendd_deploy.runtime.parity import compare, gate
+from gendd_deploy.runtime.parity import compare, gate, record
 from gendd_deploy.runtime.tensorrt import ENGINE_FILE, require_tensorrt, trt_major
 from gendd_deploy.spec import SPEC_KEY, DeployedSpec
 from gendd_deploy.stages.base import Context, Stage
@@ -30,6 +30,7 @@ from gendd_deploy.trt.plan import (
 )
 from gendd_deploy.trt.precision import convert_precision, converter_identity, gate_conversion, ort_logits
 
+PARITY_REFERENCE = "ONNX Runtime CPU, fp32 graph, calibration split"
 TIMING_CACHE = "timing_cache"  # stage / artifact name of the timing cache
 TIMING_FILE = "timing.cache"
 
@@ -130,25 +131,17 @@ class BuildStage(Stage):
         runner = make_runner("tensorrt", path=draft.path(ENGINE_FILE), spec=spec, check=False)
         report = compare(ref, runner.run(images, noise))
         gate(report, bc.atol, bc.min_agreement, f"TensorRT {bc.precision} engine vs ONNX Runtime fp32", images="calibration images", hint=GATE_HINT)
-        latency = runner.latency_ms(bc.opt_batch)
-
         draft.metrics.update(
-            parity_max_abs_diff=report["max_abs_diff"],
-            parity_top1_agreement=report["top1_agreement"],
-            parity_n=report["n"],
-            atol=bc.atol,
-            min_agreement=bc.min_agreement,
-            latency_ms_median=latency["median_ms"],
-            latency_ms_p90=latency["p90_ms"],
-            latency_batch=latency["batch"],
+            parity=record(report, reference=PARITY_REFERENCE, atol=bc.atol, min_agreement=bc.min_agreement),
+            latency=runner.latency_ms(bc.opt_batch),  # {"batch", p50_ms ... n}: runtime/timing.summary
             build_s=round(built.build_s, 3),
         )
         if conversion:
-            draft.metrics.update(
-                conversion_gate=conversion["gate"]["gate"],
-                conversion_max_abs_diff=conversion["gate"]["max_abs_diff"],
-                conversion_top1_agreement=conversion["gate"]["top1_agreement"],
-            )
+            g = conversion["gate"]
+            draft.metrics["conversion_parity"] = {
+                "gate": g["gate"],
+                **record(g, reference="ONNX Runtime CPU, fp32 graph, calibration split", atol=bc.atol, min_agreement=bc.min_agreement),
+            }
         draft.info = {
             "engine": ENGINE_FILE,
             **here,  # tensorrt, cuda, gpu, gpu_capability: what the engine is tied to
@@ -161,7 +154,6 @@ class BuildStage(Stage):
             SPEC_KEY: spec.to_manifest(),
             "onnx": {"ref": onnx_art.ref, "fingerprint": onnx_art.fingerprint, "sha256": sha256_file(src)},
             "timing_cache": {"key": key, "used": cache_in.ref if cache_in else None, "saved": cache_out.ref},
-            "parity_reference": "ONNX Runtime CPU, fp32 graph, calibration split",
         }
 
 

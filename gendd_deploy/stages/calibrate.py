@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import statistics
 import tempfile
 import time
 import uuid
@@ -46,10 +45,12 @@ from gendd_deploy.models.student import GenDDStudent
 from gendd_deploy.runtime import make_runner, registry
 from gendd_deploy.runtime.base import make_noise
 from gendd_deploy.runtime.onnx_export import export_onnx, export_onnx_fast
+from gendd_deploy.runtime.timing import summary as timing_summary
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.distill import DistillStage
-from gendd_deploy.training import Timer, model_input, progress_bar, top1
+from gendd_deploy.evaluation import top1
+from gendd_deploy.training import Timer, model_input, progress_bar
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -139,11 +140,11 @@ def timing_runner(runtime: str, model: DeployedModel, example: torch.Tensor, tmp
 
 
 def time_runner(runner, images: np.ndarray, seed: int, *, min_runs: int = 5, min_s: float = 0.2, max_runs: int = 200) -> float:
-    """Median wall time (ms) of runner.run on one batch after one warm-up run: at least `min_runs`
-    runs and, up to `max_runs`, at least `min_s` seconds (runtime/timing.py)."""
+    """p50 wall time (ms) of runner.run on one batch after one warm-up run: at least `min_runs`
+    runs and, up to `max_runs`, at least `min_s` seconds (runtime/timing.py: time_in_turn, summary)."""
     noise = runner.noise(images.shape[0], seed)
     ms = time_in_turn({"runner": lambda: runner.run(images, noise)}, max_runs=max_runs, min_runs=min_runs, min_s=min_s)
-    return statistics.median(ms["runner"])
+    return timing_summary(ms["runner"])["p50_ms"]
 
 
 # --------------------------------------------------------------------------- the stage
@@ -288,6 +289,6 @@ class CalibrateStage(Stage):
             "fixed_noise_seed": fixed_noise_seed,
             "eval_noise_seed": noise_seed,
             "eval_threads": eval_threads or torch.get_num_threads(),
-            "latency": {"runtime": cc.runtime, "providers": providers, "batch": cc.latency_batch, "structures": len(latency), "statistic": "median after one warm-up"},
+            "latency": {"runtime": cc.runtime, "providers": providers, "batch": cc.latency_batch, "structures": len(latency), "statistic": "p50_ms of runtime.timing.summary, after one warm-up"},
             "time_s": {k: round(v, 2) for k, v in spent.items()},
         }

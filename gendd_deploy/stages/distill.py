@@ -32,7 +32,8 @@ from gendd_deploy.models.student import DDIM0_STEPS, DDIM0_T_START, GenDDStudent
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.cache import CachedFeatures, CacheStage, check_lineage
 from gendd_deploy.stages.teacher import TeacherStage
-from gendd_deploy.training import Checkpointer, Timer, cosine_ramp, count_correct, model_input, param_groups, progress_bar, steps_per_epoch, train_epochs, wrap_ddp
+from gendd_deploy.evaluation import test_top1
+from gendd_deploy.training import Checkpointer, Timer, cosine_ramp, model_input, param_groups, progress_bar, steps_per_epoch, train_epochs, wrap_ddp
 
 # Deviations from the authors' code, recorded in every student manifest.
 DEVIATIONS = [
@@ -243,7 +244,8 @@ class DistillStage(Stage):
                 return step_fn(x, f_t, y, gen)
 
         return train_epochs(
-            ctx=ctx, label=label, failure_point="distill", epochs=epochs, n=n, batch_size=dc.batch_size, seed=seed,
+            train_images=ctx.data().train, loader_workers=ctx.recipe.data.loader_workers, console=ctx.console, quiet=ctx.quiet, log=ctx.log,
+            label=label, failure_point="distill", epochs=epochs, n=n, batch_size=dc.batch_size, seed=seed,
             opt=opt, lr=dc.lr, warmup_steps=round(dc.warmup_fraction * epochs * per_epoch) if warmup else 0,
             modules=modules, ckpt=Checkpointer(self.work_dir(ctx), ckpt_name), step=step, device=device,
             betas=None if beta2 is None else (lambda s, total: (dc.beta1, beta2(s, total))),
@@ -406,19 +408,11 @@ class DistillStage(Stage):
         return fn
 
     def _top1(self, ctx, device, n, logits_fn, label) -> float:
-        """Top-1 (%) of logits_fn over the first n test images; batches are shared out over ranks."""
-        data, bs = ctx.data(), ctx.recipe.data.eval_batch_size
+        """Top-1 (%) of logits_fn over the first n test images (evaluation.test_top1), with a bar."""
         with progress_bar(ctx.console, ctx.quiet) as bar:
             task = bar.add_task(label, total=n, info="")
-
-            def mine():  # this rank's share of the batches, in order
-                for b, idx in enumerate(torch.arange(n).split(bs)):
-                    if b % dist.world_size() == dist.rank():
-                        yield b, model_input(ctx.data(), data.test.get_batch(idx), device), data.test.labels[idx]
-                        bar.update(task, advance=len(idx) * dist.world_size())
-
-            correct, _ = count_correct(logits_fn, mine())
-        return 100.0 * dist.all_reduce_sum(correct) / max(n, 1)
+            return test_top1(logits_fn, ctx.data(), n=n, batch_size=ctx.recipe.data.eval_batch_size, device=device,
+                             on_batch=lambda k: bar.update(task, advance=k))
 
     def _report(self, ctx, stats: dict) -> None:
         shown = {k: v for k, v in stats.items() if "top1" in k}

@@ -24,7 +24,7 @@ from gendd_deploy.models.deployed import DeployedModel
 from gendd_deploy.runtime import make_runner
 from gendd_deploy.runtime.aoti import MAX_BATCH, export_aoti
 from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
-from gendd_deploy.runtime.parity import gate, parity
+from gendd_deploy.runtime.parity import gate, parity, record
 from gendd_deploy.spec import SPEC_KEY, DeployedSpec
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.calibrate import CalibrateStage
@@ -40,6 +40,8 @@ def calibration_images(ctx: Context, limit: int | None) -> np.ndarray:
     u8 = data.calib.get_batch(torch.arange(n))
     return to_model_input(u8, data.mean, data.std).numpy()
 
+
+PARITY_REFERENCE = "PyTorch eager (CPU), same images and noise, calibration split"
 
 # ---- stages ---------------------------------------------------------------------------------------
 
@@ -75,18 +77,12 @@ class _DeployStage(Stage):
         draft.info.update(
             {
                 SPEC_KEY: spec.to_manifest(),
-                "parity_reference": "PyTorch eager (CPU), same images and noise, calibration split",
                 **{k: io[k] for k in ("exporter", "opset", "nodes", "torch") if k in io},
             }
         )
         draft.metrics.update(
             {
-                "max_abs_diff": result["max_abs_diff"],
-                "mean_abs_diff": result["mean_abs_diff"],
-                "top1_agreement": result["top1_agreement"],
-                "n": result["n"],
-                "atol": ec.atol,
-                "min_agreement": ec.min_agreement,
+                "parity": record(result, reference=PARITY_REFERENCE, atol=ec.atol, min_agreement=ec.min_agreement),
                 f"{Path(file).suffix.lstrip('.')}_bytes": draft.path(file).stat().st_size,
                 "export_s": round(export_s, 2),
             }

@@ -17,7 +17,8 @@ from gendd_deploy.data import augment as aug
 from gendd_deploy.errors import UsageError
 from gendd_deploy.models import backbone as bb
 from gendd_deploy.stages.base import Context, Stage
-from gendd_deploy.training import Checkpointer, Timer, count_correct, model_input, param_groups, steps_per_epoch, train_epochs, wrap_ddp
+from gendd_deploy.evaluation import test_top1
+from gendd_deploy.training import Checkpointer, Timer, param_groups, steps_per_epoch, train_epochs, wrap_ddp
 
 
 
@@ -82,11 +83,7 @@ class TeacherStage(Stage):
             model = model.to(device)
             train_metrics = self._train(ctx, model, device)
         model.eval()
-        test = data.test
-        bs = ctx.recipe.data.eval_batch_size
-        test_batches = ((b, model_input(ctx.data(), test.get_batch(idx), device), test.labels[idx]) for b, idx in enumerate(torch.arange(len(test)).split(bs)))
-        correct, seen = count_correct(lambda x, b: model(x), test_batches)
-        acc = 100.0 * correct / seen if seen else float("nan")
+        acc = test_top1(lambda x, b: model(x), data, n=len(data.test), batch_size=ctx.recipe.data.eval_batch_size, device=device)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, draft.path("model.pt"))
         draft.info.update(
             architecture=bb.architecture(model),
@@ -98,8 +95,8 @@ class TeacherStage(Stage):
             class_names=data.class_names,
             data=data.describe(),
         )
-        draft.metrics.update(test_top1=round(acc, 3), test_images=len(test), wall_s=round(timer(), 2), device=str(device), **train_metrics)
-        ctx.log(f"teacher: {tc.model} test top-1 {acc:.2f}% on {len(test)} images")
+        draft.metrics.update(test_top1=round(acc, 3), test_images=len(data.test), wall_s=round(timer(), 2), device=str(device), **train_metrics)
+        ctx.log(f"teacher: {tc.model} test top-1 {acc:.2f}% on {len(data.test)} images")
 
     def _train(self, ctx: Context, model: torch.nn.Module, device: torch.device) -> dict:
         tc, dc, data = ctx.recipe.teacher, ctx.recipe.data, ctx.data()
@@ -116,7 +113,8 @@ class TeacherStage(Stage):
             return loss, {"loss": loss.detach()}
 
         stats = train_epochs(
-            ctx=ctx, label="teacher", failure_point="teacher", epochs=tc.epochs, n=n, batch_size=tc.batch_size,
+            train_images=ctx.data().train, loader_workers=ctx.recipe.data.loader_workers, console=ctx.console, quiet=ctx.quiet, log=ctx.log,
+            label="teacher", failure_point="teacher", epochs=tc.epochs, n=n, batch_size=tc.batch_size,
             seed=ctx.recipe.pipeline.seed, opt=opt, lr=tc.lr, warmup_steps=tc.warmup_epochs * per_epoch,
             modules={"model": model}, ckpt=Checkpointer(self.work_dir(ctx)), step=step, device=device,
         )
