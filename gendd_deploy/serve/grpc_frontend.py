@@ -1,9 +1,9 @@
 """The gRPC half of the Open Inference Protocol: KServe v2's `GRPCInferenceService` on grpcio.
 
-It serves the same models as the HTTP server, through the same batchers, and reads requests with
-the same validation: a `ModelInferRequest` is turned into the equivalent REST request (JSON head
-plus binary tensors) and parsed by `protocol.parse_infer_request`, so both halves accept and
-refuse exactly the same things. Inputs may come as `raw_input_contents` or as typed `contents`
+It serves the same models as the HTTP frontend, through the same core (serve/core.py), and reads
+requests with the same validation: a `ModelInferRequest`'s fields become the request header (a
+dict) and its tensors the binary blobs that `protocol.parse_infer_head` reads, with no JSON in
+between, so both halves accept and refuse exactly the same things. Inputs may come as `raw_input_contents` or as typed `contents`
 (fp32_contents for `images`, bytes_contents for `image_bytes`); outputs always go back as
 `raw_output_contents`, which tritonclient.grpc decodes with `as_numpy`.
 
@@ -15,8 +15,6 @@ anything else INTERNAL.
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from concurrent import futures
 from typing import TYPE_CHECKING
@@ -25,7 +23,7 @@ import numpy as np
 
 from gendd_deploy import __version__
 from gendd_deploy.errors import MissingDependency, UsageError
-from gendd_deploy.serve.protocol import EXTENSIONS, IMAGE_INPUT, SERVER_NAME, ProtocolError, build_infer_response, parse_infer_request
+from gendd_deploy.serve.protocol import EXTENSIONS, IMAGE_INPUT, SERVER_NAME, ProtocolError, build_infer_result, parse_infer_head, serialize_bytes
 
 try:  # optional: the [serve] extra
     import grpc
@@ -37,7 +35,7 @@ except ImportError as e:  # pragma: no cover - exercised where the extra is abse
     raise MissingDependency(f"the gRPC server needs grpcio and tritonclient[grpc] ({e.name} is missing); pip install 'gendd-deploy[serve]', or set [serve] grpc_port = -1") from None
 
 if TYPE_CHECKING:
-    from gendd_deploy.serve.server import InferenceServer, Served
+    from gendd_deploy.serve.core import Served, ServingCore
 
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 MAX_RESPONSE_MB = 64  # responses are logits or class strings: far below this
@@ -62,58 +60,50 @@ def _typed_to_raw(t) -> bytes:
     if t.datatype == "FP32":
         return np.asarray(t.contents.fp32_contents, dtype="<f4").tobytes()
     if t.datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(b)) + b for b in t.contents.bytes_contents)
+        return serialize_bytes(list(t.contents.bytes_contents))
     return b""  # any other datatype: the parser names the datatype the model wants
 
 
-def rest_request(request) -> tuple[bytes, int]:
-    """(body, header_length) of the REST request equivalent to a ModelInferRequest."""
+def request_head(request) -> tuple[dict, dict[int, bytes]]:
+    """(header, blobs) of a ModelInferRequest: its fields as the protocol's request header and each
+    input's raw bytes by index; every output is asked for in binary (raw_output_contents)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise ProtocolError(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input")
-    inputs, blobs = [], []
+    inputs, blobs = [], {}
     for i, t in enumerate(request.inputs):
-        blob = raw[i] if raw else _typed_to_raw(t)
-        params = {k: _value(v) for k, v in t.parameters.items()}
-        params["binary_data_size"] = len(blob)
-        inputs.append({"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "parameters": params})
-        blobs.append(blob)
+        blobs[i] = raw[i] if raw else _typed_to_raw(t)
+        inputs.append({"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "parameters": {k: _value(v) for k, v in t.parameters.items()}})
     params = {k: _value(v) for k, v in request.parameters.items()}
     params["binary_data_output"] = True
-    body: dict = {"inputs": inputs, "parameters": params}
+    head: dict = {"inputs": inputs, "parameters": params}
     if request.id:
-        body["id"] = request.id
+        head["id"] = request.id
     if request.outputs:
-        body["outputs"] = [{"name": o.name, "parameters": {**{k: _value(v) for k, v in o.parameters.items()}, "binary_data": True}} for o in request.outputs]
-    head = json.dumps(body).encode()
-    return head + b"".join(blobs), len(head)
+        head["outputs"] = [{"name": o.name, "parameters": {**{k: _value(v) for k, v in o.parameters.items()}, "binary_data": True}} for o in request.outputs]
+    return head, blobs
 
 
-def grpc_response(payload: bytes, header_length: int) -> "pb.ModelInferResponse":
-    """The REST response (JSON head + binary outputs) as a ModelInferResponse."""
-    head = json.loads(payload[:header_length])
+def grpc_response(head: dict, blobs: list[bytes]) -> "pb.ModelInferResponse":
+    """An answer's header and binary outputs (protocol.build_infer_result) as a ModelInferResponse."""
     resp = pb.ModelInferResponse(model_name=head["model_name"], model_version=head["model_version"], id=head.get("id", ""))
     for k, v in (head.get("parameters") or {}).items():
         resp.parameters[k].CopyFrom(_param(v))
-    offset = header_length
-    for o in head["outputs"]:
+    for o, blob in zip(head["outputs"], blobs):
         resp.outputs.add(name=o["name"], datatype=o["datatype"], shape=o["shape"])
-        size = o["parameters"]["binary_data_size"]
-        resp.raw_output_contents.append(payload[offset : offset + size])
-        offset += size
+        resp.raw_output_contents.append(blob)
     return resp
 
 
 class _Service(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, app: "InferenceServer"):
+    def __init__(self, app: "ServingCore"):
         self.app = app
 
     def _model(self, name: str, version: str, context) -> "Served":
-        served = self.app.lookup(name, version or None)
-        if served is None:
-            want = f"'{name}'" + (f" version '{version}'" if version else "")
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {want}; this server serves {self.app.listing()}")
-        return served
+        try:
+            return self.app.find(name, version or None)
+        except ProtocolError as e:
+            context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
 
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -139,21 +129,17 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelStatistics(self, request, context):
         if request.name:
-            served = self._model(request.name, request.version, context)
-            chosen = [served] if request.version else list(self.app.routes[request.name].values())
-        else:
-            chosen = self.app.served()
-        stats = {"model_stats": [s.stats.to_dict(s.model.name, s.model.version) for s in chosen]}
+            self._model(request.name, request.version, context)  # an unknown model is NOT_FOUND
+        stats = self.app.statistics(request.name or None, request.version or None)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
     def ModelInfer(self, request, context):
         served = self._model(request.model_name, request.model_version, context)
         t0 = time.perf_counter()
         try:
-            body, header_length = rest_request(request)
-            req = parse_infer_request(served.model, body, header_length, max_json_bytes=int(self.app.cfg.max_json_mb * 1024 * 1024))
-            payload, json_length = build_infer_response(served.model, req, self.app.predict(served, req))
-            resp = grpc_response(payload, json_length)
+            head, blobs = request_head(request)
+            req = parse_infer_head(served.model, head, blobs=blobs)
+            resp = grpc_response(*build_infer_result(served.model, req, self.app.predict(served, req)))
         except ProtocolError as e:
             served.stats.request(False, time.perf_counter() - t0)
             self.app.metrics.requests.inc(endpoint="grpc_infer", code=str(e.status))
@@ -169,9 +155,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class GrpcFrontend:
-    """grpcio server for `app`'s models on [serve] host:grpc_port (0 picks a free port)."""
+    """grpcio server for the models of the serving core `app` on [serve] host:grpc_port (0 picks a free port)."""
 
-    def __init__(self, app: "InferenceServer"):
+    def __init__(self, app: "ServingCore"):
         self.app = app
         cfg = app.cfg
         # a request may be as large as an HTTP body ([serve] max_body_mb); grpcio refuses a larger
@@ -195,9 +181,18 @@ class GrpcFrontend:
         self.server.start()
         return self
 
+    def close_listener(self, grace_s: float) -> None:
+        """Refuse new calls; calls in flight get up to `grace_s` to finish (the core answers them as it drains)."""
+        self._stopped = self.server.stop(grace_s)
+
+    def finish(self, deadline: float) -> bool:
+        """Wait, until the monotonic `deadline`, for the calls in flight; True when they all ended."""
+        stopped = getattr(self, "_stopped", None) or self.server.stop(0)
+        return stopped.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+
     def stop(self, grace_s: float) -> None:
-        """Refuse new calls; calls in flight get up to `grace_s` to finish."""
-        self.server.stop(grace_s).wait(grace_s + 1.0)
+        self.close_listener(grace_s)
+        self.finish(time.monotonic() + grace_s)
 
 
-__all__ = ["GrpcFrontend", "IMAGE_INPUT", "grpc_response", "rest_request"]
+__all__ = ["GrpcFrontend", "IMAGE_INPUT", "grpc_response", "request_head"]

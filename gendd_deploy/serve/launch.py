@@ -63,7 +63,7 @@ def serve(
         drained = server.stop(drain_timeout_s)
         server.log("gendd serve: stopped" + ("" if drained else f" (some requests were cut off after {drain_timeout_s:g} s)"))
     finally:
-        if server._httpd is not None:
+        if server.running:
             server.stop(drain_timeout_s=1.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

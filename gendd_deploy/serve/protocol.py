@@ -441,6 +441,13 @@ def parse_infer_request(model: ServedModel, body: bytes, header_length: int | No
         raise bad(f"malformed JSON request body: {e}") from None
     if not isinstance(req, dict):
         raise bad("the request body must be a JSON object with 'inputs'")
+    return parse_infer_head(model, req, binary=binary)
+
+
+def parse_infer_head(model: ServedModel, req: dict, *, binary: bytes = b"", blobs: dict[int, bytes] | None = None) -> InferRequest:
+    """An infer request from its header (the JSON object's content, as a dict) and its binary
+    tensors: `binary`, the bytes after a REST request's JSON header, split by each input's
+    binary_data_size; or `blobs`, input index -> raw bytes, as gRPC carries them (no JSON)."""
     rid = req.get("id")
     if rid is not None and not isinstance(rid, str):
         raise bad(f"'id' must be a string, got {rid!r}")
@@ -453,7 +460,7 @@ def parse_infer_request(model: ServedModel, body: bytes, header_length: int | No
         raise bad(missing_input_message(model))
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise bad("'inputs' must be a list of tensor objects {'name', 'datatype', 'shape', 'data'}")
-    chunks = _split_binary(inputs, binary)
+    chunks = _split_binary(inputs, binary) if blobs is None else blobs
     known = model.inputs[0]["name"]
     names = [t.get("name") for t in inputs]
     for n in names:
@@ -495,12 +502,23 @@ def _class_strings(model: ServedModel, values: np.ndarray, k: int) -> np.ndarray
     return np.array(rows, dtype=object).reshape(len(rows), k)
 
 
-def _serialize_bytes(elements: list[bytes]) -> bytes:
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """Triton BYTES serialisation (both frontends): each element's uint32 little-endian length, then its bytes."""
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
 def build_infer_response(model: ServedModel, req: InferRequest, logits: np.ndarray) -> tuple[bytes, int | None]:
-    """(body, json_length): json_length is set when binary outputs follow the JSON header."""
+    """(body, json_length) of a REST answer: json_length is set when binary outputs follow the JSON header."""
+    resp, blobs = build_infer_result(model, req, logits)
+    head = json.dumps(resp, separators=(",", ":"), allow_nan=False).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+def build_infer_result(model: ServedModel, req: InferRequest, logits: np.ndarray) -> tuple[dict, list[bytes]]:
+    """(header, binary outputs) of an answer: the header as a dict (JSON for REST, protobuf fields
+    for gRPC), and the raw bytes of each output the request asked for in binary, in order."""
     logits = np.asarray(logits, dtype=np.float32)
     if not np.isfinite(logits).all():  # JSON has no NaN / Inf; say so instead of writing invalid JSON
         raise bad("the model's output for this input is not finite (NaN or Inf); check the input values (normalised pixels, not extremes)")
@@ -514,7 +532,7 @@ def build_infer_response(model: ServedModel, req: InferRequest, logits: np.ndarr
             datatype, shape, values = "BYTES", [logits.shape[0], o.k], _class_strings(model, softmax(logits), o.k)
         entry: dict[str, Any] = {"name": o.name, "datatype": datatype, "shape": shape}
         if o.binary:
-            blob = np.ascontiguousarray(values, dtype="<f4").tobytes() if datatype == "FP32" else _serialize_bytes([s.encode() for s in values.ravel()])
+            blob = np.ascontiguousarray(values, dtype="<f4").tobytes() if datatype == "FP32" else serialize_bytes([s.encode() for s in values.ravel()])
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -526,10 +544,7 @@ def build_infer_response(model: ServedModel, req: InferRequest, logits: np.ndarr
     if model.needs_noise:
         resp["parameters"] = {"seed": req.seed}
     resp["outputs"] = outputs
-    head = json.dumps(resp, separators=(",", ":"), allow_nan=False).encode()
-    if not blobs:
-        return head, None
-    return head + b"".join(blobs), len(head)
+    return resp, blobs
 
 
 def error_body(message: str, **extra) -> bytes:

@@ -1,4 +1,6 @@
-"""`gendd serve`: the Open Inference Protocol v2 over HTTP/1.1, on the standard library's threading server.
+"""`gendd serve`: the serving core and its frontends, composed. REST (http_frontend.py) always,
+gRPC (grpc_frontend.py) when [serve] grpc_port >= 0 and its extra is installed; both are peers
+over one ServingCore (core.py), which holds the models, readiness and drain.
 
 Endpoints (KServe v2 / Triton REST; `/versions/<v>` may follow the model name):
 
@@ -18,304 +20,33 @@ image, malformed JSON), 404 unknown model or path, 405 wrong method, 408 body no
 Content-Length, before reading it), 503 not ready / queue full / shutting down / timed out
 waiting, 500 the runner failed. Any of them leaves the server serving.
 
-Each connection gets a thread that parses, decodes and preprocesses its requests; one batcher
-thread runs the model (batcher.py). Shutdown (SIGTERM / SIGINT, or `InferenceServer.stop`):
-readiness goes to 503, the listener closes, queued requests run and are answered, idle
-keep-alive connections close, then `serve` returns.
+Shutdown (SIGTERM / SIGINT, or `InferenceServer.stop`): readiness goes to 503, the frontends stop
+accepting, queued requests run and are answered, connections close, then `serve` returns.
 
 Example: gendd serve -p pipelines/quickstart.toml --port 8000
 
-Longer than most modules (~570 lines): the HTTP half of the protocol in one place: connection
-handling and its limits, routing to several models and versions, readiness and drain.
+A third frontend is one module with `start()`, `close_listener()` and `finish(deadline)` over the
+core, added in `InferenceServer.start` (docs/extending.md).
 """
 
 from __future__ import annotations
 
-import json
-import re
-import socket
-import socketserver
-import sys
-import threading
 import time
-from dataclasses import dataclass, field, replace
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Callable
-from urllib.parse import unquote, urlsplit
+from typing import Callable
 
-import numpy as np
-
-from gendd_deploy import __version__
 from gendd_deploy.config import ServeConfig
-from gendd_deploy.errors import ArtifactError, MissingDependency, UsageError
+from gendd_deploy.errors import MissingDependency
 from gendd_deploy.runtime.base import Runner
-from gendd_deploy.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
-from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gendd_deploy.serve.metrics import ServerMetrics
-from gendd_deploy.serve.protocol import EXTENSIONS, SERVER_NAME, InferRequest, ProtocolError, ServedModel, build_infer_response, error_body, parse_infer_request
-from gendd_deploy.serve.stats import ModelStats
+from gendd_deploy.serve.core import Served, ServingCore
+from gendd_deploy.serve.http_frontend import HttpFrontend
+from gendd_deploy.serve.protocol import ServedModel
 
-if TYPE_CHECKING:
-    pass
-
-_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer|/config|/stats)?/?$")
-_LINGER_BYTES = 1 << 20  # after refusing an oversized body, read at most this much of it before closing
-
-
-class _Response:
-    __slots__ = ("status", "body", "content_type", "headers", "close")
-
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None, close: bool = False):
-        self.status, self.body, self.content_type = status, body, content_type
-        self.headers, self.close = headers or {}, close
-
-
-def _json(status: int, obj: dict) -> _Response:
-    return _Response(status, json.dumps(obj).encode())
-
-
-def _error(status: int, message: str, **extra) -> _Response:
-    return _Response(status, error_body(message, **extra))
-
-
-def _endpoint(path: str) -> str:
-    """Label for the request counter."""
-    if path.startswith("/v2/health"):
-        return "health"
-    if path == "/metrics":
-        return "metrics"
-    if path.startswith("/v2/models/") and path.rstrip("/").endswith("/infer"):
-        return "infer"
-    if path.startswith("/v2"):
-        return "metadata"
-    return "other"
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # stop() waits for connections itself, with a bound
-    request_queue_size = 512  # listen backlog: bursts of new connections must not be dropped
-    app: "InferenceServer"
-
-    def __init__(self, address: tuple[str, int], app: "InferenceServer"):
-        self.app = app
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address) -> None:
-        """One thread per connection, but never more than max_connections: past that the
-        connection gets a 503 at once and is closed, so idle sockets cannot starve the server."""
-        if len(self.app._conns) >= self.app.cfg.max_connections:
-            self.app.metrics.requests.inc(endpoint="connection", code="503")
-            try:
-                body = error_body(f"the server holds {self.app.cfg.max_connections} connections (max_connections); retry shortly")
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-                )
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def handle_error(self, request, client_address) -> None:
-        """A client that hangs up mid-request is routine; anything else gets one line, not a traceback."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            return
-        self.app.log(f"gendd serve: error on a connection from {client_address[0]}: {type(exc).__name__}: {exc}")
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN (a DNS query); the name is not needed
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients such as tritonclient reuse connections
-    server_version = f"{SERVER_NAME}/{__version__}"
-    timeout = 60  # seconds an idle keep-alive connection is kept
-    disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK would add 40 ms
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        self.timeout = self.server.app.cfg.idle_timeout_s  # before StreamRequestHandler applies it
-        super().setup()
-        self.server.app._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except OSError:
-            pass
-        finally:
-            self.server.app._track(self.connection, add=False)
-
-    def log_message(self, format: str, *args) -> None:  # no access log on stderr
-        pass
-
-    def handle_one_request(self) -> None:
-        """The wait for a request's first byte is the idle timeout (keep-alive); from that byte the
-        request line and headers must all arrive within [serve] header_timeout_s."""
-        app = self.server.app
-        try:
-            first = self.rfile.peek(1)
-        except (OSError, ValueError):
-            first = b""
-        if not first:
-            self.close_connection = True
-            return
-        app._deadline(self.connection, app.cfg.header_timeout_s)
-        try:
-            super().handle_one_request()
-        finally:
-            app._deadline(self.connection, None)
-
-    def parse_request(self) -> bool:
-        ok = super().parse_request()
-        self.server.app._deadline(self.connection, None)  # headers are in: the header deadline is met
-        return ok
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol-level errors of http.server (bad request line, unknown method) as JSON."""
-        body = error_body(message or HTTPStatus(code).phrase)
-        self.request_version = "HTTP/1.1"  # an unparsable request line leaves 0.9, which has no status line
-        try:
-            self.send_response(code, message)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-        except OSError:
-            pass
-        self.close_connection = True
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_HEAD(self) -> None:
-        self._send(_Response(405, b"", "text/plain", headers={"Allow": "GET, POST"}), close=False)  # no body to a HEAD
-
-    def do_OPTIONS(self) -> None:
-        self._send(_Response(405, error_body("OPTIONS is not supported; use GET or POST"), headers={"Allow": "GET, POST"}), close=False)
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def _dispatch(self, method: str) -> None:
-        app = self.server.app
-        try:
-            path = unquote(urlsplit(self.path).path)
-        except ValueError:  # e.g. 'http://[::1': an unclosed IPv6 host in an absolute target
-            self._send(_error(400, f"malformed request target {self.path[:80]!r}"), close=True)
-            app.metrics.requests.inc(endpoint="other", code="400")
-            return
-        endpoint = _endpoint(path)
-        t0 = time.perf_counter()
-        app._enter()
-        try:
-            try:
-                resp = self._body_then_route(app, method, path)
-            except Exception as e:  # a bug must not take the server down
-                resp = _error(500, f"internal error: {type(e).__name__}: {e}")
-            self._send(resp, close=resp.close or app.stopping)
-            app.metrics.requests.inc(endpoint=endpoint, code=str(resp.status))
-            if endpoint == "infer":
-                app.metrics.latency.observe(time.perf_counter() - t0)
-        finally:
-            app._leave()
-
-    def _body_then_route(self, app: "InferenceServer", method: str, path: str) -> _Response:
-        body = b""
-        if self.headers.get("Transfer-Encoding"):
-            return self._refuse(411, "chunked request bodies are not supported; send Content-Length")
-        length_text = self.headers.get("Content-Length")
-        if length_text is None and method in ("POST", "PUT"):
-            return self._refuse(411, "missing Content-Length header")
-        if length_text is not None:  # read even a GET's body, or the keep-alive connection goes out of step
-            try:
-                length = int(length_text)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                return self._refuse(400, f"bad Content-Length {length_text!r}")
-            limit = int(app.cfg.max_body_mb * 1024 * 1024)
-            if length > limit:
-                self._linger(length)
-                return self._refuse(413, f"request body of {length} bytes is over the limit of {limit} bytes (max_body_mb = {app.cfg.max_body_mb:g})")
-            app._deadline(self.connection, app.cfg.body_timeout_s)
-            try:
-                body = self.rfile.read(length)
-            except TimeoutError:
-                return self._refuse(408, f"timed out after {self.timeout} s reading the request body")
-            except OSError:  # shut down by the body deadline
-                return self._refuse(408, f"the request body did not arrive within {app.cfg.body_timeout_s:g} s (body_timeout_s)")
-            finally:
-                app._deadline(self.connection, None)
-            if len(body) != length:
-                return self._refuse(400, f"request body ended after {len(body)} of {length} bytes")
-        return app.route(method, path, self.headers, body)
-
-    def _refuse(self, status: int, message: str) -> _Response:
-        """An error after which the connection cannot be reused (the body was not read)."""
-        return _Response(status, error_body(message), close=True)
-
-    def _linger(self, length: int) -> None:
-        """Read (bounded) what the client is already sending, so it sees our answer, not a reset."""
-        self.connection.settimeout(0.2)
-        left = min(length, _LINGER_BYTES)
-        try:
-            while left > 0:
-                chunk = self.rfile.read1(min(left, 65536))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
-
-    def _send(self, resp: _Response, close: bool) -> None:
-        try:
-            self.send_response(resp.status)
-            self.send_header("Content-Type", resp.content_type)
-            self.send_header("Content-Length", str(len(resp.body)))
-            for k, v in resp.headers.items():
-                self.send_header(k, str(v))
-            if close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(resp.body)
-            self.wfile.flush()
-        except OSError:  # the client went away
-            self.close_connection = True
-
-
-@dataclass
-class Served:
-    """One model version behind the server: its description, runner, batcher and statistics. The
-    encoded-image sibling of a model shares its runner and batcher (one queue, one batch limit)."""
-
-    model: ServedModel
-    runner: Runner
-    batcher: DynamicBatcher
-    stats: ModelStats = field(default_factory=ModelStats)
+__all__ = ["InferenceServer", "Served", "ServingCore"]
 
 
 class InferenceServer:
-    """Models behind the protocol: `start()` binds and warms up, `stop()` drains and closes.
+    """The core plus its frontends: `start()` binds REST (live at once), warms the models up,
+    starts gRPC and opens (ready); `stop()` drains and closes.
 
     `runner` / `model` is the first model; `more` adds (runner, model) pairs: other models, or other
     versions of the same name (a URL without a version gets the highest)."""
@@ -330,103 +61,47 @@ class InferenceServer:
         request_timeout_s: float = 30.0,
         log: Callable[[str], None] | None = None,
     ):
-        self.cfg = cfg
-        self.request_timeout_s = request_timeout_s
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.metrics = ServerMetrics()
-        self._primary: list[Served] = []
-        for r, m in [(runner, model), *more]:
-            # the runner decides about noise; the batch limits are the server's
-            m = replace(ServedModel.from_meta(m), needs_noise=r.needs_noise, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)
-            batcher = DynamicBatcher(r, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, queue_size=cfg.queue_size, metrics=self.metrics)
-            self._primary.append(Served(m, r, batcher))
-        seen = [(p.model.name, p.model.version) for p in self._primary]
-        if len(set(seen)) != len(seen):
-            raise UsageError(f"two models with the same name and version: {sorted(x for x in seen if seen.count(x) > 1)}; serve each version once")
-        self.routes: dict[str, dict[str, Served]] = {}  # name -> version -> served, filled by start()
-        self._ready = threading.Event()
-        self.stopping = False
-        self._httpd: _HTTPServer | None = None
-        self._grpc = None  # the gRPC front end, when [serve] grpc_port asks for one
-        self._thread: threading.Thread | None = None
-        self._conns: set[socket.socket] = set()
-        self._active = 0  # requests being handled right now
-        self._lock = threading.Lock()
-        # total deadlines (monotonic s) for reading a request's headers or body, per connection: a
-        # client that drips a byte every few seconds resets a per-read timeout forever, not these
-        self._deadlines: dict[socket.socket, float] = {}
+        self.core = ServingCore(runner, model, cfg, more=more, request_timeout_s=request_timeout_s, log=log)
+        self.http = HttpFrontend(self.core)
+        self._grpc = None  # the gRPC frontend, when [serve] grpc_port asks for one
+        self.frontends: list = []  # started ones, each with start(), close_listener(grace_s), finish(deadline)
 
-    @property
-    def runner(self) -> Runner:
-        return self._primary[0].runner
-
-    @property
-    def model(self) -> ServedModel:
-        """The first model (after start(): with its class count from the warm-up run)."""
-        return self._primary[0].model
-
-    @property
-    def batcher(self) -> DynamicBatcher:
-        return self._primary[0].batcher
+    # what callers and tests read: the core's models and state, the frontends' addresses
+    cfg = property(lambda self: self.core.cfg)
+    log = property(lambda self: self.core.log)
+    metrics = property(lambda self: self.core.metrics)
+    runner = property(lambda self: self.core.runner)
+    model = property(lambda self: self.core.model)
+    batcher = property(lambda self: self.core.batcher)
+    routes = property(lambda self: self.core.routes)
+    ready = property(lambda self: self.core.ready)
+    stopping = property(lambda self: self.core.stopping)
+    port = property(lambda self: self.http.port)
+    url = property(lambda self: self.http.url)
+    running = property(lambda self: self.http.running)
+    _httpd = property(lambda self: self.http._httpd)
+    _conns = property(lambda self: self.http._conns)
 
     def lookup(self, name: str, version: str | None) -> Served | None:
-        """The served model `name` at `version` (None: the highest version)."""
-        versions = self.routes.get(name)
-        if not versions:
-            return None
-        if version is None:
-            return versions[max(versions, key=lambda v: int(v) if v.isdigit() else -1)]
-        return next((s for s in versions.values() if s.model.has_version(version)), None)
+        return self.core.lookup(name, version)
 
     def served(self) -> list[Served]:
-        return [s for versions in self.routes.values() for s in versions.values()]
-
-    # ---- lifecycle ---------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return self._httpd.server_address[1] if self._httpd else self.cfg.port
+        return self.core.served()
 
     @property
     def grpc_port(self) -> int | None:
         return self._grpc.port if self._grpc is not None else None
 
-    @property
-    def url(self) -> str:
-        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
-        return f"http://{host}:{self.port}"
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    @property
-    def not_ready(self) -> str:
-        return "not ready: " + ("shutting down" if self.stopping else "warming up")
-
     def start(self) -> "InferenceServer":
+        self.frontends = [self.http.start()]  # live from here; ready after the warm-up
         try:
-            self._httpd = _HTTPServer((self.cfg.host, self.cfg.port), self)
-        except OSError as e:
-            raise UsageError(f"cannot listen on {self.cfg.host}:{self.cfg.port} ({e.strerror or e}); pick another --port") from None
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="gendd-http", daemon=True)
-        self._thread.start()  # live from here; ready after the warm-up
-        threading.Thread(target=self._enforce_deadlines, name="gendd-deadlines", daemon=True).start()
-        try:
-            self._fill_routes()  # metadata and readiness answer while warming up
-            for p in self._primary:
-                self._warm_up(p)
-            self._fill_routes()  # again: the encoded siblings take the class count the warm-up found
+            self.core.warm_up()  # metadata and readiness answer while warming up
             if self.cfg.grpc_port >= 0:
                 self._start_grpc()
         except Exception:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+            self.http.abort()
             raise
-        for p in self._primary:
-            p.batcher.start()
-        self._ready.set()
+        self.core.open()
         return self
 
     def _start_grpc(self) -> None:
@@ -435,199 +110,24 @@ class InferenceServer:
         except MissingDependency as e:
             self.log(f"gendd serve: HTTP only: {e}")
             return
-        self._grpc = GrpcFrontend(self).start()
-
-    def _warm_up(self, p: Served) -> None:
-        """Run the model at batch 1 and max_batch: the first runs are slow, and a bad model fails here."""
-        C, H, W = p.model.input_shape
-        for n in sorted({1, self.cfg.max_batch}):
-            out = np.asarray(p.runner.run(np.zeros((n, C, H, W), np.float32), p.runner.noise(n, 0)))
-            if out.ndim != 2 or out.shape[0] != n:
-                raise ArtifactError(f"model '{p.model.name}' returned shape {out.shape} for {n} images; expected (n, num_classes)")
-        if p.model.num_classes is None or p.model.num_classes != out.shape[1]:
-            if p.model.num_classes is not None:
-                raise ArtifactError(f"model '{p.model.name}' returns {out.shape[1]} logits, its description says {p.model.num_classes}")
-            p.model = p.model.with_classes(int(out.shape[1]))
-
-    def _fill_routes(self) -> None:
-        """Every model under its name and version, and the encoded-image sibling of each model that
-        has a preprocessing spec (same runner and batcher, its own statistics)."""
-        self.routes = {}
-        for p in self._primary:
-            self.routes.setdefault(p.model.name, {})[p.model.version] = p
-            if p.model.preprocess:
-                v = p.model.encoded_variant()
-                self.routes.setdefault(v.name, {})[v.version] = Served(v, p.runner, p.batcher)
+        self._grpc = GrpcFrontend(self.core).start()
+        self.frontends.append(self._grpc)
 
     def stop(self, drain_timeout_s: float = 30.0) -> bool:
         """Stop accepting, answer every queued request, close connections. True if all drained in time."""
-        if self._httpd is None:
+        if not self.http.running:
             return True
-        self._ready.clear()
-        self.stopping = True
-        self._httpd.shutdown()  # the accept loop ends; open connections still get answers
-        if self._grpc is not None:
-            self._grpc.stop(drain_timeout_s)  # new calls refused, calls in flight finish
+        self.core.begin_drain()
+        for f in self.frontends:  # new requests refused; those in flight are answered as the core drains
+            f.close_listener(drain_timeout_s)
         deadline = time.monotonic() + drain_timeout_s
-        drained = all([p.batcher.close(max(0.0, deadline - time.monotonic())) for p in self._primary])
-        while self._active > 0 and time.monotonic() < deadline:  # responses being written
-            time.sleep(0.01)
-        with self._lock:
-            idle = list(self._conns)
-        for sock in idle:  # wakes threads waiting on idle keep-alive connections
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._httpd.server_close()
-        end = time.monotonic() + 2.0
-        while self._conns and time.monotonic() < end:
-            time.sleep(0.01)
-        self._httpd = None
-        self._grpc = None
-        return drained and self._active == 0
+        drained = self.core.drain(max(0.0, deadline - time.monotonic()))
+        finished = all([f.finish(deadline) for f in self.frontends])
+        self.frontends, self._grpc = [], None
+        return drained and finished
 
     def __enter__(self) -> "InferenceServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def _track(self, sock: socket.socket, add: bool) -> None:
-        with self._lock:
-            (self._conns.add if add else self._conns.discard)(sock)
-            if not add:
-                self._deadlines.pop(sock, None)
-
-    def _deadline(self, sock: socket.socket, seconds: float | None) -> None:
-        """From now, reading on `sock` must be done within `seconds` (None: no deadline)."""
-        with self._lock:
-            if seconds is None:
-                self._deadlines.pop(sock, None)
-            else:
-                self._deadlines[sock] = time.monotonic() + seconds
-
-    def _enforce_deadlines(self) -> None:
-        """One thread for all connections: past its deadline a connection is shut down, which ends
-        the blocked read in its handler thread and frees its slot. Ends once the server has stopped."""
-        while not (self.stopping and self._httpd is None):
-            time.sleep(0.2)
-            now = time.monotonic()
-            with self._lock:
-                late = [sk for sk, dl in self._deadlines.items() if dl < now]
-                for sk in late:
-                    del self._deadlines[sk]
-            for sk in late:
-                self.metrics.requests.inc(endpoint="connection", code="408")
-                try:
-                    sk.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _enter(self) -> None:
-        with self._lock:
-            self._active += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._active -= 1
-
-    # ---- routes ------------------------------------------------------------------------------
-
-    def route(self, method: str, path: str, headers, body: bytes) -> _Response:
-        if path == "/metrics":
-            return self._only(method, "GET") or _Response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
-        if path in ("/v2", "/v2/"):
-            return self._only(method, "GET") or _json(200, {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
-        if path == "/v2/health/live":
-            return self._only(method, "GET") or _json(200, {"live": True})
-        if path == "/v2/health/ready":
-            return self._only(method, "GET") or self._readiness({"ready": self.ready})
-        if path.rstrip("/") == "/v2/models/stats":  # Triton: the statistics of every model
-            return self._only(method, "GET") or _json(200, {"model_stats": [s.stats.to_dict(s.model.name, s.model.version) for s in self.served()]})
-        m = _MODEL_PATH.match(path)
-        if not m:
-            return _error(404, f"no route {path}; see GET /v2 and /v2/models/<name> for {self.listing()}")
-        served = self.lookup(m["name"], m["version"])
-        if served is None:
-            want = f"'{m['name']}'" + (f" version '{m['version']}'" if m["version"] else "")
-            return _error(404, f"unknown model {want}; this server serves {self.listing()}")
-        action = m["action"]
-        if action == "/infer":
-            return self._only(method, "POST") or self._infer(served, headers, body)
-        if action == "/ready":
-            return self._only(method, "GET") or self._readiness({"name": served.model.name, "ready": self.ready})
-        if action == "/config":
-            return self._only(method, "GET") or _json(200, served.model.config())
-        if action == "/stats":
-            chosen = [served] if m["version"] else list(self.routes[m["name"]].values())
-            return self._only(method, "GET") or _json(200, {"model_stats": [s.stats.to_dict(s.model.name, s.model.version) for s in chosen]})
-        return self._only(method, "GET") or _json(200, self.metadata(served))
-
-    def listing(self) -> str:
-        return ", ".join(f"'{name}' (versions {', '.join(sorted(v))})" for name, v in self.routes.items()) or "no models yet"
-
-    def metadata(self, served: Served) -> dict:
-        """The model's metadata, listing every version served under its name."""
-        versions = sorted(self.routes.get(served.model.name, {served.model.version: served}), key=lambda v: (len(v), v))
-        return {**served.model.metadata(), "versions": versions}
-
-    @staticmethod
-    def _only(method: str, allowed: str) -> _Response | None:
-        if method == allowed:
-            return None
-        return _Response(405, error_body(f"method {method} not allowed here; use {allowed}"), headers={"Allow": allowed})
-
-    def _readiness(self, obj: dict) -> _Response:
-        if self.ready:
-            return _json(200, obj)
-        return _json(503, {**obj, "error": self.not_ready})
-
-    def predict(self, served: Served, req: InferRequest) -> np.ndarray:
-        """Logits of one parsed request through the model's batcher (what both front ends call).
-        Refusals are ProtocolErrors: 503 when not ready, full, shutting down or timed out; 500
-        when the model fails."""
-        if not self.ready:
-            raise ProtocolError(503, f"{self.not_ready}; retry later")
-        try:
-            future = served.batcher.submit(req.images, req.seed, served.stats)
-        except (QueueFull, ShuttingDown) as e:
-            raise ProtocolError(503, str(e)) from None
-        try:
-            return future.result(timeout=self.request_timeout_s)
-        except TimeoutError:
-            served.batcher.abandon(future)  # queued: never run; running: stopped at its next chunk
-            raise ProtocolError(503, f"timed out after {self.request_timeout_s:g} s waiting for the model; the server is overloaded") from None
-        except ShuttingDown as e:
-            raise ProtocolError(503, str(e)) from None
-        except Exception as e:
-            raise ProtocolError(500, f"the model failed on this batch: {type(e).__name__}: {e}") from None
-
-    def _infer(self, served: Served, headers, body: bytes) -> _Response:
-        t0 = time.perf_counter()
-        resp = self._infer_once(served, headers, body)
-        served.stats.request(resp.status == 200, time.perf_counter() - t0)
-        return resp
-
-    def _infer_once(self, served: Served, headers, body: bytes) -> _Response:
-        if not self.ready:
-            return _error(503, f"{self.not_ready}; retry later")
-        encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
-        if encoding != "identity":
-            return _error(400, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
-        header_text = headers.get("Inference-Header-Content-Length")
-        if header_text is not None and not (header_text.strip().isdigit() and len(header_text.strip()) <= 19):
-            return _error(400, f"bad Inference-Header-Content-Length {header_text[:40]!r}: expected a byte count")
-        try:
-            header_length = None if header_text is None else int(header_text)
-            req = parse_infer_request(served.model, body, header_length, max_json_bytes=int(self.cfg.max_json_mb * 1024 * 1024))
-        except ProtocolError as e:
-            return _error(e.status, e.message)
-        try:
-            logits = self.predict(served, req)
-            payload, json_length = build_infer_response(served.model, req, logits)
-        except ProtocolError as e:
-            return _error(e.status, e.message, **({"id": req.id} if req.id is not None else {}))
-        extra = {"Inference-Header-Content-Length": json_length} if json_length is not None else {}
-        ctype = "application/json" if json_length is None else "application/octet-stream"
-        return _Response(200, payload, ctype, extra)
