@@ -45,14 +45,53 @@ def _dims(shape: list) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in shape[1:]]
 
 
-def _tensor_block(t: dict, comment: str | None = None, label_file: str | None = None) -> str:
+def triton_tensor(name: str, data_type: str, dims: list[int], label_file: str | None = None) -> dict:
+    """One ModelConfig input / output (JSON form): data_type is Triton's (TYPE_FP32, ...)."""
+    return {"name": name, "data_type": data_type, "dims": [int(d) for d in dims], **({"label_filename": label_file} if label_file else {})}
+
+
+def graph_tensor(t: dict, label_file: str | None = None) -> dict:
+    """A graph tensor {name, dtype, shape} (spec.py) as a ModelConfig tensor."""
     dtype = TRITON_TYPES.get(t["dtype"])
     if dtype is None:
         raise UsageError(f"tensor '{t['name']}' has dtype {t['dtype']}, which has no Triton type")
-    dims = ", ".join(str(d) for d in _dims(t["shape"]))
+    return triton_tensor(t["name"], dtype, _dims(t["shape"]), label_file)
+
+
+def model_config(
+    name: str,
+    platform: str,
+    inputs: list[dict],
+    outputs: list[dict],
+    *,
+    max_batch: int,
+    max_delay_us: int,
+    preferred: list[int] | None = None,
+    queue_size: int | None = None,
+    version_policy: dict | None = None,
+    instances: int | None = None,
+    gpu: bool = False,
+) -> dict:
+    """Triton's ModelConfig in its JSON form: the one description of a served model's config,
+    which `render_config` writes as config.pbtxt and `gendd serve` answers at /config."""
+    batching: dict = {}
+    if preferred:
+        batching["preferred_batch_size"] = list(preferred)
+    batching["max_queue_delay_microseconds"] = int(max_delay_us)
+    if queue_size:
+        batching["default_queue_policy"] = {"max_queue_size": int(queue_size)}
+    cfg: dict = {"name": name, "platform": platform, "max_batch_size": int(max_batch), "input": inputs, "output": outputs, "dynamic_batching": batching}
+    cfg["version_policy"] = version_policy or {"latest": {"num_versions": 1}}
+    if instances is not None:
+        cfg["instance_group"] = [{**({"kind": "KIND_GPU"} if gpu else {}), "count": int(instances)}]
+    return cfg
+
+
+def _tensor_block(t: dict, comment: str | None = None) -> str:
+    dims = ", ".join(str(d) for d in t["dims"])
     head = "".join(f"  # {line}\n" for line in (comment or "").splitlines())
-    labels = f'\n    label_filename: "{label_file}"' if label_file else ""
-    return f'{head}  {{\n    name: "{t["name"]}"\n    data_type: {dtype}\n    dims: [ {dims} ]{labels}\n  }}'
+    labels = f'\n    label_filename: "{t["label_filename"]}"' if t.get("label_filename") else ""
+    return f'{head}  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n    dims: [ {dims} ]{labels}\n  }}'
 
 
 def _noise_comment(noise: dict, tail: list[int]) -> str:
@@ -79,34 +118,38 @@ def render_config(
     noise_tail: list[int] | None = None,
     header: str = "",
 ) -> str:
-    """config.pbtxt text (protobuf text format of Triton's ModelConfig) with explanatory comments.
-    `label_file` names the class-names file of the first output (Triton's classification labels)."""
-    inputs = io["inputs"]
-    blocks = []
-    for k, t in enumerate(inputs):
-        is_noise = noise_tail is not None and k == 1
-        blocks.append(_tensor_block(t, _noise_comment(t, noise_tail) if is_noise else None))
-    outs = [_tensor_block(t, label_file=label_file if k == 0 else None) for k, t in enumerate(io["outputs"])]
-    pref = ", ".join(str(b) for b in preferred)
+    """config.pbtxt text (protobuf text format of Triton's ModelConfig, as `model_config` builds
+    it) with explanatory comments. `label_file` names the class-names file of the first output
+    (Triton's classification labels)."""
+    gpu = platform == registry.get("tensorrt").triton_platform
+    cfg = model_config(
+        model_name, platform,
+        [graph_tensor(t) for t in io["inputs"]],
+        [graph_tensor(t, label_file if k == 0 else None) for k, t in enumerate(io["outputs"])],
+        max_batch=max_batch, max_delay_us=max_delay_us, preferred=preferred, queue_size=queue_size, instances=instances, gpu=gpu,
+    )
+    blocks = [_tensor_block(t, _noise_comment(io["inputs"][k], noise_tail) if noise_tail is not None and k == 1 else None) for k, t in enumerate(cfg["input"])]
+    batching = cfg["dynamic_batching"]
     lines = [header.rstrip("\n")] if header else []
     lines += [
-        f'name: "{model_name}"',
-        f'platform: "{platform}"',
-        f"max_batch_size: {max_batch}",
+        f'name: "{cfg["name"]}"',
+        f'platform: "{cfg["platform"]}"',
+        f"max_batch_size: {cfg['max_batch_size']}",
         "# serve only the newest version; older ones stay on disk for rollback (versions.json maps them)",
-        "version_policy: { latest: { num_versions: 1 } }",
+        f"version_policy: {{ latest: {{ num_versions: {cfg['version_policy']['latest']['num_versions']} }} }}",
         "input [\n" + ",\n".join(blocks) + "\n]",
-        "output [\n" + ",\n".join(outs) + "\n]",
+        "output [\n" + ",\n".join(_tensor_block(t) for t in cfg["output"]) + "\n]",
         "dynamic_batching {",
-        f"  preferred_batch_size: [ {pref} ]",
-        f"  max_queue_delay_microseconds: {max_delay_us}",
-        *([f"  default_queue_policy {{ max_queue_size: {queue_size} }}"] if queue_size else []),
+        f"  preferred_batch_size: [ {', '.join(str(b) for b in batching.get('preferred_batch_size', []))} ]",
+        f"  max_queue_delay_microseconds: {batching['max_queue_delay_microseconds']}",
+        *([f"  default_queue_policy {{ max_queue_size: {batching['default_queue_policy']['max_queue_size']} }}"] if "default_queue_policy" in batching else []),
         "}",
     ]
-    if platform == registry.get("tensorrt").triton_platform:
-        lines += ["# a TensorRT plan runs on the GPU model it was built for", f"instance_group [ {{ kind: KIND_GPU, count: {instances} }} ]"]
+    group = cfg["instance_group"][0]
+    if gpu:
+        lines += ["# a TensorRT plan runs on the GPU model it was built for", f"instance_group [ {{ kind: {group['kind']}, count: {group['count']} }} ]"]
     else:
-        lines += [f"instance_group [ {{ count: {instances} }} ]"]
+        lines += [f"instance_group [ {{ count: {group['count']} }} ]"]
     return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,7 @@ import numpy as np
 
 from gendd_deploy.data.preprocess import check_image_size, decode_image, open_image, preprocess_image
 from gendd_deploy.errors import UsageError
+from gendd_deploy.triton import model_config, triton_tensor
 
 IMAGE_INPUT = "image_bytes"
 ENCODED_SUFFIX = "_image"  # model '<name>_image' takes encoded images
@@ -163,20 +164,17 @@ class ServedModel:
         return [{"name": self.output_name, "datatype": "FP32", "shape": [-1, k]}]
 
     def config(self) -> dict:
-        """GET /v2/models/<name>/config: Triton's ModelConfig (its JSON form), what perf_analyzer
-        and model_analyzer read. Dims exclude the batch dim; inputs and outputs as in metadata."""
+        """GET /v2/models/<name>/config: Triton's ModelConfig (its JSON form, triton.model_config),
+        what perf_analyzer and model_analyzer read. Dims exclude the batch dim; inputs and outputs
+        as in metadata."""
         def tensor(t: dict) -> dict:
-            return {"name": t["name"], "data_type": "TYPE_" + ("STRING" if t["datatype"] == "BYTES" else t["datatype"]), "dims": [int(d) for d in t["shape"][1:]]}
+            return triton_tensor(t["name"], "TYPE_" + ("STRING" if t["datatype"] == "BYTES" else t["datatype"]), t["shape"][1:])
 
-        return {
-            "name": self.name,
-            "platform": self.platform,
-            "max_batch_size": self.max_batch,
-            "input": [tensor(t) for t in self.inputs],
-            "output": [tensor(t) for t in self.outputs],
-            "dynamic_batching": {"max_queue_delay_microseconds": int(self.max_delay_ms * 1000)},
-            "version_policy": {"specific": {"versions": [int(self.version)] if self.version.isdigit() else []}},
-        }
+        return model_config(
+            self.name, self.platform, [tensor(t) for t in self.inputs], [tensor(t) for t in self.outputs],
+            max_batch=self.max_batch, max_delay_us=int(self.max_delay_ms * 1000),
+            version_policy={"specific": {"versions": [int(self.version)] if self.version.isdigit() else []}},
+        )
 
     def metadata(self) -> dict:
         """GET /v2/models/<name>: the protocol's model metadata (shapes with -1 for the batch)."""

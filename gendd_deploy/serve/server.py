@@ -2,23 +2,8 @@
 gRPC (grpc_frontend.py) when [serve] grpc_port >= 0 and its extra is installed; both are peers
 over one ServingCore (core.py), which holds the models, readiness and drain.
 
-Endpoints (KServe v2 / Triton REST; `/versions/<v>` may follow the model name):
-
-    GET  /v2/health/live             200 {"live": true}
-    GET  /v2/health/ready            200 {"ready": true} | 503 while warming up or shutting down
-    GET  /v2                         server metadata (name, version, extensions)
-    GET  /v2/models/<name>           model metadata (see protocol.ServedModel.metadata)
-    GET  /v2/models/<name>/ready     200 | 503
-    POST /v2/models/<name>/infer     inference (see protocol.py for inputs, outputs, classification, seed)
-    GET  /v2/models/<name>/config    Triton's ModelConfig (JSON form)
-    GET  /v2/models/<name>/stats     Triton's statistics (also /v2/models/stats for every model)
-    GET  /metrics                    Prometheus text format
-
-Errors are JSON `{"error": "..."}`: 400 bad request (shape, datatype, missing input, undecodable
-image, malformed JSON), 404 unknown model or path, 405 wrong method, 408 body not sent in time,
-411 no Content-Length (chunked bodies are refused), 413 body over `max_body_mb` (refused from the
-Content-Length, before reading it), 503 not ready / queue full / shutting down / timed out
-waiting, 500 the runner failed. Any of them leaves the server serving.
+The endpoints, status codes and limits are those of the Open Inference Protocol v2 (KServe /
+Triton) and are listed in http_frontend.py; gRPC speaks KServe's GRPCInferenceService.
 
 Shutdown (SIGTERM / SIGINT, or `InferenceServer.stop`): readiness goes to 503, the frontends stop
 accepting, queued requests run and are answered, connections close, then `serve` returns.
@@ -32,7 +17,6 @@ core, added in `InferenceServer.start` (docs/extending.md).
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.errors import MissingDependency
@@ -51,17 +35,9 @@ class InferenceServer:
     `runner` / `model` is the first model; `more` adds (runner, model) pairs: other models, or other
     versions of the same name (a URL without a version gets the highest)."""
 
-    def __init__(
-        self,
-        runner: Runner,
-        model: ServedModel | dict,
-        cfg: ServeConfig,
-        *,
-        more: list[tuple[Runner, ServedModel | dict]] = (),
-        request_timeout_s: float = 30.0,
-        log: Callable[[str], None] | None = None,
-    ):
-        self.core = ServingCore(runner, model, cfg, more=more, request_timeout_s=request_timeout_s, log=log)
+    def __init__(self, runner: Runner, model: ServedModel | dict, cfg: ServeConfig, **options):
+        """`options`: more, request_timeout_s, log, as ServingCore takes them."""
+        self.core = ServingCore(runner, model, cfg, **options)
         self.http = HttpFrontend(self.core)
         self._grpc = None  # the gRPC frontend, when [serve] grpc_port asks for one
         self.frontends: list = []  # started ones, each with start(), close_listener(grace_s), finish(deadline)
