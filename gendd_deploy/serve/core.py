@@ -13,9 +13,11 @@ requests with protocol.py and call the core; the launcher (server.InferenceServe
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -180,22 +182,38 @@ class ServingCore:
                 v = p.model.encoded_variant()
                 self.routes.setdefault(v.name, {})[v.version] = Served(v, p.runner, p.batcher)
 
-    def predict(self, served: Served, req: InferRequest) -> np.ndarray:
-        """Logits of one parsed request through the model's batcher (what both front ends call).
-        Refusals are ProtocolErrors: 503 when not ready, full, shutting down or timed out; 500
-        when the model fails."""
+    def submit(self, served: Served, req: InferRequest) -> Future:
+        """Queue one parsed request on the model's batcher; 503 ProtocolError when not ready, full
+        or shutting down."""
         if not self.ready:
             raise ProtocolError(503, f"{self.not_ready}; retry later")
         try:
-            future = served.batcher.submit(req.images, req.seed, served.stats)
+            return served.batcher.submit(req.images, req.seed, served.stats)
         except (QueueFull, ShuttingDown) as e:
             raise ProtocolError(503, str(e)) from None
+
+    def _failure(self, served: Served, future: Future, e: BaseException) -> ProtocolError:
+        if isinstance(e, TimeoutError):
+            served.batcher.abandon(future)  # queued: never run; running: stopped at its next chunk
+            return ProtocolError(503, f"timed out after {self.request_timeout_s:g} s waiting for the model; the server is overloaded")
+        if isinstance(e, ShuttingDown):
+            return ProtocolError(503, str(e))
+        return ProtocolError(500, f"the model failed on this batch: {type(e).__name__}: {e}")
+
+    def predict(self, served: Served, req: InferRequest) -> np.ndarray:
+        """Logits of one parsed request through the model's batcher (what the frontends call).
+        Refusals are ProtocolErrors: 503 when not ready, full, shutting down or timed out; 500
+        when the model fails."""
+        future = self.submit(served, req)
         try:
             return future.result(timeout=self.request_timeout_s)
-        except TimeoutError:
-            served.batcher.abandon(future)  # queued: never run; running: stopped at its next chunk
-            raise ProtocolError(503, f"timed out after {self.request_timeout_s:g} s waiting for the model; the server is overloaded") from None
-        except ShuttingDown as e:
-            raise ProtocolError(503, str(e)) from None
-        except Exception as e:
-            raise ProtocolError(500, f"the model failed on this batch: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - every failure becomes the protocol's answer
+            raise self._failure(served, future, e) from None
+
+    async def predict_async(self, served: Served, req: InferRequest) -> np.ndarray:
+        """predict() for an event loop: the request waits for its batch without holding a thread."""
+        future = self.submit(served, req)
+        try:  # shield: a timeout here must not cancel the batcher's future; abandon() handles it
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.request_timeout_s)
+        except Exception as e:  # noqa: BLE001
+            raise self._failure(served, future, e) from None

@@ -38,7 +38,7 @@ class InferenceServer:
     def __init__(self, runner: Runner, model: ServedModel | dict, cfg: ServeConfig, **options):
         """`options`: more, request_timeout_s, log, as ServingCore takes them."""
         self.core = ServingCore(runner, model, cfg, **options)
-        self.http = HttpFrontend(self.core)
+        self.http = self._rest_frontend()
         self._grpc = None  # the gRPC frontend, when [serve] grpc_port asks for one
         self.frontends: list = []  # started ones, each with start(), close_listener(grace_s), finish(deadline)
 
@@ -55,8 +55,18 @@ class InferenceServer:
     port = property(lambda self: self.http.port)
     url = property(lambda self: self.http.url)
     running = property(lambda self: self.http.running)
-    _httpd = property(lambda self: self.http._httpd)
-    _conns = property(lambda self: self.http._conns)
+    _httpd = property(lambda self: getattr(self.http, "_httpd", None))  # the stdlib frontend's listener
+    _conns = property(lambda self: getattr(self.http, "_conns", set()))
+
+    def _rest_frontend(self):
+        """[serve] http_server: the stdlib frontend, or the ASGI one (Starlette on uvicorn)."""
+        if self.core.cfg.http_server == "stdlib":
+            return HttpFrontend(self.core)
+        try:  # imported on use: uvicorn and Starlette are the [serve] extra
+            from gendd_deploy.serve.asgi_frontend import AsgiFrontend
+        except ImportError as e:
+            raise MissingDependency(f"[serve] http_server = 'asgi' needs uvicorn and starlette ({e.name} is missing); pip install 'gendd-deploy[serve]'") from None
+        return AsgiFrontend(self.core)
 
     def lookup(self, name: str, version: str | None) -> Served | None:
         return self.core.lookup(name, version)
