@@ -156,3 +156,20 @@ def test_stop_answers_what_is_in_flight_and_frees_the_port(runner):
         assert call(port, "POST", "/v2/models/tiny/infer", json.dumps(tensor_request(X)).encode())[0] == 200
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_keep_alive_request_is_not_held_by_delayed_acks(runner):
+    """uvicorn writes a response's head and body separately: without TCP_NODELAY on the accepted
+    sockets each answer waited out the client's delayed ACK (p50 48 ms for a health check)."""
+    import http.client
+
+    with running(runner, http_server="asgi") as s:
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        times = []
+        for _ in range(21):
+            t0 = time.perf_counter()
+            c.request("GET", "/v2/health/ready")
+            c.getresponse().read()
+            times.append(time.perf_counter() - t0)
+        c.close()
+        assert sorted(times)[10] < 0.025, sorted(times)
