@@ -30,7 +30,6 @@ from gendd_deploy.config import ServeConfig
 from gendd_deploy.data.preprocess import decode_image, make_spec, preprocess_image
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve import InferenceServer
-from gendd_deploy.serve.metrics import Histogram
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = make_spec(1, 8, [0.5], [0.25], "torch")
@@ -196,9 +195,12 @@ def sample_images() -> list[bytes]:
     return [encode(gray, "PNG"), encode(gray, "JPEG"), encode(rgb_big, "PNG")]
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` whose labels include `labels`, read as Prometheus reads the text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def wait_for(cond, timeout: float = TIMEOUT) -> bool:
@@ -489,7 +491,7 @@ def test_batching_batches_and_routes_rows_back(runner):
         assert status == 200
         np.testing.assert_allclose(logits_of(resp), runner.run(x), rtol=0, atol=1e-5)  # each client gets its own rows
     assert max(slow.batches) > 2 and max(slow.batches) <= 16 and sum(slow.batches) == sum(x.shape[0] for x in xs)
-    singles = metric(text, "gendd_batch_size_bucket", '{le="1"}')
+    singles = metric(text, "gendd_batch_size_bucket", model="tiny", le="1.0")
     assert metric(text, "gendd_batch_size_count") - singles > 0  # the histogram shows batches > 1
 
 
@@ -522,7 +524,8 @@ def test_queue_full_answers_503_and_keeps_serving(runner):
         slow.delay = 0.0
         _good(srv.port, runner)
         text = call(srv.port, "GET", "/metrics")[2].decode()
-    assert metric(text, "gendd_requests_total", '{endpoint="infer",code="503"}') == codes.count(503)
+    assert metric(text, "gendd_requests_total", endpoint="infer", code="503") == codes.count(503)
+    assert metric(text, "gendd_infer_requests_total", model="tiny", version="3", code="503") == codes.count(503)
 
 
 def test_metrics_move(server, runner):
@@ -532,25 +535,39 @@ def test_metrics_move(server, runner):
     status, hdrs, text = call(server.port, "GET", "/metrics")
     text = text.decode()
     assert status == 200 and hdrs["content-type"].startswith("text/plain; version=0.0.4")
-    for name, kind in [("gendd_requests_total", "counter"), ("gendd_request_duration_seconds", "histogram"), ("gendd_batch_size", "histogram"), ("gendd_queue_depth", "gauge")]:
-        assert f"# TYPE {name} {kind}" in text
-    ok = '{endpoint="infer",code="200"}'
-    assert metric(text, "gendd_requests_total", ok) == metric(before, "gendd_requests_total", ok) + 1
-    bad = '{endpoint="infer",code="400"}'
-    assert metric(text, "gendd_requests_total", bad) == metric(before, "gendd_requests_total", bad) + 1
-    assert metric(text, "gendd_request_duration_seconds_count") == metric(before, "gendd_request_duration_seconds_count") + 2
-    assert metric(text, "gendd_batch_size_count") == metric(before, "gendd_batch_size_count") + 1
-    assert metric(text, "gendd_queue_depth") == 0
-    assert re.search(r'^gendd_request_duration_seconds_bucket\{le="\+Inf"\} \d+$', text, re.M)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kinds = {f.name: f.type for f in text_string_to_metric_families(text)}
+    for name, kind in [("gendd_requests", "counter"), ("gendd_request_duration_seconds", "histogram"), ("gendd_batch_size", "histogram"),
+                       ("gendd_queue_duration_seconds", "histogram"), ("gendd_batch_duration_seconds", "histogram"), ("gendd_queue_depth", "gauge")]:
+        assert kinds.get(name) == kind, (name, kinds.get(name))
+    ok, bad = {"endpoint": "infer", "code": "200"}, {"endpoint": "infer", "code": "400"}
+    assert metric(text, "gendd_requests_total", **ok) == metric(before, "gendd_requests_total", **ok) + 1
+    assert metric(text, "gendd_requests_total", **bad) == metric(before, "gendd_requests_total", **bad) + 1
+    model = {"model": "tiny", "version": "3"}  # per model: latency, queue time vs compute time, batch sizes
+    assert metric(text, "gendd_request_duration_seconds_count", **model) == metric(before, "gendd_request_duration_seconds_count", **model) + 2
+    assert metric(text, "gendd_batch_size_count", **model) == metric(before, "gendd_batch_size_count", **model) + 1
+    assert metric(text, "gendd_queue_duration_seconds_count", **model) == metric(before, "gendd_queue_duration_seconds_count", **model) + 1
+    assert metric(text, "gendd_queue_depth", **model) == 0
+    assert metric(text, "gendd_request_duration_seconds_bucket", le="+Inf", **model) >= 2
 
 
-def test_histogram_buckets_are_cumulative():
-    h = Histogram("h", "help", [1, 2, 4])
-    for v in (0.5, 1, 3, 9):
-        h.observe(v)
-    assert h.snapshot()["buckets"] == {1.0: 2, 2.0: 2, 4.0: 3, float("inf"): 4}
-    lines = h.render()
-    assert 'h_bucket{le="+Inf"} 4' in lines and "h_count 4" in lines and "h_sum 13.5" in lines
+def test_each_model_has_its_own_series(runner):
+    """Two models behind one server: batches, queue and request counts are labelled by model."""
+    other = {**META, "name": "other", "version": "1"}
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    cfg = ServeConfig(host="127.0.0.1", port=0, grpc_port=-1)
+    srv = InferenceServer(runner, META, cfg, more=[(runner, other)], log=lambda m: None).start()
+    try:
+        assert infer(srv.port, tensor_request(x))[0] == 200
+        for _ in range(2):
+            assert call(srv.port, "POST", "/v2/models/other/infer", tensor_request(x))[0] == 200
+        text = call(srv.port, "GET", "/metrics")[2].decode()
+    finally:
+        srv.stop(drain_timeout_s=TIMEOUT)
+    assert metric(text, "gendd_images_total", model="tiny", version="3") == 2
+    assert metric(text, "gendd_images_total", model="other", version="1") == 4
+    assert metric(text, "gendd_infer_requests_total", model="other", code="200") == 2
 
 
 def test_noise_comes_from_the_request_seed(runner):
@@ -605,7 +622,7 @@ def test_stop_drains_queued_requests(runner):
     port = srv.port
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(infer, port, tensor_request(x)) for x in xs]
-        assert wait_for(lambda: srv.metrics.queued.value() == 6)  # all in; at most one has run
+        assert wait_for(lambda: srv.metrics.sample("gendd_queued_requests_total", model="tiny", version="3") == 6)  # all in; at most one has run
         assert srv.batcher.pending() >= 2  # something left to drain
         assert srv.stop(drain_timeout_s=TIMEOUT)
         results = [f.result(timeout=TIMEOUT) for f in futures]

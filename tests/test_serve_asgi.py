@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("uvicorn", reason="the ASGI frontend needs uvicorn and starlette (pip install 'gendd-deploy[serve]')")
 
 from gendd_deploy.serve.openapi import PATH as OPENAPI_PATH  # noqa: E402
-from test_serve import CLASSES, META, call, image_request, logits_of, onnx_path, runner, running, sample_images, tensor_request  # noqa: E402,F401  (fixtures)
+from test_serve import CLASSES, META, call, image_request, logits_of, metric, onnx_path, runner, running, sample_images, tensor_request  # noqa: E402,F401  (fixtures)
 
 X = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32)
 
@@ -84,7 +84,7 @@ def test_metrics_and_openapi_are_served(runner):
         status, hdrs, text = call(s.port, "GET", "/metrics")
         text = text.decode()
         assert status == 200 and hdrs["content-type"].startswith("text/plain")
-        assert 'gendd_requests_total{endpoint="infer",code="200"} 1' in text and "gendd_batch_size_count" in text
+        assert metric(text, "gendd_requests_total", endpoint="infer", code="200") == 1 and metric(text, "gendd_batch_size_count", model="tiny") == 1
         from prometheus_client.parser import text_string_to_metric_families  # what a Prometheus server reads
 
         families = {f.name: f for f in text_string_to_metric_families(text)}

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.data.preprocess import decode_image, preprocess_image
 from gendd_deploy.serve import InferenceServer
-from test_serve import CLASSES, META, SPEC, TIMEOUT, call, onnx_path, runner, sample_images  # noqa: F401 - fixtures
+from test_serve import CLASSES, META, SPEC, TIMEOUT, call, metric, onnx_path, runner, sample_images  # noqa: F401 - fixtures
 
 
 class Shifted:
@@ -158,10 +158,12 @@ def test_grpc_calls_are_counted_in_metrics(both, client):
     x = images(1)
     inp = grpcclient.InferInput("images", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
+    before = call(both.port, "GET", "/metrics")[2].decode()
     client.infer("tiny", [inp])
     status, _, text = call(both.port, "GET", "/metrics")
     text = text.decode()
-    assert status == 200 and 'endpoint="grpc_infer",code="200"' in text
+    for name, labels in [("gendd_requests_total", {"endpoint": "grpc_infer", "code": "200"}), ("gendd_infer_requests_total", {"model": "tiny", "code": "200"})]:
+        assert status == 200 and metric(text, name, **labels) == metric(before, name, **labels) + 1, name
 
 
 def test_same_name_and_version_twice_is_refused(runner):

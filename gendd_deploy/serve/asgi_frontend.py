@@ -76,8 +76,7 @@ def endpoint_label(path: str) -> str:
 
 
 class _Counted:
-    """ASGI middleware: every answer counted by endpoint and status code (404s and 405s too), and
-    the latency of infer requests observed."""
+    """ASGI middleware: every answer counted by endpoint and status code (404s and 405s too)."""
 
     def __init__(self, app, core: ServingCore):
         self.app, self.core = app, core
@@ -85,7 +84,7 @@ class _Counted:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status, t0 = 500, time.perf_counter()
+        status = 500
 
         async def counted(message) -> None:
             nonlocal status
@@ -101,10 +100,7 @@ class _Counted:
             else:
                 await self.app(scope, receive, counted)
         finally:
-            endpoint = endpoint_label(scope["path"])
-            self.core.metrics.requests.inc(endpoint=endpoint, code=str(status))
-            if endpoint == "infer":
-                self.core.metrics.latency.observe(time.perf_counter() - t0)
+            self.core.metrics.answered(endpoint_label(scope["path"]), status)
 
 
     @staticmethod
@@ -133,7 +129,7 @@ class _Handlers:
         return _json(200, self.core.statistics())
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.core.metrics.render().encode(), 200, media_type=METRICS_CONTENT_TYPE)
+        return Response(self.core.metrics.render(), 200, media_type=METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
         return _json(200, openapi_document(self.core))
@@ -171,7 +167,7 @@ class _Handlers:
             return body
         t0 = time.perf_counter()
         resp = await self._infer(served, request, body)
-        served.stats.request(resp.status_code == 200, time.perf_counter() - t0)
+        self.core.account(served, resp.status_code, time.perf_counter() - t0)
         return resp
 
     async def _body(self, request: Request) -> bytes | Response:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gendd_deploy.runtime.base import Runner
-from gendd_deploy.serve.metrics import ServerMetrics
+from gendd_deploy.serve.metrics import BatcherMetrics, ServerMetrics
 from gendd_deploy.serve.stats import ModelStats
 
 
@@ -50,14 +50,14 @@ class _Job:
 
 
 class DynamicBatcher:
-    def __init__(self, runner: Runner, *, max_batch: int, max_delay_ms: float, queue_size: int, metrics: ServerMetrics | None = None):
+    def __init__(self, runner: Runner, *, max_batch: int, max_delay_ms: float, queue_size: int, metrics: BatcherMetrics | None = None):
         if max_batch < 1 or queue_size < 1 or max_delay_ms < 0:
             raise ValueError("need max_batch >= 1, queue_size >= 1, max_delay_ms >= 0")
         self.runner = runner
         self.max_batch = max_batch
         self.max_delay_s = max_delay_ms / 1000.0
         self.batching = max_batch > 1 and max_delay_ms > 0
-        self.metrics = metrics or ServerMetrics()
+        self.metrics = metrics or ServerMetrics().for_batcher("model", "1")
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=queue_size)
         self._carry: _Job | None = None  # taken from the queue but did not fit the last batch
         self._lock = threading.Lock()  # orders submit() against close()
@@ -184,7 +184,7 @@ class DynamicBatcher:
                 chunk = images[start : start + self.max_batch]
                 t0 = time.perf_counter()
                 out = self.runner.run(chunk, None if noise is None else noise[start : start + self.max_batch])
-                self.metrics.batch_latency.observe(time.perf_counter() - t0)
+                self.metrics.batch_time.observe(time.perf_counter() - t0)
                 self.metrics.batch_size.observe(chunk.shape[0])
                 outs.append(np.asarray(out))
             logits = outs[0] if len(outs) == 1 else np.concatenate(outs)
@@ -199,6 +199,8 @@ class DynamicBatcher:
             with self._lock:
                 self._abandoned.difference_update(j.future for j in jobs)
         compute_s = time.monotonic() - started
+        for j in jobs:
+            self.metrics.queue_time.observe(started - j.enqueued)
         for stats in {id(j.stats): j.stats for j in jobs if j.stats is not None}.values():
             mine = [j for j in jobs if j.stats is stats]
             stats.batch([started - j.enqueued for j in mine], compute_s, sum(j.n for j in mine))

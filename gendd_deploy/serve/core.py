@@ -66,7 +66,8 @@ class ServingCore:
         for r, m in [(runner, model), *more]:
             # the runner decides about noise; the batch limits are the server's
             m = replace(ServedModel.from_meta(m), needs_noise=r.needs_noise, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)
-            batcher = DynamicBatcher(r, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, queue_size=cfg.queue_size, metrics=self.metrics)
+            # a batcher's series carry the model it serves (its encoded-image sibling shares them)
+            batcher = DynamicBatcher(r, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, queue_size=cfg.queue_size, metrics=self.metrics.for_batcher(m.name, m.version))
             self._primary.append(Served(m, r, batcher))
         seen = [(p.model.name, p.model.version) for p in self._primary]
         if len(set(seen)) != len(seen):
@@ -126,6 +127,11 @@ class ServingCore:
             served = self.find(name, version)
             chosen = [served] if version else list(self.routes[name].values())
         return {"model_stats": [s.stats.to_dict(s.model.name, s.model.version) for s in chosen]}
+
+    def account(self, served: Served, status: int, seconds: float) -> None:
+        """One infer request answered, by any frontend: Triton's statistics and the per-model series."""
+        served.stats.request(status == 200, seconds)
+        self.metrics.inferred(served.model.name, served.model.version, status, seconds)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 

@@ -141,17 +141,17 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             req = parse_infer_head(served.model, head, blobs=blobs)
             resp = grpc_response(*build_infer_result(served.model, req, self.app.predict(served, req)))
         except ProtocolError as e:
-            served.stats.request(False, time.perf_counter() - t0)
-            self.app.metrics.requests.inc(endpoint="grpc_infer", code=str(e.status))
+            self._answered(served, e.status, t0)
             context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
         except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:  # a message the parser's checks did not foresee
-            served.stats.request(False, time.perf_counter() - t0)
-            self.app.metrics.requests.inc(endpoint="grpc_infer", code="400")
+            self._answered(served, 400, t0)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {type(e).__name__}: {str(e)[:200]}")
-        served.stats.request(True, time.perf_counter() - t0)
-        self.app.metrics.requests.inc(endpoint="grpc_infer", code="200")
-        self.app.metrics.latency.observe(time.perf_counter() - t0)
+        self._answered(served, 200, t0)
         return resp
+
+    def _answered(self, served: "Served", status: int, t0: float) -> None:
+        self.app.account(served, status, time.perf_counter() - t0)
+        self.app.metrics.answered("grpc_infer", status)
 
 
 class GrpcFrontend:

@@ -97,7 +97,7 @@ class _HTTPServer(ThreadingHTTPServer):
         """One thread per connection, but never more than max_connections: past that the
         connection gets a 503 at once and is closed, so idle sockets cannot starve the server."""
         if len(self.app._conns) >= self.app.cfg.max_connections:
-            self.app.metrics.requests.inc(endpoint="connection", code="503")
+            self.app.metrics.answered("connection", 503)
             try:
                 body = error_body(f"the server holds {self.app.cfg.max_connections} connections (max_connections); retry shortly")
                 request.sendall(
@@ -211,10 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
             path = unquote(urlsplit(self.path).path)
         except ValueError:  # e.g. 'http://[::1': an unclosed IPv6 host in an absolute target
             self._send(_error(400, f"malformed request target {self.path[:80]!r}"), close=True)
-            app.metrics.requests.inc(endpoint="other", code="400")
+            app.metrics.answered("other", 400)
             return
         endpoint = _endpoint(path)
-        t0 = time.perf_counter()
         app._enter()
         try:
             try:
@@ -222,9 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception as e:  # a bug must not take the server down
                 resp = _error(500, f"internal error: {type(e).__name__}: {e}")
             self._send(resp, close=resp.close or app.stopping)
-            app.metrics.requests.inc(endpoint=endpoint, code=str(resp.status))
-            if endpoint == "infer":
-                app.metrics.latency.observe(time.perf_counter() - t0)
+            app.metrics.answered(endpoint, resp.status)
         finally:
             app._leave()
 
@@ -397,7 +394,7 @@ class HttpFrontend:
                 for sk in late:
                     del self._deadlines[sk]
             for sk in late:
-                self.metrics.requests.inc(endpoint="connection", code="408")
+                self.metrics.answered("connection", 408)
                 try:
                     sk.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -416,7 +413,7 @@ class HttpFrontend:
     def route(self, method: str, path: str, headers, body: bytes) -> _Response:
         core = self.core
         if path == "/metrics":
-            return self._only(method, "GET") or _Response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
+            return self._only(method, "GET") or _Response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
         if path in ("/v2", "/v2/"):
             return self._only(method, "GET") or _json(200, {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
         if path == "/v2/health/live":
@@ -457,7 +454,7 @@ class HttpFrontend:
     def _infer(self, served: Served, headers, body: bytes) -> _Response:
         t0 = time.perf_counter()
         resp = self._infer_once(served, headers, body)
-        served.stats.request(resp.status == 200, time.perf_counter() - t0)
+        self.core.account(served, resp.status, time.perf_counter() - t0)
         return resp
 
     def _infer_once(self, served: Served, headers, body: bytes) -> _Response:
