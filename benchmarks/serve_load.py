@@ -114,11 +114,15 @@ class Server:
             c.close()
 
     def batch_stats(self) -> tuple[float, float]:
+        """(images, runner calls) so far, over every model (the batch-size histogram's sum and count)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         text = self.get("/metrics")[1].decode()
-        vals = {}
-        for key in ("gendd_batch_size_sum", "gendd_batch_size_count"):
-            m = re.search(rf"^{key} (\S+)$", text, re.M)
-            vals[key] = float(m.group(1)) if m else 0.0
+        vals = {"gendd_batch_size_sum": 0.0, "gendd_batch_size_count": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in vals:
+                    vals[sample.name] += sample.value
         return vals["gendd_batch_size_sum"], vals["gendd_batch_size_count"]
 
     def stop(self) -> None:

@@ -849,3 +849,4 @@ def test_serve_load_benchmark_runs_end_to_end(onnx_path, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {(x["batching"], x["concurrency"]) for x in rows} == {("on", 1), ("on", 2), ("off", 1), ("off", 2)}
     assert all(x["errors"] == 0 and x["req_per_s"] > 0 for x in rows)
+    assert all(x["mean_batch"] >= 1 for x in rows)  # read from /metrics: nan if the series are not found
