@@ -42,6 +42,7 @@ from gendd_deploy.serve.openapi import PATH as OPENAPI_PATH
 from gendd_deploy.serve.openapi import document as openapi_document
 from gendd_deploy.serve.core import Served, ServingCore
 from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gendd_deploy.serve.metrics import endpoint_label
 from gendd_deploy.serve.protocol import EXTENSIONS, SERVER_NAME, ProtocolError, build_infer_response, error_body, parse_infer_request
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers (uvicorn's h11_max_incomplete_event_size)
@@ -60,19 +61,6 @@ def _error(status: int, message: str, headers: dict | None = None, **extra) -> R
 def _refuse(status: int, message: str) -> Response:
     """An error after which the connection is not reused (its body was not read)."""
     return _error(status, message, {"Connection": "close"})
-
-
-def endpoint_label(path: str) -> str:
-    """The `endpoint` label of gendd_requests_total (as the stdlib frontend counts)."""
-    if path.startswith("/v2/health"):
-        return "health"
-    if path == "/metrics":
-        return "metrics"
-    if path.startswith("/v2/models/") and path.rstrip("/").endswith("/infer"):
-        return "infer"
-    if path.startswith("/v2") or path == OPENAPI_PATH:
-        return "metadata"
-    return "other"
 
 
 class _Counted:

@@ -47,6 +47,7 @@ from gendd_deploy import __version__
 from gendd_deploy.errors import UsageError
 from gendd_deploy.serve.core import Served, ServingCore
 from gendd_deploy.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gendd_deploy.serve.metrics import endpoint_label
 from gendd_deploy.serve.protocol import EXTENSIONS, SERVER_NAME, ProtocolError, build_infer_response, error_body, parse_infer_request
 
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer|/config|/stats)?/?$")
@@ -67,19 +68,6 @@ def _json(status: int, obj: dict) -> _Response:
 
 def _error(status: int, message: str, **extra) -> _Response:
     return _Response(status, error_body(message, **extra))
-
-
-def _endpoint(path: str) -> str:
-    """Label for the request counter."""
-    if path.startswith("/v2/health"):
-        return "health"
-    if path == "/metrics":
-        return "metrics"
-    if path.startswith("/v2/models/") and path.rstrip("/").endswith("/infer"):
-        return "infer"
-    if path.startswith("/v2"):
-        return "metadata"
-    return "other"
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -213,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(_error(400, f"malformed request target {self.path[:80]!r}"), close=True)
             app.metrics.answered("other", 400)
             return
-        endpoint = _endpoint(path)
+        endpoint = endpoint_label(path)
         app._enter()
         try:
             try:

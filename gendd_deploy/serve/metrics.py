@@ -38,6 +38,19 @@ class BatcherMetrics:
     abandoned: object
 
 
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label of gendd_requests_total for a REST path (both REST frontends)."""
+    if path.startswith("/v2/health"):
+        return "health"
+    if path == "/metrics":
+        return "metrics"
+    if path.startswith("/v2/models/") and path.rstrip("/").endswith("/infer"):
+        return "infer"
+    if path.startswith("/v2") or path == "/openapi.json":
+        return "metadata"
+    return "other"
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -83,4 +96,4 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE", "LATENCY_BUCKETS", "BatcherMetrics", "ServerMetrics"]
+__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE", "LATENCY_BUCKETS", "BatcherMetrics", "ServerMetrics", "endpoint_label"]
