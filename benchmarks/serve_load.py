@@ -98,7 +98,7 @@ class Server:
             seen.append(line)
             if (m := re.search(r"model '([^']+)'", line)) and self.model_name is None:
                 self.model_name = m.group(1)  # the first model the server lists
-            if m := re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", line):
+            if m := re.search(r"HTTP (?:\(\w+\) )?on http://127\.0\.0\.1:(\d+)", line):
                 self.port = int(m.group(1))
         if self.port is None:
             self.stop()
