@@ -72,12 +72,13 @@ class _Counted:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        counted_once = False
 
         async def counted(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            nonlocal counted_once
+            if message["type"] == "http.response.start":  # counted before the answer leaves
+                self.core.metrics.answered(endpoint_label(scope["path"]), message["status"])
+                counted_once = True
             await send(message)
 
         try:
@@ -88,7 +89,8 @@ class _Counted:
             else:
                 await self.app(scope, receive, counted)
         finally:
-            self.core.metrics.answered(endpoint_label(scope["path"]), status)
+            if not counted_once:  # the app failed before it answered: uvicorn sends a 500
+                self.core.metrics.answered(endpoint_label(scope["path"]), 500)
 
 
     @staticmethod

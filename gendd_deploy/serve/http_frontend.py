@@ -208,8 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
                 resp = self._body_then_route(app, method, path)
             except Exception as e:  # a bug must not take the server down
                 resp = _error(500, f"internal error: {type(e).__name__}: {e}")
+            app.metrics.answered(endpoint, resp.status)  # before the answer leaves: a client that reads /metrics next sees it
             self._send(resp, close=resp.close or app.stopping)
-            app.metrics.answered(endpoint, resp.status)
         finally:
             app._leave()
 
