@@ -18,7 +18,7 @@ This module imports neither torch nor onnx at import time, so a light serving pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class DeployedSpec:
     setting: dict | None = None  # the chosen SamplerSetting as a dict
     fixed_noise_seed: int | None = None
     max_batch: int | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if not self.inputs or not self.outputs:

@@ -54,10 +54,6 @@ def unregister(name: str) -> None:
     RUNTIMES.pop(name, None)
 
 
-def names() -> list[str]:
-    return list(RUNTIMES)
-
-
 def get(name: str) -> RuntimeEntry:
     """The entry for `name`; an unknown name is a UsageError listing the registered ones."""
     entry = RUNTIMES.get(name)
