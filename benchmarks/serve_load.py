@@ -68,8 +68,7 @@ def child(args: argparse.Namespace) -> None:
         runner, meta = _onnx_model(Path(args.onnx))
     else:
         runner, meta = _artifact_model(args.artifacts, args.pipeline, args.version)
-    cfg = ServeConfig(host="127.0.0.1", port=0, grpc_port=-1, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
-                      http_server=args.http_server[0])
+    cfg = ServeConfig(host="127.0.0.1", port=0, grpc_port=-1, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size)
     serve(runner, meta, cfg, request_timeout_s=60.0)
 
 
@@ -79,9 +78,8 @@ def child(args: argparse.Namespace) -> None:
 class Server:
     """The server subprocess, for one batching setting."""
 
-    def __init__(self, args: argparse.Namespace, max_batch: int, max_delay_ms: float, http_server: str = "stdlib"):
+    def __init__(self, args: argparse.Namespace, max_batch: int, max_delay_ms: float):
         cmd = [sys.executable, __file__, "--child", "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--queue-size", str(args.queue_size)]
-        cmd += ["--http-server", http_server]
         cmd += ["--onnx", args.onnx] if args.onnx else ["--artifacts", args.artifacts, "--pipeline", args.pipeline] + (["--version", args.version] if args.version else [])
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
@@ -98,7 +96,7 @@ class Server:
             seen.append(line)
             if (m := re.search(r"model '([^']+)'", line)) and self.model_name is None:
                 self.model_name = m.group(1)  # the first model the server lists
-            if m := re.search(r"HTTP (?:\(\w+\) )?on http://127\.0\.0\.1:(\d+)", line):
+            if m := re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", line):
                 self.port = int(m.group(1))
         if self.port is None:
             self.stop()
@@ -226,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch", type=int, default=32, help="max_batch with batching on")
     ap.add_argument("--max-delay-ms", type=float, default=5.0, help="max_delay_ms with batching on")
     ap.add_argument("--queue-size", type=int, default=256)
-    ap.add_argument("--http-server", nargs="+", choices=["stdlib", "asgi"], default=["stdlib"], help="REST frontends to measure, in turn")
-    ap.add_argument("--rounds", type=int, default=1, help="times to go through the frontends (alternating: old, new, old, new)")
+    ap.add_argument("--rounds", type=int, default=1, help="times to measure every setting, in turn (a fresh server each time); more than 1 adds mean +- standard error")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -241,10 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--duration must be in (0, 600] s and concurrency at most 1024")
 
     settings = [("on", args.max_batch, args.max_delay_ms), ("off", 1, 0.0)]
-    runs = [(front, rnd, *s) for rnd in range(args.rounds) for front in args.http_server for s in settings]
+    runs = [(rnd, *s) for rnd in range(args.rounds) for s in settings]
     rows = []
-    for front, rnd, label, max_batch, delay in runs:
-        server = Server(args, max_batch, delay, front)
+    for rnd, label, max_batch, delay in runs:
+        server = Server(args, max_batch, delay)
         try:
             meta = json.loads(server.get(f"/v2/models/{server.model_name}")[1])
             body, headers = make_payload(meta, args.payload, args.images)
@@ -258,12 +255,12 @@ def main(argv: list[str] | None = None) -> None:
                 s0, c0 = server.batch_stats()
                 r = drive(server.port, path, body, headers, clients, args.duration)
                 s1, c1 = server.batch_stats()
-                r.update(http_server=front, round=rnd, batching=label, max_batch=max_batch, max_delay_ms=delay, concurrency=clients, images_per_request=args.images)
+                r.update(round=rnd, batching=label, max_batch=max_batch, max_delay_ms=delay, concurrency=clients, images_per_request=args.images)
                 r["img_per_s"] = r["req_per_s"] * args.images
                 r["mean_batch"] = (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")
                 rows.append(r)
                 print(
-                    f"{front} round {rnd} batching {label:3s} concurrency {clients:3d}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                    f"round {rnd} batching {label:3s} concurrency {clients:3d}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
                     f"{r['req_per_s']:.0f} req/s, {r['errors']} errors, mean batch {r['mean_batch']:.1f}",
                     file=sys.stderr,
                     flush=True,
@@ -272,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             server.stop()
 
     print_table(rows)
+    summary = summarize(rows) if args.rounds > 1 else []
+    if summary:
+        print(f"\nmean +- standard error over {args.rounds} rounds")
+        print_summary(summary)
     if args.out:
         out = {
             "source": args.onnx or f"{args.artifacts}:{args.pipeline}:{args.version or 'latest onnx'}",
@@ -279,14 +280,39 @@ def main(argv: list[str] | None = None) -> None:
             "duration_s": args.duration,
             "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
             "results": rows,
+            "summary": summary,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}", file=sys.stderr)
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (batching, concurrency): mean and standard error of req/s and p99 over the rounds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["batching"], r["concurrency"]), []).append(r)
+    out = []
+    for (batching, clients), rs in groups.items():
+        row = {"batching": batching, "concurrency": clients, "rounds": len(rs)}
+        for key in ("req_per_s", "p99_ms"):
+            vals = np.array([r[key] for r in rs], dtype=float)
+            row[key] = float(vals.mean())
+            row[key + "_se"] = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan")
+        out.append(row)
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    print(f"{'batching':>8}  {'concurrency':>11}  {'req_per_s':>14}  {'p99_ms':>14}")
+    for s in sorted(summary, key=lambda s: (s["batching"] != "on", s["concurrency"])):
+        print(
+            f"{s['batching']:>8}  {s['concurrency']:>11}  {s['req_per_s']:>7.0f} +- {s['req_per_s_se']:<4.0f}  {s['p99_ms']:>6.1f} +- {s['p99_ms_se']:<4.1f}"
+        )
+
+
 def print_table(rows: list[dict]) -> None:
-    cols = [("http_server", "{}"), ("round", "{}"), ("batching", "{}"), ("concurrency", "{}"), ("p50_ms", "{:.2f}"), ("p99_ms", "{:.2f}"), ("req_per_s", "{:.0f}"), ("img_per_s", "{:.0f}"), ("mean_batch", "{:.1f}"), ("errors", "{}")]
+    cols = [("round", "{}"), ("batching", "{}"), ("concurrency", "{}"), ("p50_ms", "{:.2f}"), ("p99_ms", "{:.2f}"), ("req_per_s", "{:.0f}"), ("img_per_s", "{:.0f}"), ("mean_batch", "{:.1f}"), ("errors", "{}")]
     cells = [[fmt.format(r[c]) for c, fmt in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, (c, _) in enumerate(cols)]
     print("  ".join(c.rjust(w) for (c, _), w in zip(cols, widths)))

@@ -228,10 +228,6 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, lt=65536, description="HTTP port (also --http-port, as Triton names it)")
     grpc_port: int = Field(8001, ge=-1, lt=65536, description="gRPC port (KServe v2 GRPCInferenceService); -1 = no gRPC")
     runtime: str = Field("onnxruntime", description="a registered runtime: onnxruntime, aoti, torch, tensorrt, ...")
-    http_server: Literal["stdlib", "asgi"] = Field(
-        "stdlib", description="REST frontend: the standard library's threading server, or Starlette on uvicorn (the [serve] extra; "
-        "no deadline for slow request headers: put a reverse proxy in front of it for untrusted clients)",
-    )
     model_name: str | None = Field(None, pattern=SAFE_NAME, description="name in URLs (letters, digits, '_', '.', '-'); default: the pipeline name")
     max_batch: int = Field(32, gt=0)
     max_delay_ms: float = Field(5.0, ge=0)

@@ -263,7 +263,7 @@ def test_live_but_not_ready_until_warmed_up(runner):
     starter = threading.Thread(target=srv.start, daemon=True)
     starter.start()
     try:
-        assert wait_for(lambda: srv._httpd is not None)
+        assert wait_for(lambda: srv.running)
         assert call(srv.port, "GET", "/v2/health/live")[0] == 200
         assert call(srv.port, "GET", "/v2/health/ready")[0] == 503
         assert call(srv.port, "GET", "/v2/models/tiny/ready")[0] == 503

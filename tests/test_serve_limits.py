@@ -76,7 +76,7 @@ def test_idle_connections_cannot_starve_the_server(runner):
         idle = [socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT) for _ in range(8)]
         try:
             deadline = time.monotonic() + 10
-            while len(s._conns) < 8 and time.monotonic() < deadline:
+            while s.http.open_connections < 8 and time.monotonic() < deadline:
                 time.sleep(0.05)
             # the ninth connection is answered at once with 503, not left hanging
             t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def test_idle_connections_cannot_starve_the_server(runner):
             for c in idle:
                 c.close()
         deadline = time.monotonic() + 10
-        while s._conns and time.monotonic() < deadline:
+        while s.http.open_connections and time.monotonic() < deadline:
             time.sleep(0.05)
         _good(s.port, runner)  # served again once the idle sockets are gone
 

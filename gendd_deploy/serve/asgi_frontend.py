@@ -1,22 +1,46 @@
-"""The REST frontend on a kept stack: a Starlette app served by uvicorn (`gendd serve --http-server asgi`).
+"""The REST frontend of `gendd serve`: the Open Inference Protocol v2 over HTTP/1.1, a Starlette app
+served by uvicorn (h11), over the serving core (core.py).
 
-Same routes, JSON and binary-tensor bodies and status codes as the standard-library frontend
-(http_frontend.py, the default), over the same serving core (core.py), plus `GET /openapi.json`.
+Endpoints (KServe v2 / Triton REST; `/versions/<v>` may follow the model name):
 
-The limits map onto uvicorn's own knobs where it has them:
-- `[serve] max_connections` -> `limit_concurrency`: past it uvicorn answers 503 and closes;
-- `idle_timeout_s` -> `timeout_keep_alive`: an idle keep-alive connection is closed;
+    GET  /v2/health/live             200 {"live": true}
+    GET  /v2/health/ready            200 {"ready": true} | 503 while warming up or shutting down
+    GET  /v2                         server metadata (name, version, extensions)
+    GET  /v2/models/<name>           model metadata (see protocol.ServedModel.metadata)
+    GET  /v2/models/<name>/ready     200 | 503
+    POST /v2/models/<name>/infer     inference (see protocol.py for inputs, outputs, classification, seed)
+    GET  /v2/models/<name>/config    Triton's ModelConfig (JSON form)
+    GET  /v2/models/<name>/stats     Triton's statistics (also /v2/models/stats for every model)
+    GET  /metrics                    Prometheus text format (metrics.py)
+    GET  /openapi.json               the OpenAPI document of these routes (openapi.py)
+
+Errors are JSON `{"error": "..."}`: 400 bad request (shape, datatype, missing input, undecodable
+image, malformed JSON), 404 unknown model or path, 405 wrong method (HEAD and OPTIONS too), 408
+body not sent in time, 411 no Content-Length (chunked bodies are refused), 413 body over
+`max_body_mb` (refused from the Content-Length, before reading it), 431 request head over 64 KiB,
+503 not ready / queue full / shutting down / timed out waiting / too many connections, 500 the
+runner failed. Any of them leaves the server serving.
+
+The limits ([serve] section), on uvicorn's own knobs where it has them:
+- `max_connections`: past it a new connection is answered 503 at once and closed (here, in
+  _GuardedH11; uvicorn's `limit_concurrency` stays set as a backstop);
+- `idle_timeout_s` -> `timeout_keep_alive`: an idle keep-alive connection is closed, and (added
+  here) so is a new connection that sends nothing;
+- `header_timeout_s`: a request's line and headers must arrive within it of their first byte
+  (added here: uvicorn has no such deadline, and a client dripping a header byte every few
+  seconds would otherwise keep its connection slot for ever);
 - request line + headers over 64 KiB -> `h11_max_incomplete_event_size` while they arrive, and a
   check of the parsed headers here: refused (431) and closed;
 - `max_body_mb`: checked here from Content-Length before a byte of the body is read (413);
 - `body_timeout_s`: the whole body must arrive within it, timed here (408).
-uvicorn has no deadline for slow request *headers* (a client that sends a header byte every few
-seconds keeps its connection); `[serve] header_timeout_s` therefore holds only on the stdlib
-frontend. Put a reverse proxy (nginx, Envoy, a cloud load balancer) in front of the ASGI frontend
-when it faces untrusted clients: they bound header time and connection counts per client.
+These bound what one client can take; they do not tell clients apart. Facing untrusted networks,
+put a reverse proxy (nginx, Envoy, a cloud load balancer) in front for per-client limits and TLS.
 
-A request waits for its batch without holding a thread (the core's `predict_async`); encoded
-images are decoded in a worker thread so one large request does not stall the event loop.
+One event loop thread parses requests and writes answers; a request waits for its batch without
+holding a thread (the core's `predict_async`); encoded images are decoded in a worker thread so one
+large request does not stall the loop; one batcher thread per model runs it (batcher.py).
+
+Example: gendd serve -p pipelines/quickstart.toml --port 8000
 """
 
 from __future__ import annotations
@@ -27,7 +51,9 @@ import socket
 import threading
 import time
 from functools import partial
+from http import HTTPStatus
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +61,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gendd_deploy import __version__
 from gendd_deploy.errors import UsageError
@@ -48,6 +75,7 @@ from gendd_deploy.serve.protocol import EXTENSIONS, SERVER_NAME, ProtocolError, 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers (uvicorn's h11_max_incomplete_event_size)
 BACKLOG = 512  # listen backlog: bursts of new connections must not be dropped
 LINGER_BYTES = 1 << 20  # after refusing an oversized body, read at most this much of it
+REFUSED_LINGER_S = 1.0  # a refused connection is closed at the latest this long after its answer
 
 
 def _json(status: int, obj: dict, headers: dict | None = None) -> Response:
@@ -82,7 +110,7 @@ class _Counted:
             await send(message)
 
         try:
-            if scope["method"] in ("HEAD", "OPTIONS"):  # as the stdlib frontend: neither is served
+            if scope["method"] in ("HEAD", "OPTIONS"):  # neither is served (Starlette would answer HEAD as GET)
                 await self._not_served(scope["method"], counted)
             elif sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEAD_BYTES:  # a head that arrived whole: h11 let it through
                 await _error(431, f"request headers are over {MAX_HEAD_BYTES} bytes", {"Connection": "close"})(scope, receive, counted)
@@ -234,13 +262,86 @@ class _Handlers:
         return Response(payload, 200, {"Inference-Header-Content-Length": str(json_length)}, media_type="application/octet-stream")
 
     async def http_error(self, request: Request, exc: HTTPException) -> Response:
-        """The router's and the lookup's refusals, as the JSON errors the stdlib frontend sends."""
+        """The router's and the lookup's refusals, as JSON errors that name the way out."""
         if exc.status_code == 405:  # Starlette lists HEAD beside GET; HEAD is not served (see _Counted)
             allowed = ", ".join(m for m in (exc.headers or {}).get("Allow", "GET").split(", ") if m != "HEAD")
             return _error(405, f"method {request.method} not allowed here; use {allowed}", {"Allow": allowed})
         if exc.status_code == 404 and exc.detail == "Not Found":
             return _error(404, f"no route {request.url.path}; see GET /v2 and /v2/models/<name> for {self.core.listing()}")
         return _error(exc.status_code, str(exc.detail), exc.headers)
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with the guards uvicorn lacks, each closing the connection:
+    - past `max_connections` a new connection is answered a JSON 503 at once (uvicorn's own
+      `limit_concurrency` answers plain text, and only after reading a request);
+    - a new connection that sends nothing is closed after `timeout_keep_alive` (uvicorn arms that
+      timer only after a first answer, so a silent connection would hold its slot for ever);
+    - a request's line and headers must all arrive within `head_timeout_s` of their first byte (a
+      client that drips a header byte every few seconds resets uvicorn's keep-alive timer each time);
+    - a request line h11 cannot parse is answered a JSON 400 (uvicorn's is plain text).
+    The server's settings arrive as class attributes of a per-server subclass (AsgiFrontend._config).
+    Each refusal is counted in gendd_requests_total as endpoint "connection"."""
+
+    head_timeout_s: float = 10.0
+    max_connections: int = 512
+    metrics = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+        if len(self.connections) > self.max_connections:
+            self._refuse(503, f"the server holds {self.max_connections} connections (max_connections); retry shortly", b"Retry-After: 1\r\n")
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:  # whatever the client still sends is dropped
+            return
+        super().data_received(data)  # cancels the keep-alive timer; parses what arrived
+        waiting_for_head = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if waiting_for_head and self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._timed_out)
+        elif not waiting_for_head:
+            self._cancel_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, f"malformed HTTP request ({msg.rstrip('.')}); send an HTTP/1.1 request line and headers")
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._count(408)
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str, extra_headers: bytes = b"") -> None:
+        """Answer `status` with a JSON error outside any request cycle, then close: our side at
+        once, theirs within REFUSED_LINGER_S, reading and dropping what they send meanwhile (closing
+        with their request unread would reset the connection and lose the answer)."""
+        self._count(status)
+        self._refused = True
+        body = error_body(message)
+        head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+        self.transport.write(head.encode() + extra_headers + b"\r\n" + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+    def _count(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.answered("connection", status)
 
 
 def _guarded(handler):
@@ -297,6 +398,11 @@ class AsgiFrontend:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def open_connections(self) -> int:
+        """Connections uvicorn holds now (idle ones included)."""
+        return len(self.uvicorn.server_state.connections) if self.uvicorn is not None else 0
+
+    @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1]) if self.sock is not None else self.cfg.port
 
@@ -309,7 +415,7 @@ class AsgiFrontend:
         cfg = self.cfg
         return uvicorn.Config(
             build_app(self.core),
-            http="h11",
+            http=type("GenddH11", (_GuardedH11,), {"head_timeout_s": cfg.header_timeout_s, "max_connections": cfg.max_connections, "metrics": self.core.metrics}),
             lifespan="off",
             log_config=None,  # leave the process's logging alone
             log_level="error",
@@ -318,7 +424,7 @@ class AsgiFrontend:
             headers=[("server", f"{SERVER_NAME}/{__version__}")],
             backlog=BACKLOG,
             timeout_keep_alive=cfg.idle_timeout_s,
-            limit_concurrency=cfg.max_connections + 1,  # uvicorn counts the connection asking, too
+            limit_concurrency=cfg.max_connections + 1,  # a backstop: _GuardedH11 refuses extra connections first
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         )
 

@@ -7,7 +7,7 @@
 
 It holds the model registry (several models, several versions of one name), warm-up, lookup,
 readiness, statistics, prediction through each model's dynamic batcher, and drain. Frontends
-(http_frontend.py for REST, grpc_frontend.py for gRPC) are peers that parse their transport's
+(asgi_frontend.py for REST, grpc_frontend.py for gRPC) are peers that parse their transport's
 requests with protocol.py and call the core; the launcher (server.InferenceServer) composes them.
 """
 
@@ -72,7 +72,8 @@ class ServingCore:
         seen = [(p.model.name, p.model.version) for p in self._primary]
         if len(set(seen)) != len(seen):
             raise UsageError(f"two models with the same name and version: {sorted(x for x in seen if seen.count(x) > 1)}; serve each version once")
-        self.routes: dict[str, dict[str, Served]] = {}  # name -> version -> served, filled by warm_up()
+        self.routes: dict[str, dict[str, Served]] = {}  # name -> version -> served
+        self._fill_routes()  # from the start: a model's readiness answers 503 while warming up, never 404
         self._ready = threading.Event()
         self.stopping = False
 
@@ -144,8 +145,7 @@ class ServingCore:
         return "not ready: " + ("shutting down" if self.stopping else "warming up")
 
     def warm_up(self) -> None:
-        """Routes (metadata and readiness answer from here), then every model run once."""
-        self._fill_routes()
+        """Every model run once; then the routes again, with what the runs found."""
         for p in self._primary:
             self._warm_up(p)
         self._fill_routes()  # again: the encoded siblings take the class count the warm-up found

@@ -54,7 +54,7 @@ def serve(
             r = s.runner
             server.log(f"gendd serve: model '{s.model.name}' version {s.model.version} ({r.describe().get('runtime') or type(r).__name__})")
         grpc = f", gRPC on {cfg.host}:{server.grpc_port}" if server.grpc_port is not None else ""
-        server.log(f"gendd serve: max_batch {cfg.max_batch}, max_delay {cfg.max_delay_ms:g} ms; HTTP ({cfg.http_server}) on {server.url}{grpc}")
+        server.log(f"gendd serve: max_batch {cfg.max_batch}, max_delay {cfg.max_delay_ms:g} ms; HTTP on {server.url}{grpc}")
         if ready_event is not None:
             ready_event.set()
         while not stop.wait(0.5):

@@ -39,7 +39,7 @@ class BatcherMetrics:
 
 
 def endpoint_label(path: str) -> str:
-    """The `endpoint` label of gendd_requests_total for a REST path (both REST frontends)."""
+    """The `endpoint` label of gendd_requests_total for a REST path."""
     if path.startswith("/v2/health"):
         return "health"
     if path == "/metrics":

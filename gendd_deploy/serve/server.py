@@ -1,9 +1,9 @@
-"""`gendd serve`: the serving core and its frontends, composed. REST (http_frontend.py) always,
-gRPC (grpc_frontend.py) when [serve] grpc_port >= 0 and its extra is installed; both are peers
-over one ServingCore (core.py), which holds the models, readiness and drain.
+"""`gendd serve`: the serving core and its frontends, composed. REST (asgi_frontend.py: Starlette
+on uvicorn) always, gRPC (grpc_frontend.py) when [serve] grpc_port >= 0 and its extra is installed;
+both are peers over one ServingCore (core.py), which holds the models, readiness and drain.
 
 The endpoints, status codes and limits are those of the Open Inference Protocol v2 (KServe /
-Triton) and are listed in http_frontend.py; gRPC speaks KServe's GRPCInferenceService.
+Triton) and are listed in asgi_frontend.py; gRPC speaks KServe's GRPCInferenceService.
 
 Shutdown (SIGTERM / SIGINT, or `InferenceServer.stop`): readiness goes to 503, the frontends stop
 accepting, queued requests run and are answered, connections close, then `serve` returns.
@@ -21,8 +21,8 @@ import time
 from gendd_deploy.config import ServeConfig
 from gendd_deploy.errors import MissingDependency
 from gendd_deploy.runtime.base import Runner
+from gendd_deploy.serve.asgi_frontend import AsgiFrontend
 from gendd_deploy.serve.core import Served, ServingCore
-from gendd_deploy.serve.http_frontend import HttpFrontend
 from gendd_deploy.serve.protocol import ServedModel
 
 __all__ = ["InferenceServer", "Served", "ServingCore"]
@@ -38,7 +38,7 @@ class InferenceServer:
     def __init__(self, runner: Runner, model: ServedModel | dict, cfg: ServeConfig, **options):
         """`options`: more, request_timeout_s, log, as ServingCore takes them."""
         self.core = ServingCore(runner, model, cfg, **options)
-        self.http = self._rest_frontend()
+        self.http = AsgiFrontend(self.core)
         self._grpc = None  # the gRPC frontend, when [serve] grpc_port asks for one
         self.frontends: list = []  # started ones, each with start(), close_listener(grace_s), finish(deadline)
 
@@ -55,18 +55,6 @@ class InferenceServer:
     port = property(lambda self: self.http.port)
     url = property(lambda self: self.http.url)
     running = property(lambda self: self.http.running)
-    _httpd = property(lambda self: getattr(self.http, "_httpd", None))  # the stdlib frontend's listener
-    _conns = property(lambda self: getattr(self.http, "_conns", set()))
-
-    def _rest_frontend(self):
-        """[serve] http_server: the stdlib frontend, or the ASGI one (Starlette on uvicorn)."""
-        if self.core.cfg.http_server == "stdlib":
-            return HttpFrontend(self.core)
-        try:  # imported on use: uvicorn and Starlette are the [serve] extra
-            from gendd_deploy.serve.asgi_frontend import AsgiFrontend
-        except ImportError as e:
-            raise MissingDependency(f"[serve] http_server = 'asgi' needs uvicorn and starlette ({e.name} is missing); pip install 'gendd-deploy[serve]'") from None
-        return AsgiFrontend(self.core)
 
     def lookup(self, name: str, version: str | None) -> Served | None:
         return self.core.lookup(name, version)

@@ -1,5 +1,5 @@
-"""The ASGI REST frontend (`[serve] http_server = "asgi"`: Starlette on uvicorn) answers as the
-stdlib frontend does, and holds its limits on uvicorn's own knobs."""
+"""The REST frontend (Starlette on uvicorn) answers every route and refusal as the protocol says,
+and holds its limits on uvicorn's own knobs and the deadlines added to them."""
 
 from __future__ import annotations
 
@@ -10,60 +10,61 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("uvicorn", reason="the ASGI frontend needs uvicorn and starlette (pip install 'gendd-deploy[serve]')")
-
-from gendd_deploy.serve.openapi import PATH as OPENAPI_PATH  # noqa: E402
-from test_serve import CLASSES, META, call, image_request, logits_of, metric, onnx_path, runner, running, sample_images, tensor_request  # noqa: E402,F401  (fixtures)
+from gendd_deploy.serve.openapi import PATH as OPENAPI_PATH
+from test_serve import CLASSES, META, _raw, call, image_request, logits_of, metric, onnx_path, runner, running, sample_images, tensor_request  # noqa: F401  (fixtures)
 
 X = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32)
 
-# (method, path, body, headers): good requests and every kind of refusal the router and the infer path give
+# (method, path, body, headers, status, words the JSON error must hold): good requests and every kind of
+# refusal the router and the infer path give, as the earlier standard-library frontend answered them
 EXCHANGES = [
-    ("GET", "/v2", None, {}),
-    ("GET", "/v2/health/live", None, {}),
-    ("GET", "/v2/health/ready", None, {}),
-    ("GET", "/v2/models/tiny", None, {}),
-    ("GET", "/v2/models/tiny/versions/3", None, {}),
-    ("GET", "/v2/models/tiny/versions/v003/ready", None, {}),
-    ("GET", "/v2/models/tiny/config", None, {}),
-    ("GET", "/v2/models/tiny_image", None, {}),
-    ("GET", "/v2/models/nope", None, {}),
-    ("GET", "/v2/models/tiny/versions/9", None, {}),
-    ("GET", "/nope", None, {}),
-    ("POST", "/v2/health/ready", b"{}", {}),
-    ("GET", "/v2/models/tiny/infer", None, {}),
-    ("HEAD", "/v2/health/ready", None, {}),
-    ("OPTIONS", "/v2", None, {}),
-    ("POST", "/v2/models/tiny/infer", tensor_request(X), {}),
-    ("POST", "/v2/models/tiny/versions/3/infer", tensor_request(X, outputs=[{"name": "logits", "parameters": {"classification": 3}}]), {}),
-    ("POST", "/v2/models/tiny/infer", tensor_request(X, parameters={"top_k": 2}), {}),
-    ("POST", "/v2/models/tiny/infer", tensor_request(X[:, :, :4]), {}),  # wrong shape
-    ("POST", "/v2/models/tiny/infer", b"{not json", {}),
-    ("POST", "/v2/models/tiny/infer", {"inputs": []}, {}),
-    ("POST", "/v2/models/tiny/infer", tensor_request(X), {"Content-Encoding": "gzip"}),
-    ("POST", "/v2/models/tiny/infer", tensor_request(X), {"Inference-Header-Content-Length": "x"}),
-    ("POST", "/v2/models/tiny_image/infer", image_request(sample_images()), {}),
-    ("POST", "/v2/models/tiny_image/infer", image_request([b"not an image"]), {}),
+    ("GET", "/v2", None, {}, 200, None),
+    ("GET", "/v2/health/live", None, {}, 200, None),
+    ("GET", "/v2/health/ready", None, {}, 200, None),
+    ("GET", "/v2/models/tiny", None, {}, 200, None),
+    ("GET", "/v2/models/tiny/versions/3", None, {}, 200, None),
+    ("GET", "/v2/models/tiny/versions/v003/ready", None, {}, 200, None),
+    ("GET", "/v2/models/tiny/config", None, {}, 200, None),
+    ("GET", "/v2/models/tiny_image", None, {}, 200, None),
+    ("GET", "/v2/models/nope", None, {}, 404, "unknown model 'nope'"),
+    ("GET", "/v2/models/tiny/versions/9", None, {}, 404, "unknown model 'tiny' version '9'"),
+    ("GET", "/nope", None, {}, 404, "no route /nope"),
+    ("POST", "/v2/health/ready", b"{}", {}, 405, "use GET"),
+    ("GET", "/v2/models/tiny/infer", None, {}, 405, "use POST"),
+    ("HEAD", "/v2/health/ready", None, {}, 405, None),
+    ("OPTIONS", "/v2", None, {}, 405, "OPTIONS is not supported"),
+    ("POST", "/v2/models/tiny/infer", tensor_request(X), {}, 200, None),
+    ("POST", "/v2/models/tiny/versions/3/infer", tensor_request(X, outputs=[{"name": "logits", "parameters": {"classification": 3}}]), {}, 200, None),
+    ("POST", "/v2/models/tiny/infer", tensor_request(X, parameters={"top_k": 2}), {}, 200, None),
+    ("POST", "/v2/models/tiny/infer", tensor_request(X[:, :, :4]), {}, 400, "has shape [3, 1, 4, 8]"),
+    ("POST", "/v2/models/tiny/infer", b"{not json", {}, 400, "malformed JSON"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": []}, {}, 400, "missing input"),
+    ("POST", "/v2/models/tiny/infer", tensor_request(X), {"Content-Encoding": "gzip"}, 400, "Content-Encoding 'gzip'"),
+    ("POST", "/v2/models/tiny/infer", tensor_request(X), {"Inference-Header-Content-Length": "x"}, 400, "bad Inference-Header-Content-Length"),
+    ("POST", "/v2/models/tiny_image/infer", image_request(sample_images()), {}, 200, None),
+    ("POST", "/v2/models/tiny_image/infer", image_request([b"not an image"]), {}, 400, "undecodable image"),
 ]
 
 
-def test_same_answers_as_the_stdlib_frontend(runner):
-    """Every exchange: the same status and the same JSON (or bytes) from both frontends."""
-    with running(runner) as old, running(runner, http_server="asgi") as new:
-        for method, path, body, headers in EXCHANGES:
-            a, b = call(old.port, method, path, body, headers), call(new.port, method, path, body, headers)
-            assert (a[0], a[2]) == (b[0], b[2]), (method, path, a, b)
-            if a[0] == 405:
-                assert a[1]["allow"] == b[1]["allow"]
-        ok = call(new.port, "POST", "/v2/models/tiny/infer", tensor_request(X))[2]
+def test_every_route_and_refusal_answers_as_before(runner):
+    """Each exchange: the status and JSON error the standard-library frontend gave before the switch."""
+    with running(runner) as s:
+        for method, path, body, headers, status, words in EXCHANGES:
+            got, hdrs, answer = call(s.port, method, path, body, headers)
+            assert got == status, (method, path, got, answer)
+            if words is not None:
+                assert words in answer["error"], (method, path, answer)
+            if got == 405:
+                assert hdrs["allow"] in ("GET", "POST", "GET, POST"), hdrs
+        ok = call(s.port, "POST", "/v2/models/tiny/infer", tensor_request(X))[2]
         np.testing.assert_allclose(logits_of(ok), runner.run(X), atol=1e-6)
-        stats = call(new.port, "GET", "/v2/models/tiny/stats")[2]["model_stats"][0]
+        stats = call(s.port, "GET", "/v2/models/tiny/stats")[2]["model_stats"][0]
         assert stats["inference_count"] >= 1 and stats["execution_count"] >= 1
 
 
 def test_tritonclient_http_infers_with_binary_tensors(runner):
     httpclient = pytest.importorskip("tritonclient.http")
-    with running(runner, http_server="asgi") as s:
+    with running(runner) as s:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{s.port}")
         try:
             assert client.is_server_ready() and client.get_model_metadata("tiny")["versions"] == ["3"]
@@ -79,7 +80,7 @@ def test_tritonclient_http_infers_with_binary_tensors(runner):
 
 
 def test_metrics_and_openapi_are_served(runner):
-    with running(runner, http_server="asgi") as s:
+    with running(runner) as s:
         call(s.port, "POST", "/v2/models/tiny/infer", tensor_request(X))
         status, hdrs, text = call(s.port, "GET", "/metrics")
         text = text.decode()
@@ -97,7 +98,7 @@ def test_metrics_and_openapi_are_served(runner):
 
 
 def test_body_limits_hold_before_and_while_reading(runner):
-    with running(runner, http_server="asgi", max_body_mb=0.05, body_timeout_s=0.5) as s:
+    with running(runner, max_body_mb=0.05, body_timeout_s=0.5) as s:
         # over max_body_mb: refused from Content-Length, before the body is read
         status, hdrs, body = call(s.port, "POST", "/v2/models/tiny/infer", b"x" * 100_000)
         assert status == 413 and "max_body_mb" in body["error"] and hdrs.get("connection") == "close"
@@ -118,12 +119,12 @@ def test_body_limits_hold_before_and_while_reading(runner):
 
 
 def test_connections_past_max_connections_get_503(runner):
-    with running(runner, http_server="asgi", max_connections=4) as s:
+    with running(runner, max_connections=4) as s:
         held = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(4)]
         try:
             time.sleep(0.2)
-            status, _, _ = call(s.port, "GET", "/v2/health/ready")
-            assert status == 503
+            status, hdrs, body = call(s.port, "GET", "/v2/health/ready")
+            assert status == 503 and "max_connections" in body["error"] and hdrs["retry-after"] == "1"
         finally:
             for c in held:
                 c.close()
@@ -135,7 +136,7 @@ def test_connections_past_max_connections_get_503(runner):
 
 def test_two_thousand_idle_connections_do_not_delay_a_good_request(runner):
     """The event loop holds idle connections for a few bytes each: a new request still gets its answer within 1 s."""
-    with running(runner, http_server="asgi", max_connections=4096, idle_timeout_s=30.0) as s:
+    with running(runner, max_connections=4096, idle_timeout_s=30.0) as s:
         idle = []
         try:
             for _ in range(2000):
@@ -151,7 +152,7 @@ def test_two_thousand_idle_connections_do_not_delay_a_good_request(runner):
 
 
 def test_stop_answers_what_is_in_flight_and_frees_the_port(runner):
-    with running(runner, http_server="asgi") as s:
+    with running(runner) as s:
         port = s.port
         assert call(port, "POST", "/v2/models/tiny/infer", json.dumps(tensor_request(X)).encode())[0] == 200
     with pytest.raises(OSError):
@@ -163,7 +164,7 @@ def test_a_keep_alive_request_is_not_held_by_delayed_acks(runner):
     sockets each answer waited out the client's delayed ACK (p50 48 ms for a health check)."""
     import http.client
 
-    with running(runner, http_server="asgi") as s:
+    with running(runner) as s:
         c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
         times = []
         for _ in range(21):
@@ -173,3 +174,22 @@ def test_a_keep_alive_request_is_not_held_by_delayed_acks(runner):
             times.append(time.perf_counter() - t0)
         c.close()
         assert sorted(times)[10] < 0.025, sorted(times)
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_idle_timeout(runner):
+    """uvicorn arms its keep-alive timer only after a first answer; the frontend arms it on connect,
+    so silent connections cannot hold every slot for ever."""
+    with running(runner, max_connections=4, idle_timeout_s=0.5) as s:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            t0 = time.monotonic()
+            assert c.recv(1) == b""  # closed by the server, without an answer
+            assert 0.3 < time.monotonic() - t0 < 3.0
+        assert metric(call(s.port, "GET", "/metrics")[2].decode(), "gendd_requests_total", endpoint="connection", code="408") >= 1
+
+
+def test_an_unparsable_request_line_is_a_json_400(runner):
+    with running(runner) as s:
+        reply = _raw(s.port, b"GARBAGE\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and "malformed HTTP request" in json.loads(body)["error"]
+        assert call(s.port, "GET", "/v2/health/live")[0] == 200
