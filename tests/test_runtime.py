@@ -128,6 +128,30 @@ def test_ort_runner_reports_the_session_providers(tmp_path):
     assert requested_providers() == [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
+def test_ort_sessions_use_the_usable_cpus_and_do_not_spin(tmp_path):
+    """Spinning intra-op workers of idle sessions stole the running session's cores (ONNX Runtime
+    ran 1.8x slower than eager PyTorch with four sessions timed in turn; 0.6x without spinning)."""
+    from gendd_deploy.runtime.ort import OrtRunner, usable_cpus
+
+    linear_onnx(tmp_path / "m.onnx")
+    r = OrtRunner(tmp_path / "m.onnx")
+    opts = r.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == usable_cpus() and r.describe()["threads"]["spinning"] is False
+    spinning = OrtRunner(tmp_path / "m.onnx", intra_op_threads=1, inter_op_threads=1, spinning=True)
+    assert spinning.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert spinning.describe()["threads"] == {"intra_op": 1, "inter_op": 1, "spinning": True}
+
+
+def test_usable_cpus_follows_the_affinity_mask():
+    import subprocess
+    import sys
+
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from gendd_deploy.runtime.ort import usable_cpus; print(usable_cpus())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+
+
 def test_ort_runner_filters_out_a_provider_it_does_not_have(tmp_path):
     from gendd_deploy.runtime.ort import OrtRunner
 
