@@ -403,7 +403,9 @@ def _summary(built: dict) -> None:
                 lines.append(f"latency ({sm.get('runtime')}, batch {batch}): {ratio:.2f}x the plain student (linear probe){vs_ref}")
     if "export" in built:
         par = built["export"].metrics.get("parity") or {}
-        lines.append(f"ONNX parity vs PyTorch: max |logit diff| {par.get('max_abs_diff')}, top-1 agreement {par.get('top1_agreement')} on {par.get('n')} calibration images")
+        if par.get("max_abs_diff") is not None:
+            rel = f" ({par['max_rel_diff']:.1g} of the logit scale)" if par.get("max_rel_diff") is not None else ""
+            lines.append(f"ONNX parity vs PyTorch: max |logit diff| {par['max_abs_diff']:.2g}{rel}, top-1 agreement {100 * par.get('top1_agreement', 0):.1f}% on {par.get('n')} calibration images")
     for line in lines:
         out.print(escape(line), soft_wrap=True)
 

@@ -201,7 +201,8 @@ class CalibrateConfig(Section):
 class ExportConfig(Section):
     opset: int = Field(18, ge=13, le=MAX_OPSET, description=f"ONNX opset, 13 to {MAX_OPSET}")
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="dynamo (TorchScript as fallback) or TorchScript alone (faster)")
-    atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed vs PyTorch")
+    atol: float = Field(1e-4, gt=0, description="logit difference allowed vs PyTorch: atol + rtol x the image's largest |logit|")
+    rtol: float = Field(1e-4, ge=0, description="the share of an image's logit scale a logit may differ by, on top of atol (float32 reordering is ~1e-5)")
     min_agreement: float = Field(1.0, ge=0, le=1, description="top-1 agreement required vs PyTorch")
     parity_limit: int | None = Field(512, gt=0, description="calibration images for the parity gate")
     parity_batch: int = Field(64, gt=0)

@@ -11,7 +11,7 @@ from gendd_deploy.errors import GateError, MissingDependency, UsageError
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import RUNTIMES, RuntimeEntry, available_runtimes, make_runner, register, runtime_status, unregister
 from gendd_deploy.runtime.base import Runner, make_noise
-from gendd_deploy.runtime.parity import gate, parity
+from gendd_deploy.runtime.parity import compare, gate, parity
 from conftest import ONNX_IR
 
 onnx = pytest.importorskip("onnx")
@@ -196,11 +196,48 @@ def test_parity_feeds_the_same_noise_to_both_runners():
 
 def test_gate_fails_with_the_numbers():
     res = {"max_abs_diff": 0.25, "mean_abs_diff": 0.1, "top1_agreement": 0.9, "n": 40}
-    with pytest.raises(GateError, match=r"candidate vs ref: parity gate failed on 40 images: max abs logit diff 0.25 > atol 0.0001; top-1 agreement 0.9000 < 1"):
+    with pytest.raises(GateError, match=r"candidate vs ref: parity gate failed on 40 images: max abs logit diff 0.25 is over atol 0.0001; top-1 agreement 0.9000 < 1"):
         gate(res, atol=1e-4, min_agreement=1.0, what="candidate vs ref")
-    with pytest.raises(GateError, match="nan > atol"):
+    with pytest.raises(GateError, match="nan is over atol"):
         gate({**res, "max_abs_diff": float("nan")}, atol=1.0, min_agreement=0.0, what="x")
     gate(res, atol=0.3, min_agreement=0.9, what="x")
+
+
+def _float32_logits(features: np.ndarray, w: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """features @ w summed in float32 in the given order of the inner dimension."""
+    out = np.zeros((features.shape[0], w.shape[1]), np.float32)
+    for k in order:
+        out += features[:, k : k + 1] * w[k : k + 1]
+    return out
+
+
+def test_the_gate_passes_float32_reordering_of_large_logits():
+    """Two float32 programs that sum in different orders differ in proportion to the logits: with
+    logits near 100 that is over a fixed atol of 1e-4, and well within rtol 1e-4 of the scale."""
+    rng = np.random.default_rng(0)
+    feats, w = rng.random((64, 512), dtype=np.float32) * 4, rng.standard_normal((512, 10)).astype(np.float32)
+    a, b = _float32_logits(feats, w, np.arange(512)), _float32_logits(feats, w, rng.permutation(512))
+    res = compare(a, b)
+    assert res["logit_scale"] > 50 and res["max_abs_diff"] > 1e-4 and res["max_rel_diff"] < 1e-5
+    with pytest.raises(GateError, match="is over atol 0.0001"):
+        gate(res, atol=1e-4, min_agreement=1.0, what="fixed atol")
+    gate(res, atol=1e-4, rtol=1e-4, min_agreement=1.0, what="scaled")
+
+
+def test_the_gate_catches_an_op_exported_differently():
+    """A BatchNorm whose epsilon changed on the way (1e-5 -> 1e-3): top-1 still agrees, but the
+    logits move by far more than rounding and the scaled gate refuses."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        net[1].running_var.uniform_(1e-3, 1e-2)  # small variances, where epsilon matters
+        x = torch.randn(64, 1, 8, 8)
+        ref = net(x).numpy()
+        net[1].eps = 1e-3
+        got = net(x).numpy()
+    res = compare(ref, got)
+    with pytest.raises(GateError, match="logit scale"):
+        gate(res, atol=1e-4, rtol=1e-4, min_agreement=0.0, what="wrong eps")
 
 
 def test_parity_counts_disagreements_and_non_finite_logits():

@@ -168,7 +168,7 @@ def test_timing_cache_key_is_gpu_capability_and_tensorrt():
 def test_parity_gate_reports_the_measured_numbers():
     ref = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     gate(compare(ref, ref + 0.01), atol=0.05, min_agreement=1.0, what="x")
-    with pytest.raises(GateError, match=r"max abs logit diff 0.1 > atol 0.05"):
+    with pytest.raises(GateError, match=r"max abs logit diff 0.1 \(0.1 of its image.s logit scale at most\) is over atol 0.05"):
         gate(compare(ref, ref + 0.1), atol=0.05, min_agreement=1.0, what="x")
     with pytest.raises(GateError, match="top-1 agreement 0.5000 < 1"):
         gate(compare(ref, ref[[0, 0]]), atol=10, min_agreement=1.0, what="x")

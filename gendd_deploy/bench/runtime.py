@@ -198,7 +198,7 @@ def run_bench(
             for name, model in chosen.items():
                 runners[name] = _runner(kind, model, Path(tmp), example, name=name, device=device)
                 par = parity(refs[name], runners[name], test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
-                quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else record(par, reference="torch eager (CPU)", atol=None, min_agreement=None))
+                quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else record(par, reference="torch eager (CPU)", atol=None, rtol=None, min_agreement=None))
                 console.print(f"bench: {escape(name)} / {kind}: top-1 {quality[name][0]:.2f} on {n} test images")
                 if kind == "onnxruntime":
                     graphs[name] = _graph_ops(Path(tmp), name)

@@ -4,12 +4,14 @@ The student with the read-out calibrate chose (a GenDD student's sampler or fitt
 ce student's own head or fitted read-out) becomes one ONNX graph images [, noise] -> logits with a
 dynamic batch dim. Before anything is published
 the graph is run in ONNX Runtime (CPU) against PyTorch on the calibration split, with the same
-noise, and must agree within [export] atol (max abs logit difference) and min_agreement (top-1).
+noise, and every logit must agree within [export] atol + rtol x the image's largest |logit|
+(runtime/parity.py says why the tolerance scales), and top-1 within min_agreement.
 `gendd export --aoti` also writes an AOTInductor package (artifact "aoti") under the same gate.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data.augment import to_model_input
-from gendd_deploy.errors import UsageError
+from gendd_deploy.errors import GateError, UsageError
 from gendd_deploy.loaders import AOTI_FILE, ONNX_FILE, deployed_from_artifacts
 from gendd_deploy.models.deployed import DeployedModel
 from gendd_deploy.runtime import make_runner
@@ -43,6 +45,38 @@ def calibration_images(ctx: Context, limit: int | None) -> np.ndarray:
 
 PARITY_REFERENCE = "PyTorch eager (CPU), same images and noise, calibration split"
 
+
+def float32_floor(model: DeployedModel, images: np.ndarray, batch: int, seed: int, result: dict) -> str:
+    """Why a parity gate failed, in one sentence: the same model in float64 tells float32 rounding
+    (PyTorch float32 itself is about as far from float64 as the candidate is from PyTorch) from a
+    real mismatch (an op exported differently: the candidate is much further off than that)."""
+    try:
+        with torch.no_grad():
+            f64 = copy.deepcopy(model).double()
+            reference = make_runner("torch", model=model)
+            floor = parity(reference, _Float64(f64), images, batch, seed)
+    except Exception as e:  # noqa: BLE001 - a model that cannot run in float64: no diagnosis, the gate still stands
+        return f"(no float64 diagnosis: {type(e).__name__})"
+    ratio = result["max_abs_diff"] / max(floor["max_abs_diff"], 1e-30)
+    told = f"PyTorch float32 itself differs from float64 by up to {floor['max_abs_diff']:.2g} ({floor['max_rel_diff']:.1g} of the logit scale)"
+    if ratio <= 4 and result["top1_agreement"] >= floor["top1_agreement"]:
+        return f"{told}, {ratio:.1f}x less than this: float32 rounding, not a mismatch; raise [export] rtol or atol"
+    return f"{told}, {ratio:.0f}x less than this: a real mismatch (an op exported differently?), not rounding"
+
+
+class _Float64:
+    """A float64 copy of a deployed model behind the runner interface parity() takes."""
+
+    name = "torch float64"
+
+    def __init__(self, model: DeployedModel):
+        self.model = model
+
+    def run(self, images: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        x = torch.from_numpy(images).double()
+        z = None if noise is None else torch.from_numpy(noise).double()
+        return self.model(x, z).numpy()
+
 # ---- stages ---------------------------------------------------------------------------------------
 
 
@@ -56,7 +90,10 @@ class _DeployStage(Stage):
     def _gate(self, ctx: Context, model: DeployedModel, candidate, images: np.ndarray, what: str) -> dict:
         ec = ctx.recipe.export
         result = parity(make_runner("torch", model=model), candidate, images, ec.parity_batch, ctx.recipe.pipeline.seed)
-        gate(result, ec.atol, ec.min_agreement, what)
+        try:
+            gate(result, ec.atol, ec.min_agreement, what, rtol=ec.rtol)
+        except GateError as e:
+            raise GateError(f"{e}; {float32_floor(model, images, ec.parity_batch, ctx.recipe.pipeline.seed, result)}") from None
         return result
 
     def _record(self, ctx: Context, draft: Draft, inputs: dict[str, Artifact], model: DeployedModel, *, io: dict, result: dict, file: str, export_s: float) -> None:
@@ -82,14 +119,14 @@ class _DeployStage(Stage):
         )
         draft.metrics.update(
             {
-                "parity": record(result, reference=PARITY_REFERENCE, atol=ec.atol, min_agreement=ec.min_agreement),
+                "parity": record(result, reference=PARITY_REFERENCE, atol=ec.atol, rtol=ec.rtol, min_agreement=ec.min_agreement),
                 f"{Path(file).suffix.lstrip('.')}_bytes": draft.path(file).stat().st_size,
                 "export_s": round(export_s, 2),
             }
         )
         ctx.log(
             f"[bold]{self.name}[/]: {s.label() if s else student_info['method']} -> {file}; parity on {result['n']} calibration images: "
-            f"max abs diff {result['max_abs_diff']:.2g} (atol {ec.atol:g}), top-1 agreement {result['top1_agreement']:.4f}"
+            f"max abs diff {result['max_abs_diff']:.2g} ({result['max_rel_diff']:.2g} of the logit scale; atol {ec.atol:g}, rtol {ec.rtol:g}), top-1 agreement {result['top1_agreement']:.4f}"
         )
 
 

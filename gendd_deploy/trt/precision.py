@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from gendd_deploy.errors import UsageError
 from gendd_deploy.runtime import make_runner
-from gendd_deploy.runtime.parity import compare, gate
+from gendd_deploy.runtime.parity import compare, figures, gate
 from gendd_deploy.trt.plan import GATE_HINT
 
 CONVERSION_VERSION = 1
@@ -290,7 +290,7 @@ def gate_conversion(
         got = ort_logits(None, images, noise, batch, runner=runner)
         report = {"gate": "full", "cpu_runnable": True, "reason": None, **compare(ref, got)}
         gate(report, atol, min_agreement, f"{precision} ONNX conversion (ONNX Runtime CPU)", images="calibration images", hint=GATE_HINT)
-        return report
+        return figures(report)
     if precision == "fp16":  # ORT CPU runs fp16 graphs; failing to load one is a real error
         raise UsageError(f"ONNX Runtime CPU cannot load the fp16 graph: {reason}")
     rounded = round_weights(onnx.load(str(src)), precision)
@@ -303,4 +303,4 @@ def gate_conversion(
         **compare(ref, got),
     }
     gate(report, atol, min_agreement, f"{precision} weight rounding (ONNX Runtime CPU)", images="calibration images", hint=GATE_HINT)
-    return report
+    return figures(report)
