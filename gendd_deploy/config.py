@@ -206,10 +206,16 @@ class ExportConfig(Section):
     min_agreement: float = Field(1.0, ge=0, le=1, description="top-1 agreement required vs PyTorch")
     parity_limit: int | None = Field(512, gt=0, description="calibration images for the parity gate")
     parity_batch: int = Field(64, gt=0)
+    precision: Literal["fp32", "int8", "auto"] = Field(
+        "fp32", description="fp32; int8 (QDQ, refused past max_top1_drop); auto: the faster on this machine of those that pass the gate"
+    )
+    max_top1_drop: float = Field(0.5, ge=0, description="top-1 points int8 may lose against fp32 on held-out calibration images")
+    int8_calibration_images: int = Field(256, gt=0, description="calibration-split images that set int8 activation ranges")
+    int8_gate_images: int = Field(2000, gt=0, description="further calibration-split images the int8 accuracy gate runs on")
 
 
 class BuildConfig(Section):
-    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field("fp16", description="int8 builds the QDQ graph of an [export] precision = 'int8' export")
     min_batch: int = Field(1, gt=0)
     opt_batch: int = Field(32, gt=0)
     max_batch: int = Field(256, gt=0)

@@ -26,6 +26,7 @@ from gendd_deploy.spec import DeployedSpec
 
 ONNX_FILE = registry.get("onnxruntime").file  # model.onnx
 AOTI_FILE = registry.get("aoti").file  # model.pt2
+TRT_INT8_FILE = "model.trt-int8.onnx"  # in an int8 onnx artifact: the same quantization as TensorRT builds it (symmetric activations)
 
 
 def load_tensors(art: Artifact, name: str) -> dict:

@@ -97,9 +97,29 @@ def test_trt11_converts_the_onnx_graph_and_builds_strongly_typed(major, precisio
 def test_precision_plan_refuses_old_tensorrt_and_unknown_precision():
     with pytest.raises(UsageError, match="10.x or 11.x"):
         P.precision_plan(8, "fp16")
-    with pytest.raises(UsageError, match="fp32, fp16, bf16"):
-        P.precision_plan(10, "int8")
+    with pytest.raises(UsageError, match="fp32, fp16, bf16, int8"):
+        P.precision_plan(10, "int4")
     assert trt_major("10.9.0.34") == 10 and trt_major("11.0.1") == 11
+
+
+@pytest.mark.parametrize("major", [10, 11])
+def test_int8_is_explicit_quantization_on_a_strongly_typed_network(major):
+    """TensorRT: Q/DQ networks are built strongly typed, with no precision flags (and 11 has none)."""
+    plan = P.precision_plan(major, "int8")
+    assert plan.builder_flags == () and plan.onnx_conversion is None and plan.strongly_typed and plan.network_flags == ("STRONGLY_TYPED",)
+    assert "QDQ graph" in plan.describe()
+
+
+def test_an_int8_build_needs_an_int8_export(tmp_path):
+    from gendd_deploy.artifacts import Artifact
+    from gendd_deploy.stages.build import int8_graph
+
+    fp32 = Artifact(tmp_path, {"info": {"precision": {"kept": "fp32"}}, "pipeline": "p", "stage": "onnx", "version": "v001"})
+    with pytest.raises(UsageError, match="needs an int8 export with a TensorRT graph.*it is a fp32 export.*--precision int8"):
+        int8_graph(fp32)
+    (tmp_path / "model.trt-int8.onnx").write_bytes(b"x")
+    int8 = Artifact(tmp_path, {"info": {"precision": {"kept": "int8", "tensorrt_graph": {"file": "model.trt-int8.onnx"}}}, "files": [{"path": "model.trt-int8.onnx"}], "pipeline": "p", "stage": "onnx", "version": "v001"})
+    assert int8_graph(int8) == tmp_path / "model.trt-int8.onnx"
 
 
 # ---- profile shapes -------------------------------------------------------------------------

@@ -51,6 +51,12 @@ def parity(reference: Runner, candidate: Runner, images: np.ndarray, batch: int,
     """Run both on `images` (N, C, H, W) float32 in batches; batch i gets noise reference.noise(b, seed + i).
 
     Returns compare()'s figures over all images, plus the two runners' names."""
+    ref, got = logits_pair(reference, candidate, images, batch, seed)
+    return {**compare(ref, got), "reference": reference.name, "candidate": candidate.name}
+
+
+def logits_pair(reference: Runner, candidate: Runner, images: np.ndarray, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both runners' logits on `images`, batch by batch with the same noise (see parity())."""
     if len(images) == 0:
         raise ValueError("parity needs at least one image")
     if batch < 1:
@@ -64,7 +70,7 @@ def parity(reference: Runner, candidate: Runner, images: np.ndarray, batch: int,
             raise GateError(f"{candidate.name} returned logits of shape {got.shape}, {reference.name} {ref.shape}")
         refs.append(ref)
         gots.append(got)
-    return {**compare(np.concatenate(refs), np.concatenate(gots)), "reference": reference.name, "candidate": candidate.name}
+    return np.concatenate(refs), np.concatenate(gots)
 
 
 def figures(result: dict) -> dict:

@@ -11,9 +11,12 @@ keyed by GPU model + compute capability + TensorRT version, and reused by every 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from gendd_deploy.artifacts import Artifact, Draft, fingerprint, sha256_file
+from gendd_deploy.errors import UsageError
 from gendd_deploy.runtime import make_noise, make_runner
 from gendd_deploy.runtime.parity import compare, gate, record
 from gendd_deploy.runtime.tensorrt import ENGINE_FILE, require_tensorrt, trt_major
@@ -69,6 +72,17 @@ def save_timing_cache(ctx: Context, key: dict, data: bytes, previous: Artifact |
 # ---- the stage ---------------------------------------------------------------------------------
 
 
+def int8_graph(onnx_art: Artifact) -> Path:
+    """The QDQ graph an int8 engine is built from: written by `gendd export` with [export]
+    precision = "int8" (or "auto" when it kept int8), in TensorRT's form (symmetric activations)."""
+    record = onnx_art.manifest["info"].get("precision") or {}
+    name = (record.get("tensorrt_graph") or {}).get("file")
+    if record.get("kept") != "int8" or not name:
+        why = (record.get("tensorrt_graph") or {}).get("why") or f"it is a {record.get('kept', 'fp32')} export"
+        raise UsageError(f"[build] precision = 'int8' needs an int8 export with a TensorRT graph; {onnx_art.ref} has none ({why}). Export with --precision int8")
+    return onnx_art.file(name)
+
+
 class BuildStage(Stage):
     name = command = "build"
     artifact = "engine"
@@ -106,8 +120,10 @@ class BuildStage(Stage):
         plan = precision_plan(trt_major(here["tensorrt"]), bc.precision)
         ctx.log(f"[bold]build[/]: {plan.describe()}; profile batch {bc.min_batch}/{bc.opt_batch}/{bc.max_batch}")
 
+        if plan.precision == "int8":  # the export's s8s8 QDQ graph; the reference runs that same graph on ORT CPU
+            src = int8_graph(onnx_art)
         images, noise = calibration_inputs(ctx, tail, ec.parity_limit, ctx.recipe.pipeline.seed)
-        ref = ort_logits(src, images, noise, ec.parity_batch)  # the fp32 graph on ORT CPU: the reference
+        ref = ort_logits(src, images, noise, ec.parity_batch)  # the fp32 (or QDQ) graph on ORT CPU: the reference
 
         graph, conversion = src, None
         if plan.onnx_conversion:
@@ -147,7 +163,7 @@ class BuildStage(Stage):
             **here,  # tensorrt, cuda, gpu, gpu_capability: what the engine is tied to
             "precision": bc.precision,
             "precision_plan": plan.to_dict(),
-            "graph": graph.name if graph != src else f"{onnx_art.ref}/model.onnx",
+            "graph": graph.name if graph != src else f"{onnx_art.ref}/{src.name}",
             "conversion": conversion,
             "profile": profile_to_json(shapes),
             "workspace_mb": bc.workspace_mb,

@@ -12,6 +12,7 @@ noise, and every logit must agree within [export] atol + rtol x the image's larg
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import torch
 from gendd_deploy.artifacts import Artifact, Draft
 from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import GateError, UsageError
-from gendd_deploy.loaders import AOTI_FILE, ONNX_FILE, deployed_from_artifacts
+from gendd_deploy.loaders import AOTI_FILE, ONNX_FILE, TRT_INT8_FILE, deployed_from_artifacts
 from gendd_deploy.models.deployed import DeployedModel
 from gendd_deploy.runtime import make_runner
+from gendd_deploy.runtime import quantize
 from gendd_deploy.runtime.aoti import MAX_BATCH, export_aoti
 from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
 from gendd_deploy.runtime.parity import gate, parity, record
@@ -148,8 +150,73 @@ class ExportStage(_DeployStage):
             raise ExportError(f"the {io['exporter']} exporter wrote opset {io['opset']} where [export] opset = {ec.opset}; choose an opset it writes (e.g. 18)")
         ort = make_runner("onnxruntime", path=draft.path(ONNX_FILE), device="cpu")
         result = self._gate(ctx, model, ort, images, "ONNX Runtime (CPU) vs PyTorch")
+        precision = choose_precision(ctx, draft, ort, [t["name"] for t in io["inputs"]]) if ec.precision != "fp32" else {"requested": "fp32", "kept": "fp32"}
         self._record(ctx, draft, inputs, model, io=io, result=result, file=ONNX_FILE, export_s=export_s)
+        draft.info["precision"] = precision
         draft.info["providers"] = ort.providers()
+
+
+def choose_precision(ctx: Context, draft: Draft, fp32, input_names: list[str]) -> dict:
+    """[export] precision int8 / auto: quantize the float32 graph in the draft with every
+    calibration method (ranges from the first calibration-split images), gate each against the
+    float32 graph on the next ones, and keep int8 (int8: refused past max_top1_drop; auto: only
+    when it passes and is faster here). The kept graph ends up as the draft's model.onnx.
+    Returns the manifest's `precision` record: what was asked, kept, why, and the figures."""
+    ec, seed = ctx.recipe.export, ctx.recipe.pipeline.seed
+    data = ctx.data()
+    n_cal = min(ec.int8_calibration_images, len(data.calib) // 2)
+    n_gate = min(ec.int8_gate_images, len(data.calib) - n_cal)
+    if n_cal < 1 or n_gate < 1:
+        raise UsageError(f"int8 export needs calibration images to set ranges and others to gate on; the calibration split has {len(data.calib)}")
+    images = calibration_images(ctx, n_cal + n_gate)
+    cal_x, gate_x, gate_y = images[:n_cal], images[n_cal:], data.calib.labels[n_cal : n_cal + n_gate].numpy()
+    results, done = [], {}
+    for method in quantize.METHODS:
+        path = draft.path(f"model.int8.{method}.onnx")
+        done[method] = (path, quantize.quantize_int8(draft.path(ONNX_FILE), path, cal_x, input_names=input_names, noise=lambda n, i: fp32.noise(n, seed + i), method=method))
+        r = quantize.gate_int8(fp32, make_runner("onnxruntime", path=path, device="cpu"), gate_x, gate_y, method=method, batch=ec.parity_batch, seed=seed)
+        results.append(r)
+        ctx.log(f"export: int8 ({method} ranges, {n_cal} images): top-1 {r.int8_top1:.2f}% vs fp32 {r.fp32_top1:.2f}% on {n_gate} held-out calibration images, agreement {r.parity['top1_agreement']:.4f}")
+    record = {"requested": ec.precision, "calibration_images": n_cal, "gate_images": n_gate, "split": "calibration", "max_top1_drop": ec.max_top1_drop, "gate": [r.to_dict() for r in results]}
+    try:
+        quantize.refuse(results, ec.max_top1_drop, n_gate)
+        passed = True
+    except GateError as e:
+        if ec.precision == "int8":
+            raise
+        passed, why = False, str(e)
+    best = min(results, key=lambda r: r.drop)
+    kept = "fp32"
+    if passed:
+        int8 = make_runner("onnxruntime", path=done[best.method][0], device="cpu")
+        batch = ctx.recipe.calibrate.latency_batch
+        timing = quantize.timed({"fp32": fp32, "int8": int8}, gate_x, sorted({1, batch}), seed=seed)
+        record["timing"] = {str(b): t for b, t in timing.items()}
+        if ec.precision == "int8":
+            kept, why = "int8", f"asked for; top-1 {best.int8_top1:.2f}% against fp32's {best.fp32_top1:.2f}% ({-best.drop:+.2f} points; {ec.max_top1_drop:g} may be lost)"
+        else:
+            kept, why = quantize.auto_choice(timing, batch)
+        record["quantization"] = done[best.method][1]
+    if kept == "int8":
+        record["tensorrt_graph"] = _tensorrt_graph(ctx, draft, fp32, input_names, best.method, cal_x, gate_x, gate_y)
+        os.replace(done[best.method][0], draft.path(ONNX_FILE))
+    for path, _ in done.values():
+        path.unlink(missing_ok=True)
+    ctx.log(f"export: precision {kept} ({why})")
+    return {**record, "kept": kept, "why": why}
+
+
+def _tensorrt_graph(ctx: Context, draft: Draft, fp32, input_names: list[str], method: str, cal_x: np.ndarray, gate_x: np.ndarray, gate_y: np.ndarray) -> dict:
+    """The same quantization in the form TensorRT builds (s8s8: symmetric int8 activations), for
+    `gendd build` with [build] precision = "int8", under the same accuracy gate. Its record."""
+    ec, seed = ctx.recipe.export, ctx.recipe.pipeline.seed
+    path = draft.path(TRT_INT8_FILE)
+    info = quantize.quantize_int8(draft.path(ONNX_FILE), path, cal_x, input_names=input_names, noise=lambda n, i: fp32.noise(n, seed + i), method=method, target="tensorrt")
+    r = quantize.gate_int8(fp32, make_runner("onnxruntime", path=path, device="cpu"), gate_x, gate_y, method=method, batch=ec.parity_batch, seed=seed)
+    if r.drop > ec.max_top1_drop:
+        path.unlink()
+        return {"file": None, "why": f"the s8s8 graph loses {r.drop:.2f} top-1 points (over {ec.max_top1_drop:g}); build int8 engines from another export", "gate": r.to_dict()}
+    return {"file": TRT_INT8_FILE, "quantization": info, "gate": r.to_dict()}
 
 
 class AotiStage(_DeployStage):

@@ -20,12 +20,12 @@ from typing import Any, Iterable, Mapping
 
 from gendd_deploy.errors import UsageError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)
 class PrecisionPlan:
-    precision: str  # what the recipe asked for: fp32 | fp16 | bf16
+    precision: str  # what the recipe asked for: fp32 | fp16 | bf16 | int8
     trt_major: int
     builder_flags: tuple[str, ...]  # trt.BuilderFlag members to set (TensorRT 10 only)
     onnx_conversion: str | None  # fp16 | bf16: rewrite the ONNX graph before parsing (TensorRT 11)
@@ -36,7 +36,9 @@ class PrecisionPlan:
         return asdict(self)
 
     def describe(self) -> str:
-        if self.onnx_conversion:
+        if self.precision == "int8":
+            how = "the export's QDQ graph (explicit quantization), strongly typed network, no precision flags"
+        elif self.onnx_conversion:
             how = f"ONNX graph converted to {self.onnx_conversion} (inputs/outputs stay float32), strongly typed network"
         elif self.builder_flags:
             how = f"builder flag {', '.join(self.builder_flags)} on a weakly typed network"
@@ -51,6 +53,8 @@ def precision_plan(trt_major: int, precision: str) -> PrecisionPlan:
         raise UsageError(f"[build] precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if trt_major < 10:
         raise UsageError(f"TensorRT {trt_major} is not supported; gendd builds with TensorRT 10.x or 11.x")
+    if precision == "int8":  # explicit quantization: the Q/DQ nodes carry it; TensorRT asks for strong typing and no flags
+        return PrecisionPlan(precision, trt_major, (), None, True, ("STRONGLY_TYPED",))
     if trt_major == 10:
         flags = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}[precision]
         return PrecisionPlan(precision, trt_major, flags, None, False, ())
