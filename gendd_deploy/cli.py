@@ -243,6 +243,7 @@ def bench(
     reps: Annotated[int, typer.Option(help="timed runs per point (after one warm-up)")] = 20,
     budget_s: Annotated[float, typer.Option(help="stop timing a model at a batch size after this many seconds of its runs (at least 2 runs)")] = 5.0,
     limit: Annotated[int, typer.Option(help="test images for each row's top-1 (0: all)")] = 1000,
+    precision: Annotated[list[str], typer.Option("--precision", help="fp32, int8 (adds ONNX Runtime on each model's int8 QDQ graph), repeatable")] = ["fp32"],
     out_file: Annotated[Optional[str], typer.Option("--out", help="JSON output \\[default: benchmarks/results/bench_<pipeline>.json]")] = None,
 ) -> None:
     """Latency (p50/p95), images/s, parity and top-1 of the teacher, plain ce and kd students and the GenDD student (as calibrated, and with the published sampler) on every available runtime, models timed in turn; or a named benchmark below."""
@@ -258,12 +259,15 @@ def bench(
         bad += [f"--budget-s {budget_s}"] if not (budget_s > 0 and budget_s < float("inf")) else []
         if bad:
             raise UsageError(f"{', '.join(bad)}: batch sizes and reps must be >= 1, --limit >= 0 (0: all test images), --budget-s a positive number of seconds")
+        bad += [f"--precision {p}" for p in precision if p not in ("fp32", "int8")]
+        if bad:
+            raise UsageError(f"{', '.join(bad)}: --precision is fp32 or int8")
         unknown = [r for r in runtime or [] if r not in RUNTIMES] + [m for m in models or [] if m not in MODEL_CHOICES]
         if unknown:
             raise UsageError(f"unknown runtime or model {unknown}; runtimes: {', '.join(RUNTIMES)}; models: {', '.join(MODEL_CHOICES)}")
         base = make_context(pipeline, artifacts, list(set_ or []))
         mk = lambda ov: base if not ov else make_context(pipeline, artifacts, list(set_ or []) + ov)  # noqa: E731
-        run_bench(mk, models=models, runtimes=runtime, batches=list(batch), reps=reps, limit=limit, budget_s=budget_s, out=_bench_out(out_file, "bench", base.pipeline), console=out)
+        run_bench(mk, models=models, runtimes=runtime, batches=list(batch), reps=reps, limit=limit, budget_s=budget_s, out=_bench_out(out_file, "bench", base.pipeline), console=out, precisions=list(precision))
 
     guarded(go)
 

@@ -63,10 +63,17 @@ def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context
 
 def test_bench_models_selects_what_is_built_and_timed(tiny_context, tmp_path):
     mk = _maker(tiny_context)
-    result = run_bench(mk, models=["calibrated"], runtimes=["torch", "tensorrt"], batches=[2], reps=2, limit=16, budget_s=0.2, out=tmp_path / "b.json", console=Console(quiet=True))
+    result = run_bench(
+        mk, models=["calibrated"], runtimes=["torch", "tensorrt", "onnxruntime"], precisions=["fp32", "int8"], batches=[2], reps=2, limit=16, budget_s=0.2,
+        out=tmp_path / "b.json", console=Console(quiet=True),
+    )
     if result["skipped_runtimes"]:  # TensorRT absent: listed as skipped with its reason, never silently dropped
         assert "TensorRT" in result["skipped_runtimes"]["tensorrt"]
-    assert {r["runtime"] for r in result["rows"]} == ({"torch"} if result["skipped_runtimes"] else {"torch", "tensorrt"})
+    assert {r["runtime"] for r in result["rows"]} == {"torch", "onnxruntime", "onnxruntime int8"} | (set() if result["skipped_runtimes"] else {"tensorrt"})
+    int8 = next(r for r in result["rows"] if r["runtime"] == "onnxruntime int8")
+    assert int8["precision"] == "int8" and int8["model_mb"] > 0 and 0 <= int8["top1"] <= 100 and int8["top1_images"] == 16
+    vs = {(r["runtime"], r["vs"]) for r in result["ratios"]}
+    assert {("onnxruntime int8", "onnxruntime fp32 (same model)"), ("onnxruntime int8", "torch eager (same model)"), ("onnxruntime", "torch eager (same model)")} <= vs
     assert len(result["models"]) == 1 and result["models"][0].startswith("gendd calibrated")
     assert {a.stage for a in mk([]).store.list()} == {"teacher", "teacher_features", "student", "sampler"}  # no reference export, no plain students
     with pytest.raises(UsageError, match="--models sampler: unknown"):

@@ -26,7 +26,7 @@ from gendd_deploy.data.augment import to_model_input
 from gendd_deploy.errors import UsageError
 from gendd_deploy.loaders import deployed_from_artifacts, load_student, load_teacher
 from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.runtime import make_runner, registry, runtime_status
+from gendd_deploy.runtime import make_runner, quantize, registry, runtime_status
 from gendd_deploy.runtime.aoti import export_aoti
 from gendd_deploy.runtime.onnx_export import export_onnx
 from gendd_deploy.runtime.parity import parity, record
@@ -34,6 +34,7 @@ from gendd_deploy.runtime.timing import summary as timing_summary
 from gendd_deploy.runtime.timing import time_in_turn
 from gendd_deploy.stages import Context, run_chain
 from gendd_deploy.stages.calibrate import CalibrateStage
+from gendd_deploy.stages.export import calibration_images
 from gendd_deploy.stages.distill import DistillStage
 from gendd_deploy.stages.teacher import TeacherStage
 from gendd_deploy.evaluation import array_batches, top1_over
@@ -116,6 +117,19 @@ def _runner(kind: str, model: DeployedModel, folder: Path, example: torch.Tensor
     raise UsageError(f"gendd bench cannot make a {entry.stage} artifact for runtime '{kind}' from a model")
 
 
+INT8 = "onnxruntime int8"  # the bench's label for ONNX Runtime on the int8 QDQ graph (--precision int8)
+
+
+def _int8_runner(model: DeployedModel, folder: Path, example: torch.Tensor, cal_x: np.ndarray, *, name: str):
+    """ONNX Runtime on the model's int8 QDQ graph (as `gendd export --precision int8` writes it,
+    MinMax ranges from calibration-split images; export also tries Entropy and Percentile)."""
+    fp32 = _runner("onnxruntime", model, folder, example, name=name, device=torch.device("cpu"))
+    path = folder / f"{_slug(name)}.int8.onnx"
+    names = [i.name for i in fp32.session.get_inputs()]
+    quantize.quantize_int8(folder / f"{_slug(name)}.onnx", path, cal_x, input_names=names, noise=lambda n, i: fp32.noise(n, SEED + i), method="minmax")
+    return make_runner("onnxruntime", path=path)
+
+
 def _graph_ops(folder: Path, name: str) -> dict | None:
     """Op-type counts and weight shapes of the ONNX graph the bench exported for `name` (None if it
     exported none): two models with equal ones run the same computation at the same cost."""
@@ -163,9 +177,10 @@ def _readout_summary(models: dict, metrics: dict, calibrated_top1: float | None)
 
 def run_bench(
     make_ctx, *, models: list[str] | None = None, runtimes: list[str] | None = None, batches: list[int],
-    reps: int, limit: int, budget_s: float, out: Path, console,
+    reps: int, limit: int, budget_s: float, out: Path, console, precisions: list[str] = ("fp32",),
 ) -> dict:
-    """make_ctx(overrides) -> Context (the plain ce / kd students are the recipe with another method)."""
+    """make_ctx(overrides) -> Context (the plain ce / kd students are the recipe with another method).
+    `precisions` with "int8" adds ONNX Runtime on each model's int8 graph (runtime "onnxruntime int8")."""
     ctx = make_ctx([])
     wanted = list(models or DEFAULT_MODELS)
     bad = [m for m in wanted if m not in MODEL_CHOICES]
@@ -181,6 +196,11 @@ def run_bench(
     wanted_rt = runtimes or [name for name, e in registry.RUNTIMES.items() if e.bench_default]
     skipped = {r: status.get(r, "not registered") for r in wanted_rt if status.get(r, "not registered") is not None}
     use = [r for r in wanted_rt if r not in skipped]
+    if "int8" in precisions:
+        if "onnxruntime" in use:
+            use.append(INT8)
+        else:
+            skipped[INT8] = "needs the onnxruntime runtime in --runtime"
     for r, why in skipped.items():
         ctx.log(f"[dim]bench: runtime {r} skipped: {escape(str(why))}[/]")
     rows = []
@@ -196,13 +216,17 @@ def run_bench(
         for kind in use:
             runners, quality = {}, {}
             for name, model in chosen.items():
-                runners[name] = _runner(kind, model, Path(tmp), example, name=name, device=device)
+                if kind == INT8:
+                    runners[name] = _int8_runner(model, Path(tmp), example, calibration_images(ctx, 256), name=name)
+                else:
+                    runners[name] = _runner(kind, model, Path(tmp), example, name=name, device=device)
                 par = parity(refs[name], runners[name], test_x[: min(64, n)], 32, SEED) if kind != "torch" else None
                 quality[name] = (_top1(runners[name], test_x, test_y, 64), None if par is None else record(par, reference="torch eager (CPU)", atol=None, rtol=None, min_agreement=None))
                 console.print(f"bench: {escape(name)} / {kind}: top-1 {quality[name][0]:.2f} on {n} test images")
                 if kind == "onnxruntime":
                     graphs[name] = _graph_ops(Path(tmp), name)
-                    sizes[name] = round((Path(tmp) / f"{_slug(name)}.onnx").stat().st_size / 2**20, 3)
+                if kind in ("onnxruntime", INT8):
+                    sizes[(name, kind)] = round((Path(tmp) / f"{_slug(name)}{'.int8' if kind == INT8 else ''}.onnx").stat().st_size / 2**20, 3)
             for b in batches:
                 times = _interleaved_latency(runners, test_x, b, reps, budget_s)
                 for name, ts in times.items():
@@ -210,7 +234,8 @@ def run_bench(
                     p50 = stats["p50_ms"]
                     rows.append({
                         "model": name, "runtime": kind, "providers": runners[name].providers(), "batch": b, **stats,
-                        "model_mb": sizes.get(name) if kind in ("onnxruntime", "tensorrt") else None,
+                        "precision": "int8" if kind == INT8 else "fp32",
+                        "model_mb": sizes.get((name, kind), sizes.get((name, "onnxruntime")) if kind == "tensorrt" else None),
                         "images_per_s": round(1000.0 * b / p50, 1), "top1": round(quality[name][0], 2), "top1_images": n,
                         "parity": quality[name][1],  # vs torch eager on the same images and noise; None for torch itself
                     })
@@ -245,10 +270,11 @@ def _ratios(rows: list[dict], models: dict) -> list[dict]:
         for other in (*PLAIN, "gendd probe", "gendd reference", "teacher"):
             if (other, runtime, batch) in by:
                 out.append({"runtime": runtime, "batch": batch, "vs": other, "ratio": round(p50 / by[(other, runtime, batch)], 3)})
-    for runtime in {r["runtime"] for r in rows}:  # ORT vs eager for the deployed student
-        for batch in {r["batch"] for r in rows}:
-            if (calibrated, runtime, batch) in by and (calibrated, "torch", batch) in by and runtime != "torch":
-                out.append({"runtime": runtime, "batch": batch, "vs": "torch eager (same model)", "ratio": round(by[(calibrated, runtime, batch)] / by[(calibrated, "torch", batch)], 3)})
+    for runtime in sorted({r["runtime"] for r in rows}):  # compiled vs eager (and int8 vs fp32) for the deployed student
+        for batch in sorted({r["batch"] for r in rows}):
+            for base, label in (("torch", "torch eager (same model)"), ("onnxruntime", "onnxruntime fp32 (same model)")):
+                if runtime != base and (runtime == INT8 or base == "torch") and (calibrated, runtime, batch) in by and (calibrated, base, batch) in by:
+                    out.append({"runtime": runtime, "batch": batch, "vs": label, "ratio": round(by[(calibrated, runtime, batch)] / by[(calibrated, base, batch)], 3)})
     return out
 
 
