@@ -22,7 +22,7 @@ from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.models.student import GenDDStudent, HeadSpec
 from gendd_deploy.runtime import registry
 from gendd_deploy.signing import require_trusted
-from gendd_deploy.spec import DeployedSpec
+from gendd_deploy.spec import DeployedSpec, check_stamp
 
 ONNX_FILE = registry.get("onnxruntime").file  # model.onnx
 AOTI_FILE = registry.get("aoti").file  # model.pt2
@@ -154,7 +154,10 @@ def artifact_runner(art: Artifact, store: Store | None = None, runtime: str | No
     entry = registry.get(runtime) if runtime else registry.for_stage(art.stage)
     if entry is None or entry.stage != art.stage:
         raise UsageError(f"{art.ref} is a {art.stage} artifact, which {'no runtime' if entry is None else f'runtime {entry.name}'} runs")
-    return registry.make_runner(entry.name, path=art.file(entry.file), spec=spec_of(art, store), **options)
+    spec = spec_of(art, store)
+    if art.stage == "onnx":  # the file's own description (stamped at export) must be its manifest's
+        check_stamp(art.file(entry.file), spec, art.ref)
+    return registry.make_runner(entry.name, path=art.file(entry.file), spec=spec, **options)
 
 
 # ---- what `gendd serve` and the serving benchmark run -----------------------------------------
@@ -198,11 +201,14 @@ def _sibling(store: Store, onnx_art: Artifact, entry: registry.RuntimeEntry, com
     return store.check_input(found, f"delete {found.path} and run '{remake}'")
 
 
-def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Callable[[], torch.device], command: Callable[[str], str], trust_unsigned: bool = False):
+def runner_for_artifact(
+    store: Store, runtime: str, art: Artifact, *, device: Callable[[], torch.device], command: Callable[[str], str], trust_unsigned: bool = False, **options
+):
     """(runner, the artifact it runs) for `runtime` (any registered one), from the onnx artifact
     `art` or its sibling that runs the same model (an aoti package, a TensorRT engine); torch runs
     the PyTorch model an export was made from, on `device()`. Native code (aoti, engine) loads
-    only with a trusted signature (signing.py) unless `trust_unsigned`."""
+    only with a trusted signature (signing.py) unless `trust_unsigned`. `options` go to the runner
+    of an artifact (onnxruntime: intra_op_threads, inter_op_threads, spinning)."""
     entry = registry.get(runtime)
     if entry.stage is None:  # the PyTorch model behind an export
         if registry.for_stage(art.stage) is None or art.stage == "engine":
@@ -216,4 +222,4 @@ def runner_for_artifact(store: Store, runtime: str, art: Artifact, *, device: Ca
         art = _sibling(store, art, entry, command)
     if entry.native_code:
         require_trusted(art, trust_unsigned)
-    return artifact_runner(art, store, runtime), art
+    return artifact_runner(art, store, runtime, **options), art

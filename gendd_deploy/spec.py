@@ -13,11 +13,16 @@ inputs and outputs (`DeployedSpec.from_io`). Nothing else works out names, shape
 The rule that says which input is the noise lives here and nowhere else: a graph's first input is
 the images, its second (when present) the sampler's noise, its first output the logits.
 
+Export also stamps the spec and the lineage (the student / sampler artifacts it came from) into
+the ONNX file's metadata_props (`stamp_onnx`), so a copied file still says what it is
+(`onnx_metadata`); serving and the Triton writer check the stamp against the manifest (`check_stamp`).
+
 This module imports neither torch nor onnx at import time, so a light serving path can read it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,3 +214,47 @@ def onnx_io(path: str | Path, model=None) -> dict:
         return {"name": v.name, "dtype": _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), "shape": dims}
 
     return {"inputs": [entry(v) for v in model.graph.input if v.name not in inits], "outputs": [entry(v) for v in model.graph.output]}
+
+
+# ---- the description inside the ONNX file ------------------------------------------------------
+
+METADATA_KEY = "gendd.deployed"  # ONNX metadata_props key: the spec as the manifest holds it, as JSON
+LINEAGE_KEY = "gendd.lineage"  # the artifacts (stage, version, fingerprint) the graph was exported from
+
+
+def stamp_onnx(path: str | Path, spec: DeployedSpec, lineage: list[dict]) -> None:
+    """Write the spec (class names, preprocessing, read-out, inputs / outputs) and the lineage into
+    the ONNX file's metadata_props, so the file says what it is without its manifest."""
+    import onnx
+
+    model = onnx.load(str(path))
+    keep = [p for p in model.metadata_props if p.key not in (METADATA_KEY, LINEAGE_KEY)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in ((METADATA_KEY, spec.to_manifest()), (LINEAGE_KEY, lineage)):
+        model.metadata_props.add(key=key, value=json.dumps(value, sort_keys=True))
+    onnx.save(model, str(path))
+
+
+def onnx_metadata(path: str | Path) -> tuple[DeployedSpec | None, list[dict] | None]:
+    """(spec, lineage) read back from an ONNX file's metadata_props; (None, None) when unstamped."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if METADATA_KEY not in props:
+        return None, None
+    try:
+        spec = DeployedSpec.from_manifest({SPEC_KEY: json.loads(props[METADATA_KEY])}, str(path))
+        lineage = json.loads(props.get(LINEAGE_KEY, "null"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: unreadable {METADATA_KEY} metadata ({e}); re-export it with 'gendd export'") from None
+    return spec, lineage
+
+
+def check_stamp(path: str | Path, spec: DeployedSpec, ref: str) -> None:
+    """The ONNX file's own description must be the manifest's (a file swapped in from another
+    model is refused); unstamped files (exported before stamping) pass."""
+    stamped, _ = onnx_metadata(path)
+    if stamped is not None and stamped.to_manifest() != spec.to_manifest():
+        diff = sorted(k for k, v in stamped.to_manifest().items() if spec.to_manifest().get(k) != v)
+        raise ArtifactError(f"{ref}: the ONNX file describes another model than its manifest (differs in {', '.join(diff)}); re-export it with 'gendd export'")

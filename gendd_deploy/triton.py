@@ -29,7 +29,7 @@ from gendd_deploy import __version__
 from gendd_deploy.artifacts import Artifact, sha256_file, verify_artifact
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.runtime import registry
-from gendd_deploy.spec import DeployedSpec
+from gendd_deploy.spec import DeployedSpec, check_stamp
 
 VERSIONS_FILE = "versions.json"
 LABELS_FILE = "labels.txt"  # one class name per line: Triton's classification labels
@@ -253,6 +253,7 @@ def write_triton_repo(
         if problems:
             raise ArtifactError(f"{problems[0]}; nothing was written to {out_dir}. Rebuild it with 'gendd run --rebuild-corrupt' (or delete {art.path} and export again)")
     spec = DeployedSpec.from_manifest(onnx_art.manifest.get("info", {}), onnx_art.ref)
+    check_stamp(onnx_art.file("model.onnx"), spec, onnx_art.ref)  # the graph Triton gets says what it is, as its manifest does
     io = spec.io()
     source = engine_art if engine_art is not None else onnx_art
     entry = registry.get(runtime) if runtime else registry.for_stage(source.stage)

@@ -88,6 +88,9 @@ def test_int8_export_is_served_and_written_for_triton_and_never_reads_test_image
     from test_export import publish_sampler
     from gendd_deploy.models.deployed import SamplerSetting
 
+    from gendd_deploy.loaders import spec_of
+
+    spec_of_art = lambda a: spec_of(a, ctx.store)  # noqa: E731
     ctx = tiny_context("teacher.epochs=1", "distill.epochs=1", "data.train_limit=256", "data.test_limit=32", "export.precision=int8", "export.max_top1_drop=100")
     run_chain(DistillStage(), ctx)
     publish_sampler(ctx, SamplerSetting(sampler="ddim", steps=1, draws=1, guidance=0.0, noise="zero", t_start=999))
@@ -104,6 +107,11 @@ def test_int8_export_is_served_and_written_for_triton_and_never_reads_test_image
     assert {g["method"] for g in p["gate"]} == set(quantize.METHODS) and p["tensorrt_graph"]["file"] == TRT_INT8_FILE
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(art.file(ONNX_FILE))).graph.node)
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(art.file(TRT_INT8_FILE))).graph.node)
+    from gendd_deploy.spec import onnx_metadata
+
+    for name in (ONNX_FILE, TRT_INT8_FILE):  # both files say what they are, as the manifest does
+        stamped, lineage = onnx_metadata(art.file(name))
+        assert stamped == spec_of_art(art) and {x["fingerprint"] for x in lineage} == {i["fingerprint"] for i in art.manifest["inputs"] if i["stage"] != "data"}
 
     from gendd_deploy.config import ServeConfig
     from gendd_deploy.serve.server import InferenceServer

@@ -51,3 +51,31 @@ def test_manifests_from_before_the_spec_still_read():
 def test_a_malformed_description_is_an_artifact_error_naming_the_fix(info):
     with pytest.raises(ArtifactError, match="re-export it with 'gendd export'|unreadable"):
         DeployedSpec.from_manifest(info, "tiny/onnx/v001")
+
+
+def test_the_onnx_file_carries_its_description_and_lineage(tmp_path):
+    """metadata_props round-trip; a file whose stamp differs from its manifest is refused."""
+    from test_runtime import linear_onnx
+
+    from gendd_deploy.spec import check_stamp, onnx_metadata, stamp_onnx
+
+    path = tmp_path / "m.onnx"
+    linear_onnx(path)
+    assert onnx_metadata(path) == (None, None)
+    spec = DeployedSpec.from_io(
+        {"inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", 1, 2, 2]}], "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 3]}]},
+        preprocess={"size": [2, 2], "channels": 1, "mean": [0.5], "std": [0.25]}, class_names=("a", "b", "c"), method="gendd", readout="linear fit_ce",
+    )
+    check_stamp(path, spec, "p/onnx/v001")  # unstamped (an older export): accepted
+    lineage = [{"stage": "student", "version": "v003", "fingerprint": "ab" * 32, "pipeline": "p"}]
+    stamp_onnx(path, spec, lineage)
+    stamp_onnx(path, spec, lineage)  # stamping twice keeps one entry per key
+    import onnx
+
+    assert sorted(p.key for p in onnx.load(str(path)).metadata_props) == ["gendd.deployed", "gendd.lineage"]
+    read, got_lineage = onnx_metadata(path)
+    assert read == spec and got_lineage == lineage
+    check_stamp(path, spec, "p/onnx/v001")
+    other = DeployedSpec.from_manifest({SPEC_KEY: {**spec.to_manifest(), "class_names": ["x", "y", "z"]}})
+    with pytest.raises(ArtifactError, match="describes another model than its manifest \\(differs in class_names\\)"):
+        check_stamp(path, other, "p/onnx/v001")

@@ -29,7 +29,7 @@ from gendd_deploy.runtime import quantize
 from gendd_deploy.runtime.aoti import MAX_BATCH, export_aoti
 from gendd_deploy.runtime.onnx_export import ExportError, export_onnx
 from gendd_deploy.runtime.parity import gate, parity, record
-from gendd_deploy.spec import SPEC_KEY, DeployedSpec
+from gendd_deploy.spec import SPEC_KEY, DeployedSpec, stamp_onnx
 from gendd_deploy.stages.base import Context, Stage
 from gendd_deploy.stages.calibrate import CalibrateStage
 from gendd_deploy.stages.distill import DistillStage
@@ -152,6 +152,11 @@ class ExportStage(_DeployStage):
         result = self._gate(ctx, model, ort, images, "ONNX Runtime (CPU) vs PyTorch")
         precision = choose_precision(ctx, draft, ort, [t["name"] for t in io["inputs"]]) if ec.precision != "fp32" else {"requested": "fp32", "kept": "fp32"}
         self._record(ctx, draft, inputs, model, io=io, result=result, file=ONNX_FILE, export_s=export_s)
+        spec = DeployedSpec.from_manifest(draft.info)
+        for name in (ONNX_FILE, TRT_INT8_FILE):  # the file says what it is, without its manifest
+            if draft.path(name).is_file():
+                stamp_onnx(draft.path(name), spec, [a.as_input() for a in inputs.values()])
+        draft.metrics["onnx_bytes"] = draft.path(ONNX_FILE).stat().st_size
         draft.info["precision"] = precision
         draft.info["providers"] = ort.providers()
 
