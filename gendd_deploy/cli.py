@@ -29,7 +29,7 @@ from rich.table import Table
 
 from gendd_deploy import __version__
 from gendd_deploy.config import DEFAULT_PIPELINE, flags_to_overrides, load_recipe, packaged_recipes, section_help
-from gendd_deploy.errors import GenddError, MissingDependency, UsageError
+from gendd_deploy.errors import DataNotFound, GenddError, MissingDependency, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 out = Console()
@@ -120,7 +120,9 @@ def os_error_message(e: OSError) -> str:
     return f"{e.strerror or e}{where}; check the path"
 
 
-def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: list[str], quiet: bool = False):
+def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: list[str], quiet: bool = False, writes: bool = True):
+    """The recipe, the artifact root and the console for a command. A command that only reads
+    (`serve`) passes writes=False: its root may be read-only (a container's `:ro` mount), and must exist."""
     from gendd_deploy import dist
     from gendd_deploy.artifacts import Store
     from gendd_deploy.stages import Context
@@ -130,16 +132,19 @@ def make_context(pipeline: Optional[str], artifacts: Optional[str], overrides: l
     root = Path(_artifact_root(artifacts))
     if root.exists() and not root.is_dir():
         raise UsageError(f"artifact root {root} is a file; pass --artifacts DIR (or GENDD_ARTIFACTS) naming a folder")
-    # writable? probed in the nearest folder that exists, so nothing is created before a stage runs
-    existing = next(p for p in [root, *root.parents] if p.exists())
-    try:
-        probe = existing / f".gendd-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(
-            f"artifact root {root} cannot be created or written ({e.strerror}); pass --artifacts DIR (or GENDD_ARTIFACTS) naming a writable folder"
-        ) from None
+    if not writes:
+        if not root.is_dir():
+            raise UsageError(f"no artifact root at {root}; pass --artifacts DIR (or GENDD_ARTIFACTS) naming the folder 'gendd run' wrote")
+    else:  # writable? probed in the nearest folder that exists, so nothing is created before a stage runs
+        existing = next(p for p in [root, *root.parents] if p.exists())
+        try:
+            probe = existing / f".gendd-write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(
+                f"artifact root {root} cannot be created or written ({e.strerror}); pass --artifacts DIR (or GENDD_ARTIFACTS) naming a writable folder"
+            ) from None
     dist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPUs)
     return Context(recipe=recipe, store=Store(_artifact_root(artifacts)), console=console, recipe_path=path, quiet=quiet)
 
@@ -340,7 +345,7 @@ def serve(
         from gendd_deploy.serve import serve_artifacts
 
         ports = [f"serve.port={http_port}"] if http_port is not None else []
-        c = make_context(pipeline, artifacts, list(set_ or []) + flags_to_overrides("serve", ctx.args) + ports)
+        c = make_context(pipeline, artifacts, list(set_ or []) + flags_to_overrides("serve", ctx.args) + ports, writes=False)
         c.trust_unsigned = trust_unsigned
         serve_artifacts(c, version=list(artifact) if artifact else None)
 
@@ -549,13 +554,17 @@ def artifacts_gc(
         if unreachable:
             local = {p.name: str(p) for p in Path("pipelines").glob("*.toml")}
             recipes = keep if keep else sorted({**{f"{n}.toml": n for n in packaged_recipes()}, **local}.values())
-            fps = set()
+            fps, keep_pipelines = set(), set()
             for r in recipes:
                 try:
                     fps |= _recipe_fingerprints(r, artifacts)
+                except DataNotFound as e:  # a shipped recipe whose data is not here: keep all it may have made
+                    name = load_recipe(_recipe_path(r), []).pipeline.name
+                    keep_pipelines.add(name)
+                    out.print(escape(f"recipe {r}: its data is absent here, so every version of pipeline '{name}' is kept ({str(e).split(';')[0]})"), soft_wrap=True)
                 except GenddError as e:
                     raise UsageError(f"cannot tell what recipe {r} reaches ({e}); fix it or name the recipes to keep with --keep") from None
-            old = store.unreachable(keep_fingerprints=fps)
+            old = [a for a in store.unreachable(keep_fingerprints=fps) if a.pipeline not in keep_pipelines]
             for a in old:
                 out.print(("removed " if yes and not dry_run else "would remove ") + f"{a.ref} ({a.path})")
                 if yes and not dry_run:

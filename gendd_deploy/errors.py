@@ -13,6 +13,10 @@ class UsageError(GenddError):
     exit_code = 2
 
 
+class DataNotFound(UsageError):
+    """A recipe's data set is not on this machine (the message says how to get it)."""
+
+
 class ArtifactError(GenddError):
     """A stored artifact is missing, corrupt, or does not fit the stage that reads it."""
 

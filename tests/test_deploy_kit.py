@@ -77,6 +77,28 @@ def test_container_command_is_a_valid_gendd_serve_invocation(tmp_path):
     assert "/v2/health/ready" in text and 'pip install --no-cache-dir ".[serve]"' in text
 
 
+def test_docker_context_holds_only_what_the_image_copies():
+    """.dockerignore: `docker build .` must not send .venv/, artifacts/ or .git (gigabytes) as context."""
+    import fnmatch
+
+    rules = [ln.strip() for ln in (KIT.parent / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+    def sent(path: str) -> bool:  # Docker's rule: the last matching line wins; "!" re-includes
+        keep = True
+        for rule in rules:
+            neg, pat = rule.startswith("!"), rule.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path, pat + "/*") or path.startswith(pat + "/") and "*" not in pat:
+                keep = neg
+        return keep
+
+    copied = re.findall(r"^COPY (.+) \S+$", (KIT / "Dockerfile").read_text(), re.M)
+    for sources in copied:
+        for src in sources.split():
+            assert sent(src) and sent(f"{src}/cli.py" if src == "gendd_deploy" else src), src
+    for heavy in (".venv/bin/python", "artifacts/quickstart/onnx/v001/model.onnx", ".git/HEAD", "build/lib/x.py", "tests/test_cli.py"):
+        assert not sent(heavy), heavy
+
+
 def test_kserve_manifest_serves_the_triton_repository_over_v2():
     doc = yaml.safe_load((KIT / "kserve" / "inferenceservice.yaml").read_text())
     assert doc["apiVersion"] == "serving.kserve.io/v1beta1" and doc["kind"] == "InferenceService"

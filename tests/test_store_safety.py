@@ -123,6 +123,44 @@ def test_gc_unreachable_lists_first_and_keeps_what_a_recipe_reuses(tmp_path, tin
     assert r.returncode == 0 and not reused.path.exists()
 
 
+def test_gc_unreachable_keeps_the_pipelines_of_recipes_whose_data_is_absent(tmp_path, tiny_recipe):
+    """A shipped recipe's data (CIFAR-100, say) is not on this machine: gc says so and keeps its pipeline."""
+    root = tmp_path / "art"
+    r = gendd("teacher", "-p", str(tiny_recipe), "--artifacts", str(root), "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    absent = tmp_path / "absent.toml"
+    absent.write_text(tiny_recipe.read_text().replace('source = "digits"', f'source = "cifar100"\nroot = "{tmp_path / "no-cifar"}"'))
+    assert 'source = "cifar100"' in absent.read_text()
+    r = gendd("artifacts", "gc", "--unreachable", "--keep", str(absent), "--artifacts", str(root))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "its data is absent here, so every version of pipeline 'tiny' is kept" in r.stdout and "CIFAR-100 not found" in r.stdout
+    assert "nothing to remove" in r.stdout and Store(root).list(stage="teacher")
+
+
+def test_only_commands_that_write_need_a_writable_root(tmp_path, tiny_recipe, monkeypatch):
+    """`gendd serve` reads: a read-only root (a container's :ro mount) is fine; a writer is refused."""
+    from gendd_deploy.cli import make_context
+    from gendd_deploy.errors import UsageError
+
+    root = tmp_path / "ro"
+    root.mkdir()
+    real_touch = Path.touch
+
+    def read_only(self, *a, **k):  # what a read-only mount answers to the write probe
+        if self.is_relative_to(root):
+            raise OSError(30, "Read-only file system")
+        return real_touch(self, *a, **k)
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    with pytest.raises(UsageError, match="cannot be created or written \\(Read-only file system\\)"):
+        make_context(str(tiny_recipe), str(root), [])
+    assert make_context(str(tiny_recipe), str(root), [], writes=False).store.root == root
+    with pytest.raises(UsageError, match="no artifact root at"):
+        make_context(str(tiny_recipe), str(tmp_path / "missing"), [], writes=False)
+    r = gendd("serve", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "no artifact root at" in r.stderr and "Traceback" not in r.stderr
+
+
 # ---- concurrency -----------------------------------------------------------------------------
 
 

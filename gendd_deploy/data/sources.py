@@ -40,7 +40,7 @@ from PIL import Image
 
 from gendd_deploy.data.preprocess import image_to_uint8
 from gendd_deploy.data.splits import stratified_holdout
-from gendd_deploy.errors import UsageError
+from gendd_deploy.errors import DataNotFound, UsageError
 from gendd_deploy.hashing import file_sha256
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -238,7 +238,7 @@ def _find_idx(root: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
-    raise UsageError(
+    raise DataNotFound(
         f"Fashion-MNIST file {stem}(.gz) not found in {root}; install it with "
         "`apt-get install dataset-fashion-mnist` or set [data] root to a folder with the four IDX files"
     )
@@ -247,7 +247,7 @@ def _find_idx(root: Path, stem: str) -> Path:
 def read_fashion_mnist(root: str | None) -> RawSource:
     folder = Path(root or FASHION_MNIST_ROOT)
     if not folder.is_dir():
-        raise UsageError(
+        raise DataNotFound(
             f"Fashion-MNIST not found: {folder} does not exist; install it with "
             "`apt-get install dataset-fashion-mnist` or set [data] root to a folder with "
             "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
@@ -287,7 +287,7 @@ def _cifar_folder(root: Path) -> Path:
     for folder in (root, root / "cifar-100-python"):
         if all((folder / name).is_file() for name in ("train", "test", "meta")):
             return folder
-    raise UsageError(
+    raise DataNotFound(
         f"CIFAR-100 not found: looked for train, test and meta in {root} and {root / 'cifar-100-python'}; "
         "download the python version (cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html), "
         "extract it and set [data] root to the cifar-100-python folder"
@@ -396,7 +396,7 @@ def read_imagefolder(root: str | None, image_size: int | None) -> RawSource:
         raise UsageError("imagefolder needs [data] image_size (e.g. 224): images are resized and centre-cropped to it")
     folder = Path(root)
     if not (folder / "train").is_dir():
-        raise UsageError(f"imagefolder: {folder / 'train'} not found; {hint}")
+        raise DataNotFound(f"imagefolder: {folder / 'train'} not found; {hint}")
     eval_split = next((s for s in ("val", "test") if (folder / s).is_dir()), None)
     if eval_split is None:
         raise UsageError(f"imagefolder: neither {folder / 'val'} nor {folder / 'test'} found; {hint}")

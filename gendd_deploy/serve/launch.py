@@ -108,7 +108,9 @@ def load_artifact_model(ctx: "Context", runtime: str = "onnxruntime", version: s
     or engine artifact instead.
     """
     art = loaders.servable_artifact(ctx.store, ctx.pipeline, version, ctx.command)
-    runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command, trust_unsigned=ctx.trust_unsigned)
+    cfg = ctx.recipe.serve
+    threads = {"intra_op_threads": cfg.intra_op_threads or None, "inter_op_threads": cfg.inter_op_threads or None, "spinning": cfg.spinning} if runtime == "onnxruntime" else {}
+    runner, served = loaders.runner_for_artifact(ctx.store, runtime, art, device=ctx.device, command=ctx.command, trust_unsigned=ctx.trust_unsigned, **threads)
     name = ctx.recipe.serve.model_name or art.pipeline
     return runner, served_model(loaders.spec_of(served, ctx.store), served, name, runner)
 
