@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -366,7 +367,7 @@ def run(
     def go():
         c = make_context(pipeline or pipeline_opt, artifacts, list(set_ or []))
         c.rebuild_corrupt = rebuild_corrupt
-        built = {}
+        built, seconds = {}, {}
         for command in stages.ORDER:
             if command == "build":
                 from gendd_deploy.trt import require_tensorrt
@@ -376,8 +377,12 @@ def run(
                 except MissingDependency as e:
                     c.log(f"[dim]build: skipped on this machine ({escape(str(e))})[/]")
                     continue
+            t0 = time.perf_counter()
             built[command] = stages.get(command).run(c)
+            seconds[command] = time.perf_counter() - t0
         _summary(built)
+        if "export" in built:
+            out.print(_card(c, built, seconds, pipeline or pipeline_opt, artifacts))
 
     guarded(go)
 
@@ -390,12 +395,13 @@ def _summary(built: dict) -> None:
         table.add_row(command, art.ref, art.short)
     out.print(table)
     lines = []
+    pct = lambda v: f"{v:.2f}%" if isinstance(v, (int, float)) else "?"  # noqa: E731
     if "teacher" in built:
-        lines.append(f"teacher top-1 (test): {built['teacher'].metrics.get('test_top1')}%")
+        lines.append(f"teacher top-1 (test): {pct(built['teacher'].metrics.get('test_top1'))}")
     if "distill" in built:
         m = built["distill"].metrics
-        parts = [f"{k.removesuffix('_top1')} {m[k]}%" for k in ("published_top1", "ddim0_top1", "probe_top1", "test_top1") if k in m]
-        lines.append("student top-1 (test): " + ", ".join(dict.fromkeys(parts)))
+        names = {"published_top1": "published sampler", "ddim0_top1": "DDIM-8 zero noise", "probe_top1": "linear probe", "fit_ce_top1": "fitted linear"}
+        lines.append("student top-1 (test), by read-out: " + ", ".join(f"{label} {pct(m[k])}" for k, label in names.items() if k in m))
     if "calibrate" in built:
         sm, si = built["calibrate"].metrics, built["calibrate"].manifest.get("info", {})
         setting = si.get("setting")
@@ -417,6 +423,44 @@ def _summary(built: dict) -> None:
             lines.append(f"ONNX parity vs PyTorch: max |logit diff| {par['max_abs_diff']:.2g}{rel}, top-1 agreement {100 * par.get('top1_agreement', 0):.1f}% on {par.get('n')} calibration images")
     for line in lines:
         out.print(escape(line), soft_wrap=True)
+
+
+def _duration(s: float) -> str:
+    return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {s % 60:.0f} s"
+
+
+def _card(ctx, built: dict, seconds: dict, recipe: str | None, artifacts: str | None) -> Table:
+    """What a newcomer needs after `gendd run`: the deployed model, how good and fast it is,
+    where it is, how long each stage took and what to run next."""
+    from gendd_deploy.evaluation import test_top1
+    from gendd_deploy.loaders import ONNX_FILE, artifact_runner
+
+    onnx_art, cal = built["export"], built.get("calibrate")
+    info, metrics = onnx_art.manifest.get("info", {}), onnx_art.metrics
+    spec = info.get("deployed") or {}
+    precision = (info.get("precision") or {}).get("kept", "fp32")
+    data = ctx.data()
+    runner = artifact_runner(onnx_art, ctx.store)
+    top1 = test_top1(lambda x, b: runner.run(x, runner.noise(len(x), b)), data, n=len(data.test), batch_size=256, device="cpu", numpy=True)
+    card = Table(title="the deployed model", show_header=False, title_justify="left")
+    card.add_column(style="bold")
+    card.add_column(overflow="fold")
+    card.add_row("model", f"{spec.get('method', '?')} student, read-out '{spec.get('readout', '?')}' (what calibrate chose), {precision} ONNX")
+    teacher = built["teacher"].metrics.get("test_top1") if "teacher" in built else None
+    card.add_row("test top-1", f"{top1:.2f}% on all {len(data.test)} test images" + (f" (teacher {teacher:.2f}%)" if isinstance(teacher, (int, float)) else ""))
+    if cal is not None and cal.metrics.get("latency_ms"):
+        m = cal.metrics
+        batch = cal.config.get("calibrate", {}).get("latency_batch", "?")
+        vs = f", {m['latency_ms'] / m['probe_latency_ms']:.2f}x a plain student" if m.get("probe_latency_ms") else ""
+        card.add_row("latency", f"{m['latency_ms']:.2f} ms per batch of {batch} on {m.get('runtime', 'onnxruntime')}{vs}")
+    card.add_row("size", f"{metrics.get('onnx_bytes', 0) / 2**20:.2f} MB")
+    card.add_row("file", str(onnx_art.path / ONNX_FILE))
+    if cal is not None and (cal.path / "accuracy_vs_latency.png").is_file():
+        card.add_row("plot", f"{cal.path / 'accuracy_vs_latency.png'} (every read-out calibrate tried: accuracy against latency)")
+    card.add_row("time", ", ".join(f"{k} {_duration(v)}" for k, v in seconds.items()) + f"; total {_duration(sum(seconds.values()))} (reused stages take ~0 s)")
+    where = f" --artifacts {artifacts}" if artifacts else ""
+    card.add_row("next", f"gendd serve -p {recipe or 'quickstart'}{where}    then: curl localhost:8000/v2/models/{ctx.recipe.serve.model_name or ctx.pipeline}")
+    return card
 
 
 # ---- artifacts ---------------------------------------------------------------------------------

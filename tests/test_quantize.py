@@ -93,7 +93,7 @@ def test_int8_export_is_served_and_written_for_triton_and_never_reads_test_image
     spec_of_art = lambda a: spec_of(a, ctx.store)  # noqa: E731
     ctx = tiny_context("teacher.epochs=1", "distill.epochs=1", "data.train_limit=256", "data.test_limit=32", "export.precision=int8", "export.max_top1_drop=100")
     run_chain(DistillStage(), ctx)
-    publish_sampler(ctx, SamplerSetting(sampler="ddim", steps=1, draws=1, guidance=0.0, noise="zero", t_start=999))
+    sampler = publish_sampler(ctx, SamplerSetting(sampler="ddim", steps=1, draws=1, guidance=0.0, noise="zero", t_start=999))
     test_split = ctx.data().test
 
     def no_test_images(*a, **k):
@@ -125,5 +125,15 @@ def test_int8_export_is_served_and_written_for_triton_and_never_reads_test_image
     with InferenceServer(runner, meta, ServeConfig(host="127.0.0.1", port=0, grpc_port=-1), log=lambda m: None) as srv:
         status, _, body = call(srv.port, "POST", "/v2/models/tiny/infer", tensor_request(x))
         assert status == 200 and np.allclose(np.array(body["outputs"][0]["data"]).reshape(2, -1), runner.run(x), atol=1e-5)
+    from gendd_deploy import cli
+    from rich.console import Console
+
+    card = cli._card(ctx, {"export": art, "calibrate": sampler}, {"distill": 12.0, "export": 3.5}, "tiny", None)
+    console = Console(width=300, record=True)
+    console.print(card)
+    text = console.export_text()
+    for field in ("model", "test top-1", "size", "file", "time", "next"):
+        assert f"│ {field}" in text, text
+    assert "int8 ONNX" in text and str(art.file(ONNX_FILE)) in text and "total 15.5 s" in text and "gendd serve -p tiny" in text
     write_triton_repo(art, None, tmp_path / "triton", "tiny", serve_cfg=ctx.recipe.serve, build_cfg=ctx.recipe.build, preprocess=ctx.data().preprocess)
     assert (tmp_path / "triton" / "tiny" / "1" / "model.onnx").read_bytes() == art.file(ONNX_FILE).read_bytes()
