@@ -71,7 +71,7 @@ def _version_cb(value: bool) -> None:
 def _root(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
-    version: Annotated[bool, typer.Option("--version", callback=_version_cb, is_eager=True, help="print the version")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version_cb, is_eager=True, help="print the version", metavar="")] = False,
 ) -> None:
     _globals.update(pipeline=pipeline, artifacts=artifacts)
 
@@ -196,8 +196,8 @@ def export(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
-    aoti: Annotated[bool, typer.Option("--aoti", help="also write a torch.export + AOTInductor package")] = False,
-    trt: Annotated[bool, typer.Option("--trt", help="then build a TensorRT engine (needs TensorRT and an NVIDIA GPU)")] = False,
+    aoti: Annotated[bool, typer.Option("--aoti", help="also write a torch.export + AOTInductor package", metavar="")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="then build a TensorRT engine (needs TensorRT and an NVIDIA GPU)", metavar="")] = False,
     triton: Annotated[Optional[str], typer.Option("--triton", help="write a Triton model repository into DIR", metavar="DIR")] = None,
 ) -> None:
     """Export the deployed student to ONNX with parity gates vs PyTorch. Reads: student, sampler. Writes: onnx (and aoti, engine)."""
@@ -338,7 +338,7 @@ def serve(
     set_: SetOpt = None,
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN); repeat for several models or versions \\[default: latest onnx of the pipeline]")] = None,
     http_port: Annotated[Optional[int], typer.Option("--http-port", help="HTTP port, as Triton names it (same as --port) \\[default: 8000]", show_default=False)] = None,
-    trust_unsigned: Annotated[bool, typer.Option("--trust-unsigned", help="load an aoti package or TensorRT engine (native code) without a signature from GENDD_TRUSTED_KEYS")] = False,
+    trust_unsigned: Annotated[bool, typer.Option("--trust-unsigned", help="load an aoti package or TensorRT engine (native code) without a signature from GENDD_TRUSTED_KEYS", metavar="")] = False,
 ) -> None:
     """Serve the deployed student over HTTP and gRPC (Open Inference Protocol v2, as KServe and Triton speak): --host, --http-port, --grpc-port, --runtime, --max-batch, --max-delay-ms ..."""
 
@@ -359,7 +359,7 @@ def run(
     pipeline_opt: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
-    rebuild_corrupt: Annotated[bool, typer.Option("--rebuild-corrupt", help="rebuild, as a new version, any stage whose existing artifact fails its size / sha256 check (default: stop with exit 3 naming the file)")] = False,
+    rebuild_corrupt: Annotated[bool, typer.Option("--rebuild-corrupt", help="rebuild, as a new version, any stage whose existing artifact fails its size / sha256 check (default: stop with exit 3 naming the file)", metavar="")] = False,
 ) -> None:
     """Run every stage of a recipe in order, reusing each artifact whose fingerprint already exists (after checking its files)."""
     from gendd_deploy import stages
@@ -469,7 +469,7 @@ def _card(ctx, built: dict, seconds: dict, recipe: str | None, artifacts: str | 
 @artifacts_app.command("ls")
 def artifacts_ls(
     artifacts: ArtifactsOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list", metavar="")] = False,
     stage: Annotated[Optional[str], typer.Option(help="only this stage")] = None,
 ) -> None:
     """List published artifacts."""
@@ -575,11 +575,11 @@ def artifacts_sign(
 def artifacts_gc(
     artifacts: ArtifactsOpt = None,
     unreachable: Annotated[
-        bool, typer.Option("--unreachable", help="also list versions no recipe reaches and not in the lineage of the latest of each stage; deleted only with --yes")
+        bool, typer.Option("--unreachable", help="also list versions no recipe reaches and not in the lineage of the latest of each stage; deleted only with --yes", metavar="")
     ] = False,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", help="recipe whose artifacts --unreachable keeps (repeat) \\[default: every ./pipelines/*.toml and every shipped recipe]")] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="with --unreachable: delete what is listed")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="with --unreachable: delete what is listed", metavar="")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go", metavar="")] = False,
 ) -> None:
     """Remove abandoned drafts (whose process is gone); with --unreachable, list (and with --yes
     delete) versions that no recipe reaches. Only folders this store creates are ever touched."""

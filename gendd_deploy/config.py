@@ -383,5 +383,21 @@ def section_help(section: str) -> str:
     for name, f in model.model_fields.items():
         default = f.default_factory() if f.default_factory else f.default
         desc = f" - {f.description}" if f.description else ""
-        lines.append(f"--{name.replace('_', '-')} (default {default!r}){desc}")
+        lines.append(f"--{name.replace('_', '-')} {_type_name(f.annotation)} (default {default!r}){desc}")
     return "\n\n".join(lines)
+
+
+def _type_name(annotation) -> str:
+    """How a field's type reads in --help: <int>, <float>, <str>, <bool>, one of a|b|c, <list>."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "<" + "|".join(map(str, args)) + ">"
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return named[0] if len(named) == 1 else "<" + "|".join(n.strip("<>") for n in named) + ">"
+    if origin is not None:
+        return f"<{getattr(origin, '__name__', 'value')}>"
+    return f"<{getattr(annotation, '__name__', 'value')}>"

@@ -40,6 +40,16 @@ def gendd(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "gendd_deploy", *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=300)
 
 
+def test_help_shows_no_fake_flag_values_and_types_every_recipe_field():
+    r = gendd("export", "--help")
+    flag_lines = [ln for ln in r.stdout.splitlines() if "--aoti" in ln or "--trt " in ln]
+    assert r.returncode == 0 and len(flag_lines) == 2 and not any("<bool>" in ln for ln in flag_lines), flag_lines
+    text = " ".join(gendd("serve", "--help").stdout.split())
+    for field in ("--host <str>", "--grpc-port <int>", "--runtime <str>", "--max-batch <int>", "--max-delay-ms <float>", "--spinning <bool>"):
+        assert field in text, field
+    assert "--precision <fp32|int8|auto>" in " ".join(gendd("export", "--help").stdout.split())
+
+
 def test_malformed_recipe_exit_2_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[teacher]\nepochz = 1\n")
