@@ -70,6 +70,7 @@ def test_bench_models_selects_what_is_built_and_timed(tiny_context, tmp_path):
     if result["skipped_runtimes"]:  # TensorRT absent: listed as skipped with its reason, never silently dropped
         assert "TensorRT" in result["skipped_runtimes"]["tensorrt"]
     assert {r["runtime"] for r in result["rows"]} == {"torch", "onnxruntime", "onnxruntime int8"} | (set() if result["skipped_runtimes"] else {"tensorrt"})
+    assert result["threads"]["torch"] >= 1 and result["threads"]["onnxruntime"]["spinning"] is False
     int8 = next(r for r in result["rows"] if r["runtime"] == "onnxruntime int8")
     assert int8["precision"] == "int8" and int8["model_mb"] > 0 and 0 <= int8["top1"] <= 100 and int8["top1_images"] == 16
     vs = {(r["runtime"], r["vs"]) for r in result["ratios"]}

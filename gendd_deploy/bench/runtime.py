@@ -29,6 +29,7 @@ from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
 from gendd_deploy.runtime import make_runner, quantize, registry, runtime_status
 from gendd_deploy.runtime.aoti import export_aoti
 from gendd_deploy.runtime.onnx_export import export_onnx
+from gendd_deploy.runtime.ort import usable_cpus
 from gendd_deploy.runtime.parity import parity, record
 from gendd_deploy.runtime.timing import summary as timing_summary
 from gendd_deploy.runtime.timing import time_in_turn
@@ -55,6 +56,11 @@ def _plain_student(make_ctx, ctx: Context, method: str) -> DeployedModel:
     dc = ctx.recipe.distill
     epoch_ov, _ = equal_epoch_overrides([f"distill.method='{method}'"], dc.stage1_epochs, dc.epochs)
     plain = make_ctx([f"distill.method='{method}'", *epoch_ov])
+    if DistillStage().existing(plain) is None:  # say what is about to be trained, and roughly for how long
+        own = DistillStage().existing(ctx)
+        took = (own.metrics.get("wall_s") if own is not None else None) or None
+        about = f"; the GenDD student's distill took {took / 60:.1f} min here, expect about as long" if took else ""
+        ctx.log(f"bench: the {method} student is not in the store: training it now ({dc.stage1_epochs + dc.epochs} epochs, as the GenDD student had{about})")
     sampler = run_chain(CalibrateStage(), plain)
     return deployed_from_artifacts(DistillStage().require(plain), sampler)
 
@@ -205,6 +211,10 @@ def run_bench(
         ctx.log(f"[dim]bench: runtime {r} skipped: {escape(str(why))}[/]")
     rows = []
     chosen, student_metrics = _models(make_ctx, ctx, wanted)  # builds what is missing (training needs grad)
+    threads = {"torch": usable_cpus(), "onnxruntime": {"intra_op": usable_cpus(), "spinning": False}}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads["torch"])  # pinned: oversubscribed threads made eager rows unreliable
+    console.print(f"bench: threads: torch {threads['torch']}, onnxruntime intra-op {threads['onnxruntime']['intra_op']} (no spinning); models timed in turn per runtime")
     device = ctx.device()
     calibrated_top1, graphs, sizes = None, {}, {}
     with tempfile.TemporaryDirectory(prefix="gendd-bench-") as tmp, torch.no_grad():
@@ -240,6 +250,7 @@ def run_bench(
                         "parity": quality[name][1],  # vs torch eager on the same images and noise; None for torch itself
                     })
                     console.print(f"bench: {escape(name)} / {kind} / batch {b}: p50 {p50:.3f} ms, {rows[-1]['images_per_s']:.0f} images/s")
+    torch.set_num_threads(previous_threads)
     ratios = _ratios(rows, chosen)
     summary = _readout_summary(chosen, student_metrics, calibrated_top1)
     if summary and graphs:  # latency ratios of equal graphs are noise; say when the graphs are equal
@@ -247,9 +258,9 @@ def run_bench(
         summary["same_graph_as"] = [m for m in PLAIN if m in graphs and cal_ops is not None and graphs[m] == cal_ops]
     result = {
         "pipeline": ctx.pipeline, "device": str(device), "models": list(chosen), "rows": rows, "ratios": ratios,
-        "readouts": summary, "onnx_ops": graphs, "skipped_runtimes": skipped, "test_images": n,
+        "readouts": summary, "onnx_ops": graphs, "skipped_runtimes": skipped, "test_images": n, "threads": threads,
     }
-    _print(console, rows, ratios, summary)
+    _print(console, rows, ratios, summary, skipped)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     console.print(f"wrote {out}")
@@ -278,16 +289,18 @@ def _ratios(rows: list[dict], models: dict) -> list[dict]:
     return out
 
 
-def _print(console, rows, ratios, summary) -> None:
+def _print(console, rows, ratios, summary, skipped: dict | None = None) -> None:
     t = Table(title="gendd bench")
-    for col in ("model", "runtime", "batch", "p50 ms", "p95 ms", "p99 ms", "mean ms", "images/s", "top-1", "max |diff| vs torch", "ONNX MB"):
+    for col in ("model", "runtime", "batch", "status", "p50 ms", "p95 ms", "p99 ms", "mean ms", "images/s", "top-1", "max |diff| vs torch", "ONNX MB"):
         t.add_column(col)
     for r in rows:
         d, mb = (r["parity"] or {}).get("max_abs_diff"), r["model_mb"]
         t.add_row(
-            escape(r["model"]), r["runtime"], str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p95_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}",
+            escape(r["model"]), r["runtime"], str(r["batch"]), "ok", f"{r['p50_ms']:.3f}", f"{r['p95_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}",
             f"{r['images_per_s']:.0f}", f"{r['top1']:.2f}", "-" if d is None else f"{d:.1e}", "-" if mb is None else f"{mb:.3f}",
         )
+    for runtime, why in (skipped or {}).items():  # every runtime asked for gets a row, as `yolo benchmark` prints them
+        t.add_row("-", runtime, "-", escape(f"skipped: {str(why).split(';')[0][:80]}"), *["-"] * 8)
     console.print(t)
     if ratios:
         rt = Table(title="latency ratios, calibrated GenDD student (p50, same run, timed in turn)")
