@@ -155,9 +155,12 @@ def artifact_runner(art: Artifact, store: Store | None = None, runtime: str | No
     if entry is None or entry.stage != art.stage:
         raise UsageError(f"{art.ref} is a {art.stage} artifact, which {'no runtime' if entry is None else f'runtime {entry.name}'} runs")
     spec = spec_of(art, store)
+    runner = registry.make_runner(entry.name, path=art.file(entry.file), spec=spec, **options)
     if art.stage == "onnx":  # the file's own description (stamped at export) must be its manifest's
-        check_stamp(art.file(entry.file), spec, art.ref)
-    return registry.make_runner(entry.name, path=art.file(entry.file), spec=spec, **options)
+        session = getattr(runner, "session", None)  # ONNX Runtime has read the metadata already: no second parse
+        props = dict(session.get_modelmeta().custom_metadata_map) if session is not None else None
+        check_stamp(art.file(entry.file), spec, art.ref, props=props)
+    return runner
 
 
 # ---- what `gendd serve` and the serving benchmark run -----------------------------------------

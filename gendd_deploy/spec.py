@@ -240,21 +240,27 @@ def onnx_metadata(path: str | Path) -> tuple[DeployedSpec | None, list[dict] | N
     """(spec, lineage) read back from an ONNX file's metadata_props; (None, None) when unstamped."""
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return stamp_from_props({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}, str(path))
+
+
+def stamp_from_props(props: dict[str, str], ref: str) -> tuple[DeployedSpec | None, list[dict] | None]:
+    """(spec, lineage) from metadata_props as a dict (onnx's, or an ONNX Runtime session's
+    custom_metadata_map, which needs no second parse of the file); (None, None) when unstamped."""
     if METADATA_KEY not in props:
         return None, None
     try:
-        spec = DeployedSpec.from_manifest({SPEC_KEY: json.loads(props[METADATA_KEY])}, str(path))
+        spec = DeployedSpec.from_manifest({SPEC_KEY: json.loads(props[METADATA_KEY])}, ref)
         lineage = json.loads(props.get(LINEAGE_KEY, "null"))
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: unreadable {METADATA_KEY} metadata ({e}); re-export it with 'gendd export'") from None
+        raise ArtifactError(f"{ref}: unreadable {METADATA_KEY} metadata ({e}); re-export it with 'gendd export'") from None
     return spec, lineage
 
 
-def check_stamp(path: str | Path, spec: DeployedSpec, ref: str) -> None:
+def check_stamp(path: str | Path, spec: DeployedSpec, ref: str, *, props: dict[str, str] | None = None) -> None:
     """The ONNX file's own description must be the manifest's (a file swapped in from another
-    model is refused); unstamped files (exported before stamping) pass."""
-    stamped, _ = onnx_metadata(path)
+    model is refused); unstamped files (exported before stamping) pass. `props`: the file's
+    metadata_props when already read (an ONNX Runtime session has them), else read from `path`."""
+    stamped, _ = stamp_from_props(props, ref) if props is not None else onnx_metadata(path)
     if stamped is not None and stamped.to_manifest() != spec.to_manifest():
         diff = sorted(k for k, v in stamped.to_manifest().items() if spec.to_manifest().get(k) != v)
         raise ArtifactError(f"{ref}: the ONNX file describes another model than its manifest (differs in {', '.join(diff)}); re-export it with 'gendd export'")

@@ -79,3 +79,9 @@ def test_the_onnx_file_carries_its_description_and_lineage(tmp_path):
     other = DeployedSpec.from_manifest({SPEC_KEY: {**spec.to_manifest(), "class_names": ["x", "y", "z"]}})
     with pytest.raises(ArtifactError, match="describes another model than its manifest \\(differs in class_names\\)"):
         check_stamp(path, other, "p/onnx/v001")
+    from gendd_deploy.runtime.ort import OrtRunner  # serving reads the stamp from the session, with no second parse
+
+    props = dict(OrtRunner(path, intra_op_threads=1).session.get_modelmeta().custom_metadata_map)
+    check_stamp(path, spec, "p/onnx/v001", props=props)
+    with pytest.raises(ArtifactError, match="differs in class_names"):
+        check_stamp(path, other, "p/onnx/v001", props=props)
