@@ -34,6 +34,7 @@ from gendd_deploy.data.augment import to_unit
 from gendd_deploy.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT
 from gendd_deploy.data.splits import holdout_calib, long_tail, stratified_holdout
 from gendd_deploy.errors import UsageError
+from gendd_deploy.imaging import ImageRejected
 
 N_TRAIN, N_TEST = 40, 12
 
@@ -292,7 +293,7 @@ def test_imagefolder_tree(folder_root: Path):
     assert b.mean == (0.485, 0.456, 0.406) and b.preprocess["resize_backend"] == "pil"
     # every test image: server preprocessing == evaluation path
     for i, path in enumerate(b.test.paths):
-        got = preprocess_image(decode_image(Path(path).read_bytes()), b.preprocess)
+        got = torch.from_numpy(preprocess_image(decode_image(Path(path).read_bytes()), b.preprocess))
         assert torch.equal(got, to_model_input(b.test.get_batch(torch.tensor([i])), b.mean, b.std)[0])
     # a new file changes the fingerprint (listing of paths and sizes)
     Image.new("RGB", (8, 8)).save(folder_root / "val" / "dog" / "extra.png")
@@ -315,7 +316,7 @@ def test_in_memory_resize(fashion_root: Path):
     assert b.fingerprint != native.fingerprint
     # the server resizes a native-size upload exactly as the data was resized at load
     img = decode_image(_png_bytes(native.test.images[2]))
-    got = preprocess_image(img, b.preprocess)
+    got = torch.from_numpy(preprocess_image(img, b.preprocess))
     assert torch.equal(got, to_model_input(b.test.get_batch(torch.tensor([2])), b.mean, b.std)[0])
 
 
@@ -327,16 +328,16 @@ def test_preprocess_png_matches_eval_input(fashion_root: Path, cifar_root: Path)
     for b in (_load("fashion_mnist", fashion_root), _load("cifar100", cifar_root)):
         for i in range(3):
             x = b.test.get_batch(torch.tensor([i]))  # uint8 (1, C, S, S)
-            got = preprocess_image(decode_image(_png_bytes(x[0])), b.preprocess)
+            got = torch.from_numpy(preprocess_image(decode_image(_png_bytes(x[0])), b.preprocess))
             assert got.dtype == torch.float32 and got.shape == x.shape[1:]
             assert torch.equal(got, to_model_input(x, b.mean, b.std)[0])
 
 
 def test_decode_image_errors():
-    with pytest.raises(UsageError, match="undecodable image"):
+    with pytest.raises(ImageRejected, match="undecodable image"):
         decode_image(b"definitely not an image")
     png = _png_bytes(torch.zeros((3, 8, 8), dtype=torch.uint8))
-    with pytest.raises(UsageError, match="undecodable image"):
+    with pytest.raises(ImageRejected, match="undecodable image"):
         decode_image(png[: len(png) // 2])
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from gendd_deploy.config import ServeConfig
-from gendd_deploy.data.preprocess import decode_image, preprocess_image
+from gendd_deploy.imaging import decode_image, preprocess_image
 from gendd_deploy.serve import InferenceServer
 from test_serve import CLASSES, META, SPEC, TIMEOUT, onnx_path, runner, sample_images  # noqa: F401 - fixtures
 
@@ -47,7 +47,7 @@ def test_client_example_classifies_image_files(served, runner, tmp_path, protoco
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    x = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
+    x = np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs])
     best = runner.run(x).argmax(1)
     assert len(lines) == len(files)
     for line, f, k in zip(lines, files, best):

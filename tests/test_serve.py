@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from gendd_deploy.config import ServeConfig
-from gendd_deploy.data.preprocess import decode_image, make_spec, preprocess_image
+from gendd_deploy.imaging import decode_image, make_spec, preprocess_image
 from gendd_deploy.runtime.base import Runner
 from gendd_deploy.serve import InferenceServer
 
@@ -298,7 +298,7 @@ def test_image_infer_equals_preprocess_then_runner(server, runner):
     blobs = sample_images()
     status, _, resp = infer(server.port, image_request(blobs, id="img"))
     assert status == 200, resp
-    x = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
+    x = np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs])
     np.testing.assert_allclose(logits_of(resp), runner.run(x), rtol=0, atol=1e-6)
 
 
@@ -324,7 +324,7 @@ def test_binary_tensor_extension(server, runner):
     head = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(raw)}}]}).encode()
     status, _, resp = call(server.port, "POST", "/v2/models/tiny_image/infer", head + raw, headers={"Inference-Header-Content-Length": str(len(head))})
     assert status == 200, resp
-    xi = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
+    xi = np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs])
     np.testing.assert_allclose(logits_of(resp), runner.run(xi), rtol=0, atol=1e-6)
 
 
@@ -713,7 +713,7 @@ def test_tritonclient_metadata_and_infer(server, runner):
         result = client.infer("tiny_image", [img], outputs=[out])
         top = result.as_numpy("logits")
         assert top.shape == (3, 3)
-        xi = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
+        xi = np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs])
         assert [int(s.decode().split(":")[1]) for s in top[:, 0]] == list(runner.run(xi).argmax(1))
     finally:
         client.close()
@@ -829,7 +829,7 @@ def test_serve_artifacts_serves_the_latest_onnx(tiny_context, onnx_path, runner)
         assert re.search(r"gRPC on 127\.0\.0\.1:(\d+)", log.getvalue())  # both halves of the protocol
         status, _, resp = call(port, "POST", "/v2/models/digits_image/infer", image_request(blobs))
         assert status == 200, resp
-        x = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
+        x = np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs])
         np.testing.assert_allclose(logits_of(resp), runner.run(x), atol=1e-6)
     finally:
         stop.set()

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from gendd_deploy.config import ServeConfig
-from gendd_deploy.data.preprocess import decode_image, preprocess_image
+from gendd_deploy.imaging import decode_image, preprocess_image
 from gendd_deploy.serve import InferenceServer
 from test_serve import CLASSES, META, SPEC, TIMEOUT, call, metric, onnx_path, runner, sample_images  # noqa: F401 - fixtures
 
@@ -107,7 +107,7 @@ def test_grpc_classification_on_encoded_images(client, runner):
     result = client.infer("tiny_image", [img], outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)])
     top = result.as_numpy("logits")
     assert top.shape == (len(blobs), 3)
-    xi = np.stack([preprocess_image(decode_image(b), SPEC).numpy() for b in blobs])
+    xi = np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs])
     best = runner.run(xi).argmax(1)
     assert [int(s.decode().split(":")[1]) for s in top[:, 0]] == list(best)
     assert [s.decode().split(":")[2] for s in top[:, 0]] == [CLASSES[i] for i in best]

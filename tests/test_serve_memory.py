@@ -13,14 +13,14 @@ import textwrap
 import pytest
 from PIL import Image
 
-from gendd_deploy.data.preprocess import MAX_ASPECT
+from gendd_deploy.imaging import MAX_ASPECT
 
 # the child: parse one request for an 8x8 grayscale model (the quickstart's input), report the
 # growth of peak RSS (KiB -> MB) and the outcome
 CHILD = textwrap.dedent(
     """
     import resource, sys, json
-    from gendd_deploy.data.preprocess import make_spec
+    from gendd_deploy.imaging import make_spec
     from gendd_deploy.serve.protocol import ProtocolError, ServedModel, parse_infer_request
     body = sys.stdin.buffer.read()
     header = int(sys.argv[1]) if len(sys.argv) > 1 else None
@@ -99,7 +99,7 @@ def test_a_5000_digit_integer_is_a_malformed_body_not_a_header_error():
 
 @pytest.mark.parametrize("fmt", ["EPS", "PDF", "ICNS"])
 def test_only_the_documented_formats_are_opened(fmt, tmp_path):
-    from gendd_deploy.data.preprocess import IMAGE_FORMATS
+    from gendd_deploy.imaging import IMAGE_FORMATS
 
     buf = io.BytesIO()
     try:

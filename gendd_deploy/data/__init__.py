@@ -19,10 +19,11 @@ import torch
 
 from gendd_deploy.config import DataConfig
 from gendd_deploy.data.augment import CROP_MODES, apply, normalize, sample_params, to_model_input
-from gendd_deploy.data.preprocess import decode_image, make_spec, preprocess_image, resize_uint8
+from gendd_deploy.data.preprocess import resize_uint8
 from gendd_deploy.data.sources import FolderImageSet, ImageSet, RawSource, TensorImageSet, read_source
 from gendd_deploy.data.splits import holdout_calib, index_digest, long_tail, take_first
 from gendd_deploy.hashing import json_sha256
+from gendd_deploy.imaging import decode_image, make_spec, preprocess_image
 
 __all__ = [
     "DataBundle",
@@ -53,7 +54,7 @@ class DataBundle:
     mean: tuple[float, ...]  # per channel, for images scaled to [0, 1]
     std: tuple[float, ...]
     fingerprint: str  # sha256 hex of the fingerprint inputs in describe()
-    preprocess: dict  # recipe for preprocess_image, see preprocess.py
+    preprocess: dict  # recipe for preprocess_image, see gendd_deploy/imaging.py
     augment: str = "none"
     crop_padding: int = 0
     info: dict = field(default_factory=dict, repr=False)

@@ -153,7 +153,7 @@ class RawSource:
     in_chans: int
     native_size: int | None  # side of the stored images; None when decoded at image_size (imagefolder)
     files: list[dict]  # JSON-able identity of the data files, goes into the fingerprint
-    backend: str  # resize backend for the server, see preprocess.py
+    backend: str  # resize backend for the server, see gendd_deploy/imaging.py
     mean: tuple[float, ...] | None = None  # fixed constants; None = compute from the train split
     std: tuple[float, ...] | None = None
     extra: dict = field(default_factory=dict)  # source-specific fingerprint inputs

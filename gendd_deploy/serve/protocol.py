@@ -58,8 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from gendd_deploy.data.preprocess import check_image_size, decode_image, open_image, preprocess_image
-from gendd_deploy.errors import UsageError
+from gendd_deploy.imaging import ImageRejected, check_image_size, decode_image, open_image, preprocess_image
 from gendd_deploy.triton import model_config, triton_tensor
 
 IMAGE_INPUT = "image_bytes"
@@ -319,19 +318,15 @@ def decode_images(model: ServedModel, blobs: list[bytes]) -> np.ndarray:
             with open_image(blob) as probe:  # reads the header only; served formats only
                 w, h = probe.size
             check_image_size(w, h, MAX_IMAGE_PIXELS)
-        except UsageError as e:
+        except ImageRejected as e:
             raise bad(f"input '{IMAGE_INPUT}' element {i}: {e}") from None
         budget -= w * h
         if budget < 0:
             raise bad(f"input '{IMAGE_INPUT}': the images of one request may hold {MAX_REQUEST_PIXELS} pixels in all; send fewer or smaller images per request")
         try:
-            img = decode_image(blob, MAX_IMAGE_PIXELS)
-        except UsageError as e:
+            rows.append(preprocess_image(decode_image(blob, MAX_IMAGE_PIXELS), model.preprocess))
+        except ImageRejected as e:
             raise bad(f"input '{IMAGE_INPUT}' element {i}: {e}") from None
-        try:
-            rows.append(preprocess_image(img, model.preprocess).numpy())
-        except (ValueError, OSError) as e:  # e.g. a LAB or float TIFF that PIL cannot convert
-            raise bad(f"input '{IMAGE_INPUT}' element {i}: cannot convert a {img.mode} image ({e}); send RGB, RGBA, L, P or CMYK images") from None
     arr = np.stack(rows).astype(np.float32, copy=False)
     if arr.shape[1:] != model.input_shape:
         raise ProtocolError(500, f"preprocessing made {arr.shape[1:]}, the model takes {model.input_shape}; the manifest's spec does not fit the model")
