@@ -4,6 +4,10 @@ Under `torchrun --nproc-per-node N -m gendd_deploy <command>` every process runs
 Rank 0 alone writes artifacts and checkpoints; the other ranks wait at a barrier and then read
 them. NCCL on GPUs, gloo on CPU. Without torchrun (WORLD_SIZE unset) every function here is a
 cheap no-op, so single-process code needs no branches.
+
+torch is imported only under torchrun or by code that already uses it: a process that has not
+loaded torch has no process group, so `rank()` and friends answer without importing it (serving an
+exported model never does).
 """
 
 from __future__ import annotations
@@ -11,17 +15,30 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+
+def _group():
+    """torch.distributed when this process has joined a process group, else None."""
+    if "torch" not in sys.modules:  # no torch loaded: no group can exist
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    dist = _group()
+    return dist.get_world_size() if dist else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    dist = _group()
+    return dist.get_rank() if dist else 0
 
 
 def is_main() -> bool:
@@ -45,11 +62,14 @@ def init_from_env() -> bool:
     CPU-side reductions (images, seconds, objects) over gloo. A one-process torchrun joins a
     group too, so that the same code path runs with any number of processes.
     """
-    if dist.is_initialized():
+    if _group() is not None:
         return True
     under_torchrun = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not under_torchrun:
         return False
+    import torch
+    import torch.distributed as dist
+
     use_cuda = torch.cuda.is_available()
     if use_cuda and local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(local_rank())
@@ -60,48 +80,56 @@ def init_from_env() -> bool:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    dist = _group()
+    if dist:
         dist.barrier()
 
 
-def all_reduce_sum(value: float) -> float:
-    if not dist.is_initialized():
+def _all_reduce_scalar(value: float, op: str) -> float:
+    dist = _group()
+    if not dist:
         return value
+    import torch
+
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return float(t.item())
+
+
+def all_reduce_sum(value: float) -> float:
+    return _all_reduce_scalar(value, "SUM")
 
 
 def all_reduce_max(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return _all_reduce_scalar(value, "MAX")
 
 
-def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce_tensor(t: "torch.Tensor", op: str = "sum") -> "torch.Tensor":
     """Element-wise sum / min / max over ranks (a copy; the input is left alone)."""
     out = t.clone()
-    if dist.is_initialized():
+    dist = _group()
+    if dist:
         dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return out
 
 
 def broadcast_object(obj):
     """Rank 0's object on every rank."""
-    if not dist.is_initialized():
+    dist = _group()
+    if not dist:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def shard(order: torch.Tensor) -> torch.Tensor:
+def shard(order: "torch.Tensor") -> "torch.Tensor":
     """This rank's share of an epoch order, as DistributedSampler does (padded to equal length)."""
     w, r = world_size(), rank()
     if w == 1:
         return order
+    import torch
+
     per = -(-len(order) // w)
     padded = torch.cat([order, order[: per * w - len(order)]])
     return padded[r::w]
@@ -122,5 +150,6 @@ def maybe_inject_failure(where: str, epoch: int, step: int = 0) -> None:
 
 
 def finish() -> None:
-    if dist.is_initialized():
+    dist = _group()
+    if dist:
         dist.destroy_process_group()

@@ -3,26 +3,31 @@
 The layer below `stages/`: runtime, serve, bench and the stages themselves load through it, and it
 imports nothing from `stages/` (tests/test_layers.py checks the direction). Weights load with
 `torch.load(weights_only=True)`: nothing under the artifact root is ever unpickled.
+
+torch and the model code are imported inside the functions that rebuild PyTorch models, so that
+finding an artifact and running its exported file (what `gendd serve` does) imports neither torch
+nor timm (tests/test_light_serving.py checks).
 """
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-from torch import nn
 
 from gendd_deploy.artifacts import Artifact, Store
 from gendd_deploy.errors import ArtifactError, UsageError
-from gendd_deploy.models import backbone as bb
-from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
-from gendd_deploy.models.student import GenDDStudent, HeadSpec
 from gendd_deploy.runtime import registry
 from gendd_deploy.signing import require_trusted
 from gendd_deploy.spec import DeployedSpec, check_stamp
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from gendd_deploy.models.deployed import DeployedModel
 
 ONNX_FILE = registry.get("onnxruntime").file  # model.onnx
 AOTI_FILE = registry.get("aoti").file  # model.pt2
@@ -32,6 +37,8 @@ TRT_INT8_FILE = "model.trt-int8.onnx"  # in an int8 onnx artifact: the same quan
 def load_tensors(art: Artifact, name: str) -> dict:
     """A dict of tensors saved by torch.save, read with weights_only=True (never unpickling
     objects); anything else in its place is an ArtifactError naming the file and the fix."""
+    import torch
+
     try:
         obj = torch.load(art.file(name), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, KeyError, AttributeError, TypeError) as e:
@@ -58,6 +65,8 @@ def _load_state(model: nn.Module, state: dict, art: Artifact) -> None:
 
 def load_teacher(art: Artifact, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild the frozen teacher from its artifact (eval mode, no grad)."""
+    from gendd_deploy.models import backbone as bb
+
     model = bb.build_from_architecture(art.manifest["info"]["architecture"])
     _load_state(model, load_tensors(art, "model.pt"), art)
     model.eval().requires_grad_(False)
@@ -66,6 +75,11 @@ def load_teacher(art: Artifact, device: torch.device | str = "cpu") -> torch.nn.
 
 def load_student(art: Artifact, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild a student (GenDDStudent or bare backbone) from its artifact, in eval mode."""
+    from torch import nn
+
+    from gendd_deploy.models import backbone as bb
+    from gendd_deploy.models.student import GenDDStudent, HeadSpec
+
     info = art.manifest["info"]
     backbone = bb.build_from_architecture(info["architecture"])
     if info["method"] == "gendd":
@@ -93,6 +107,9 @@ def deployed_from_artifacts(student_art: Artifact, sampler_art: Artifact | None 
     """The shipped module: a student with the read-out calibrate chose for it (a GenDD student's
     sampler or fitted read-out; a kd / ce student's own head or fitted read-out). A kd / ce student
     without a sampler artifact, or with one from before plain students were calibrated, ships its own head."""
+    from gendd_deploy.models.deployed import DeployedModel, SamplerSetting
+    from gendd_deploy.models.student import GenDDStudent
+
     student = load_student(student_art, device)
     gendd = isinstance(student, GenDDStudent)
     if sampler_art is None:

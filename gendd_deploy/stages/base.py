@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
 
 from gendd_deploy import dist
 from gendd_deploy.artifacts import Artifact, Draft, Store, fingerprint, verify_artifact
 from gendd_deploy.config import Recipe
-from gendd_deploy.data import load_data
 from gendd_deploy.errors import ArtifactError, MissingDependency, UsageError
 
 if TYPE_CHECKING:
+    import torch
+
     from gendd_deploy.data import DataBundle
 
 
@@ -44,10 +44,14 @@ class Context:
 
     def data(self) -> "DataBundle":
         if self._data is None:
+            from gendd_deploy.data import load_data  # torch: imported when a stage first needs data, never to serve
+
             self._data = load_data(self.recipe.data)
         return self._data
 
     def device(self) -> "torch.device":
+        import torch
+
         want = self.recipe.pipeline.device
         if want == "cuda" and not torch.cuda.is_available():
             raise MissingDependency("[pipeline] device = 'cuda' but no CUDA GPU is visible; set device = 'auto' or 'cpu'")

@@ -1,0 +1,126 @@
+"""Serving an exported model needs neither torch nor timm.
+
+`gendd serve` runs in a child process in which importing torch, torchvision, timm, scikit-learn,
+matplotlib or onnxscript fails (as on a `pip install 'gendd-deploy[serve]'` machine, where they
+are absent); it serves an onnx artifact from the store over REST and gRPC, images and tensors,
+and after a clean SIGTERM reports every such import it was asked for (none) and every module it
+had loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_serve import CLASSES, SPEC, TIMEOUT, call, export_tiny_onnx, image_request, logits_of, ort_runner, sample_images, tensor_request
+
+from gendd_deploy.artifacts import Store
+from gendd_deploy.imaging import decode_image, preprocess_image
+from gendd_deploy.spec import SPEC_KEY, DeployedSpec, onnx_io, stamp_onnx
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING_ONLY = ("torch", "torchvision", "timm", "sklearn", "matplotlib", "onnxscript")
+
+CHILD = """
+import importlib.abc, json, sys, atexit
+BLOCKED, REPORT = {blocked!r}, {report!r}
+asked = []
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            asked.append(name)
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Absent())
+atexit.register(lambda: open(REPORT, "w").write(json.dumps({{"asked": asked, "loaded": sorted({{m.split(".")[0] for m in sys.modules}})}})))
+from gendd_deploy.cli import main
+sys.argv = ["gendd", *{args!r}]
+main()
+"""
+
+
+def publish_onnx(root: Path, pipeline: str) -> Path:
+    """An onnx artifact as export writes it (spec in the manifest, stamped file), of the tiny model."""
+    store = Store(root)
+    with store.draft(pipeline, "onnx", "c" * 64, {"tiny": True}, []) as d:
+        path = export_tiny_onnx(d.path("model.onnx"))
+        spec = DeployedSpec.from_io(onnx_io(path), preprocess=SPEC, class_names=tuple(CLASSES), method="ce", readout="head")
+        stamp_onnx(path, spec, [])
+        d.info[SPEC_KEY] = spec.to_manifest()
+        art = d.publish()
+    return art.file("model.onnx")
+
+
+def _port(lines: queue.Queue, seen: list[str], pattern: str) -> int | None:
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            line = lines.get(timeout=max(0.0, end - time.monotonic()))
+        except queue.Empty:
+            return None
+        if line is None:
+            return None
+        seen.append(line)
+        if m := re.search(pattern, line):
+            return int(m.group(1))
+    return None
+
+
+def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe):
+    onnx_file = publish_onnx(tmp_path / "art", "tiny")
+    report = tmp_path / "imports.json"
+    args = ["serve", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "art"), "--http-port", "0", "--set", "serve.grpc_port=0", "--set", "serve.host=127.0.0.1"]
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(blocked=TRAINING_ONLY, report=str(report), args=args))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
+    seen: list[str] = []
+    try:
+        port = _port(lines, seen, r"HTTP on http://127\.0\.0\.1:(\d+)")
+        assert port, "".join(seen)
+        grpc_port = int(re.search(r"gRPC on 127\.0\.0\.1:(\d+)", seen[-1]).group(1))
+        runner = ort_runner(onnx_file)
+        blobs = sample_images()
+        status, _, body = call(port, "POST", "/v2/models/tiny_image/infer", image_request(blobs))
+        assert status == 200, body
+        want = runner.run(np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs]))
+        np.testing.assert_allclose(logits_of(body), want, atol=1e-6)
+        x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+        status, _, body = call(port, "POST", "/v2/models/tiny/infer", tensor_request(x))
+        assert status == 200, body
+        np.testing.assert_allclose(logits_of(body), runner.run(x), atol=1e-6)
+        grpcclient = pytest.importorskip("tritonclient.grpc")
+        client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+        inp = grpcclient.InferInput("image_bytes", [len(blobs)], "BYTES")
+        inp.set_data_from_numpy(np.array(blobs, dtype=np.object_))
+        result = client.infer("tiny_image", [inp], client_timeout=TIMEOUT)
+        np.testing.assert_allclose(result.as_numpy("logits"), want, atol=1e-6)
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    while (line := lines.get(timeout=5)) is not None:
+        seen.append(line)
+    assert proc.returncode == 0, "".join(seen)
+    imports = json.loads(report.read_text())
+    assert imports["asked"] == [], f"serving asked for training-only modules: {imports['asked']}"
+    assert not set(TRAINING_ONLY) & set(imports["loaded"])
+    assert {"onnxruntime", "uvicorn", "grpc", "PIL", "numpy"} <= set(imports["loaded"])  # it did serve, with these
