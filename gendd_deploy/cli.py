@@ -84,6 +84,10 @@ def _recipe_path(pipeline: Optional[str]) -> str:
     return pipeline or _globals["pipeline"] or str(DEFAULT_PIPELINE)
 
 
+# What `pip install 'gendd-deploy[train]'` adds to the serving core (pyproject.toml)
+TRAINING_PACKAGES = ("torch", "torchvision", "timm", "onnxscript", "sklearn", "matplotlib")
+
+
 def guarded(fn: Callable[[], object]) -> object:
     """Run fn; turn library errors into one red line and the error's exit code."""
     try:
@@ -91,6 +95,15 @@ def guarded(fn: Callable[[], object]) -> object:
     except GenddError as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(e.exit_code) from None
+    except ModuleNotFoundError as e:  # a serving-only install running a training command
+        missing = (e.name or "").split(".")[0]
+        if missing not in TRAINING_PACKAGES:
+            raise
+        console.print(
+            f"[red]error:[/] this command needs {missing}, which the serving install leaves out; "
+            + escape("install the training packages with: pip install 'gendd-deploy[train]'")
+        )
+        raise typer.Exit(MissingDependency.exit_code) from None
     except SystemExit as e:  # SIGTERM from torchrun after another rank failed
         if isinstance(e.code, str):
             console.print(f"[red]error:[/] {escape(e.code)}")

@@ -79,14 +79,21 @@ def _port(lines: queue.Queue, seen: list[str], pattern: str) -> int | None:
     return None
 
 
+def without_training(tmp_path: Path, args: list[str]) -> list[str]:
+    """The command line of `gendd *args` in a process where the training packages are absent."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(blocked=TRAINING_ONLY, report=str(tmp_path / "imports.json"), args=args))
+    return [sys.executable, str(script)]
+
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe):
     onnx_file = publish_onnx(tmp_path / "art", "tiny")
     report = tmp_path / "imports.json"
     args = ["serve", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "art"), "--http-port", "0", "--set", "serve.grpc_port=0", "--set", "serve.host=127.0.0.1"]
-    script = tmp_path / "child.py"
-    script.write_text(CHILD.format(blocked=TRAINING_ONLY, report=str(report), args=args))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(without_training(tmp_path, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
     seen: list[str] = []
@@ -124,3 +131,12 @@ def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe
     assert imports["asked"] == [], f"serving asked for training-only modules: {imports['asked']}"
     assert not set(TRAINING_ONLY) & set(imports["loaded"])
     assert {"onnxruntime", "uvicorn", "grpc", "PIL", "numpy"} <= set(imports["loaded"])  # it did serve, with these
+
+
+def test_without_training_packages_reading_works_and_training_says_what_to_install(tmp_path, tiny_recipe):
+    publish_onnx(tmp_path / "art", "tiny")
+    r = subprocess.run(without_training(tmp_path, ["artifacts", "ls", "--artifacts", str(tmp_path / "art")]), capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0 and "tiny" in r.stdout and "onnx" in r.stdout, r.stderr
+    r = subprocess.run(without_training(tmp_path, ["teacher", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "art")]), capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 5, r.stderr
+    assert "pip install 'gendd-deploy[train]'" in r.stderr and "Traceback" not in r.stderr
