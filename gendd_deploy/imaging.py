@@ -39,6 +39,10 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 # to the shorter side first would build an array MAX_ASPECT times the input's side long, so the
 # limit bounds that array (and no real photograph, panorama included, is thinner than 8:1).
 MAX_ASPECT = 8
+# Pixels one image may have (checked from the header, before decoding) and all the images of one
+# request together: what a few KB of compressed upload may cost in decoding, memory and CPU.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS
 
 
 class ImageRejected(ValueError):
@@ -231,3 +235,24 @@ def preprocess_image(img: Image.Image, spec: dict) -> np.ndarray:
     """A decoded image -> normalized float32 (C, S, S), following the manifest's `preprocess`."""
     x = image_to_uint8(img, spec["in_chans"], spec["image_size"], spec.get("resize_backend", "pil"))
     return to_model_input(x, spec["mean"], spec["std"])
+
+
+def decode_batch(blobs, spec: dict, max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS) -> np.ndarray:
+    """Encoded images -> float32 (n, C, S, S), each checked from its header (served format, size,
+    aspect) and against the request's pixel budget before any is decoded in full. A refusal names
+    the element: ImageRejected("element 2: ...")."""
+    rows, budget = [], max_request_pixels
+    for i, blob in enumerate(blobs):
+        try:
+            with open_image(bytes(blob)) as probe:  # the header only
+                width, height = probe.size
+            check_image_size(width, height, max_image_pixels)
+            budget -= width * height
+            if budget < 0:
+                raise ImageRejected(f"the images of one request may hold {max_request_pixels} pixels in all; send fewer or smaller images per request")
+            rows.append(preprocess_image(decode_image(bytes(blob), max_image_pixels), spec))
+        except ImageRejected as e:
+            raise ImageRejected(f"element {i}: {e}") from None
+    if not rows:
+        raise ImageRejected("no images")
+    return np.stack(rows).astype(np.float32, copy=False)

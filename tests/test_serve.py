@@ -230,7 +230,7 @@ def test_health_and_metadata(server):
         assert m["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
         assert m["parameters"]["class_names"] == CLASSES
     status, _, m = call(p, "GET", "/v2/models/tiny_image")  # the encoded-image sibling
-    assert status == 200 and m["inputs"] == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}]
+    assert status == 200 and m["inputs"] == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1, 1]}]
     assert m["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     assert call(p, "GET", "/v2/models/tiny/ready")[0] == 200
     assert call(p, "GET", "/v2/models/tiny/versions/3/ready")[0] == 200

@@ -24,8 +24,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     client = grpcclient.InferenceServerClient(args.url)
-    blobs = np.array([p.read_bytes() for p in args.images], dtype=np.object_)
-    inp = grpcclient.InferInput("image_bytes", [len(blobs)], "BYTES")
+    blobs = np.array([p.read_bytes() for p in args.images], dtype=np.object_).reshape(-1, 1)  # [batch, 1], as Triton's config has it
+    inp = grpcclient.InferInput("image_bytes", list(blobs.shape), "BYTES")
     inp.set_data_from_numpy(blobs)
     out = grpcclient.InferRequestedOutput("logits", class_count=args.top)
     result = client.infer(f"{args.model}_image", [inp], outputs=[out])

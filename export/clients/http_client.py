@@ -24,8 +24,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     client = httpclient.InferenceServerClient(args.url)
-    blobs = np.array([p.read_bytes() for p in args.images], dtype=np.object_)
-    inp = httpclient.InferInput("image_bytes", [len(blobs)], "BYTES")
+    blobs = np.array([p.read_bytes() for p in args.images], dtype=np.object_).reshape(-1, 1)  # [batch, 1], as Triton's config has it
+    inp = httpclient.InferInput("image_bytes", list(blobs.shape), "BYTES")
     inp.set_data_from_numpy(blobs)  # binary by default: image bytes are not text
     out = httpclient.InferRequestedOutput("logits", class_count=args.top)
     result = client.infer(f"{args.model}_image", [inp], outputs=[out])

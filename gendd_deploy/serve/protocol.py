@@ -6,7 +6,8 @@ client that follows the metadata by the book works:
     <name>        images       FP32  [-1, C, H, W]  preprocessed tensors, JSON `data` (flat or
                                                     nested, row-major) or raw little-endian bytes
                                                     (Triton binary tensor extension)
-    <name>_image  image_bytes  BYTES [-1]           (when the manifest has a preprocessing spec)
+    <name>_image  image_bytes  BYTES [-1, 1]        (when the manifest has a preprocessing spec;
+                                                    [N] is accepted too)
                                       encoded images (PNG, JPEG, ...): in JSON each element is a
                                       base64 string; in the binary extension, Triton's 4-byte
                                       little-endian length + bytes per element. Decoded and
@@ -58,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from gendd_deploy.imaging import ImageRejected, check_image_size, decode_image, open_image, preprocess_image
+from gendd_deploy.imaging import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, ImageRejected, decode_batch
 from gendd_deploy.triton import model_config, triton_tensor
 
 IMAGE_INPUT = "image_bytes"
@@ -66,8 +67,6 @@ ENCODED_SUFFIX = "_image"  # model '<name>_image' takes encoded images
 TOPK_OUTPUT = "top_k"
 SERVER_NAME = "gendd"  # server metadata, both frontends
 EXTENSIONS = ["binary_tensor_data", "classification"]
-MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding (CPU, memory)
-MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS  # all the images of one request together
 MAX_JSON_BYTES = 4 * 1024 * 1024  # default JSON part of a request ([serve] max_json_mb); tensors that large go binary
 # Python objects a JSON text can make, counted on the bytes before json.loads builds any: every
 # array / object costs ~60 bytes, every number ~30, so these bound one request's parse to ~40 MB.
@@ -154,7 +153,8 @@ class ServedModel:
     @property
     def inputs(self) -> list[dict]:
         if self.encoded:
-            return [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
+            # [batch, 1], as Triton spells a batched BYTES input (its ensemble '<name>_image' too); [N] is accepted
+            return [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]}]
         return [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]}]
 
     @property
@@ -309,25 +309,14 @@ def _flatten_strings(data: Any, name: str) -> list[str]:
 
 
 def decode_images(model: ServedModel, blobs: list[bytes]) -> np.ndarray:
-    """Encoded images -> (n, C, H, W) float32, as `preprocess_image` makes them for training data."""
+    """Encoded images -> (n, C, H, W) float32, as `preprocess_image` makes them for training data
+    (imaging.decode_batch: the same code as Triton's image model)."""
     if not model.preprocess:
         raise bad(f"this model has no preprocessing spec; send '{model.input_name}' FP32 tensors instead of '{IMAGE_INPUT}'")
-    rows, budget = [], MAX_REQUEST_PIXELS
-    for i, blob in enumerate(blobs):
-        try:
-            with open_image(blob) as probe:  # reads the header only; served formats only
-                w, h = probe.size
-            check_image_size(w, h, MAX_IMAGE_PIXELS)
-        except ImageRejected as e:
-            raise bad(f"input '{IMAGE_INPUT}' element {i}: {e}") from None
-        budget -= w * h
-        if budget < 0:
-            raise bad(f"input '{IMAGE_INPUT}': the images of one request may hold {MAX_REQUEST_PIXELS} pixels in all; send fewer or smaller images per request")
-        try:
-            rows.append(preprocess_image(decode_image(blob, MAX_IMAGE_PIXELS), model.preprocess))
-        except ImageRejected as e:
-            raise bad(f"input '{IMAGE_INPUT}' element {i}: {e}") from None
-    arr = np.stack(rows).astype(np.float32, copy=False)
+    try:
+        arr = decode_batch(blobs, model.preprocess, MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS)
+    except ImageRejected as e:
+        raise bad(f"input '{IMAGE_INPUT}' {e}") from None
     if arr.shape[1:] != model.input_shape:
         raise ProtocolError(500, f"preprocessing made {arr.shape[1:]}, the model takes {model.input_shape}; the manifest's spec does not fit the model")
     return arr
