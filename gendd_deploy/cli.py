@@ -234,7 +234,7 @@ def export(
         if triton:
             from gendd_deploy.triton import write_triton_repo
 
-            repo = write_triton_repo(onnx_art, engine_art, triton, c.recipe.serve.model_name or c.pipeline, serve_cfg=c.recipe.serve, build_cfg=c.recipe.build, preprocess=c.data().preprocess)
+            repo = write_triton_repo(onnx_art, engine_art, triton, c.recipe.serve.model_name or c.pipeline, serve_cfg=c.recipe.serve, build_cfg=c.recipe.build)
             out.print(str(repo))
 
     guarded(go)

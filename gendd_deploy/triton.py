@@ -7,6 +7,16 @@
     DIR/<model>/labels.txt          class names, one per line (the logits output's label_filename,
                                     so Triton's classification answers carry labels)
 
+With a preprocessing recipe in the model's description (every export has one), two more models
+take encoded images, so the same `image_bytes` request works against `gendd serve` and Triton:
+
+    DIR/<model>_preprocess/config.pbtxt   Python backend: image_bytes BYTES [-1, 1] -> images
+    DIR/<model>_preprocess/<N>/model.py   (gendd_deploy/triton_image_model.py), gendd_imaging.py
+                                          (gendd_deploy/imaging.py, the code gendd serve runs),
+                                          preprocess.json (the manifest's recipe, the pixel limits)
+    DIR/<model>_image/config.pbtxt        ensemble: <model>_preprocess -> <model>, output logits
+    DIR/<model>_image/<N>/                (empty: an ensemble's version folder)
+
 Each export of a new artifact to the same DIR adds version N+1 and points config.pbtxt at the
 newest model (Triton serves the latest version only); exporting the newest version again adds
 nothing (it only refreshes config.pbtxt from the recipe). Queue and instance settings come from
@@ -25,13 +35,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gendd_deploy import __version__
+from gendd_deploy import __version__, imaging
 from gendd_deploy.artifacts import Artifact, sha256_file, verify_artifact
 from gendd_deploy.errors import ArtifactError, UsageError
 from gendd_deploy.runtime import registry
 from gendd_deploy.spec import DeployedSpec, check_stamp
 
 VERSIONS_FILE = "versions.json"
+PREPROCESS_SUFFIX, ENSEMBLE_SUFFIX = "_preprocess", "_image"
+IMAGE_INPUT = "image_bytes"  # the encoded-image input, as gendd serve names it (serve/protocol.py)
+PYTHON_MODEL = Path(__file__).with_name("triton_image_model.py")
 LABELS_FILE = "labels.txt"  # one class name per line: Triton's classification labels
 TRITON_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
@@ -224,6 +237,84 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _replace_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """`folder` holding exactly `files`, written beside it and renamed into place, so Triton never
+    loads half a model; left alone when it already holds them."""
+    if folder.is_dir() and sorted(p.name for p in folder.iterdir()) == sorted(files) and all((folder / n).read_bytes() == b for n, b in files.items()):
+        return
+    staging = folder.with_name(f".tmp-{uuid.uuid4().hex[:12]}")
+    old = folder.with_name(f".old-{uuid.uuid4().hex[:12]}")
+    staging.mkdir(parents=True)
+    try:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _config_text(header: str, lines: list[str]) -> str:
+    return header + "\n".join(lines) + "\n"
+
+
+def write_image_models(root: Path, model_name: str, n: int, spec: DeployedSpec, *, max_batch: int, instances: int = 1, label_file: str | None = None) -> None:
+    """The encoded-image models beside the tensor model `model_name` (version `n`): the Python
+    backend that preprocesses, and the ensemble `<model>_image` that a client calls."""
+    pre, ens = model_name + PREPROCESS_SUFFIX, model_name + ENSEMBLE_SUFFIX
+    c, h, w = (int(d) for d in spec.images.shape[1:])
+    noise = spec.noise
+    recipe = {
+        "preprocess": spec.preprocess,
+        "input": IMAGE_INPUT,
+        "output": spec.images.name,
+        "max_image_pixels": imaging.MAX_IMAGE_PIXELS,
+        "max_request_pixels": imaging.MAX_REQUEST_PIXELS,
+        "noise": {"name": noise.name, "tail": list(spec.noise_tail)} if noise is not None else None,
+    }
+    _replace_folder(root / pre / str(n), {
+        "model.py": PYTHON_MODEL.read_bytes(),
+        "gendd_imaging.py": Path(imaging.__file__).read_bytes(),
+        "preprocess.json": json.dumps(recipe, indent=2).encode(),
+    })
+    image_in = f'  {{ name: "{IMAGE_INPUT}", data_type: TYPE_STRING, dims: [ 1 ] }}'
+    outs = [f'  {{ name: "{spec.images.name}", data_type: TYPE_FP32, dims: [ {c}, {h}, {w} ] }}']
+    if noise is not None:
+        outs.append(f'  {{ name: "{noise.name}", data_type: TYPE_FP32, dims: [ {", ".join(str(d) for d in spec.noise_tail)} ] }}')
+    latest = "version_policy: { latest: { num_versions: 1 } }"
+    _write_atomic(root / pre / "config.pbtxt", _config_text(
+        f"# Encoded images (PNG, JPEG, ...) -> '{model_name}''s input, preprocessed as in training; written by gendd {__version__}.\n"
+        "# Its version folder holds model.py, gendd_imaging.py (NumPy + Pillow) and preprocess.json (the recipe).\n",
+        [f'name: "{pre}"', 'backend: "python"', f"max_batch_size: {max_batch}", latest,
+         "input [\n" + image_in + "\n]", "output [\n" + ",\n".join(outs) + "\n]",
+         f"instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]"],
+    ))
+    (root / ens / str(n)).mkdir(parents=True, exist_ok=True)  # an ensemble has no file, only a version folder
+    k = spec.num_classes if spec.num_classes is not None else -1
+    labels = f', label_filename: "{label_file}"' if label_file else ""
+    if label_file:
+        _write_atomic(root / ens / label_file, "".join(f"{name}\n" for name in spec.class_names))
+    first = [f'        input_map {{ key: "{IMAGE_INPUT}", value: "{IMAGE_INPUT}" }}', f'        output_map {{ key: "{spec.images.name}", value: "{spec.images.name}" }}']
+    second = [f'        input_map {{ key: "{spec.images.name}", value: "{spec.images.name}" }}']
+    if noise is not None:
+        first.append(f'        output_map {{ key: "{noise.name}", value: "{noise.name}" }}')
+        second.append(f'        input_map {{ key: "{noise.name}", value: "{noise.name}" }}')
+    second.append(f'        output_map {{ key: "{spec.logits.name}", value: "{spec.logits.name}" }}')
+
+    def step(model: str, maps: list[str]) -> str:
+        return "      {\n" + f'        model_name: "{model}"\n        model_version: -1\n' + "\n".join(maps) + "\n      }"
+
+    _write_atomic(root / ens / "config.pbtxt", _config_text(
+        f"# '{ens}': encoded images -> logits, as gendd serve's '{ens}' answers them: {pre} (preprocessing) then {model_name}.\n",
+        [f'name: "{ens}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}", latest,
+         "input [\n" + image_in + "\n]",
+         f'output [\n  {{ name: "{spec.logits.name}", data_type: TYPE_FP32, dims: [ {k} ]{labels} }}\n]',
+         "ensemble_scheduling {\n  step [\n" + step(pre, first) + ",\n" + step(model_name, second) + "\n  ]\n}"],
+    ))
+
+
 def _field(cfg: Any, name: str, default):
     return getattr(cfg, name, default) if cfg is not None else default
 
@@ -236,15 +327,14 @@ def write_triton_repo(
     *,
     serve_cfg: Any = None,
     build_cfg: Any = None,
-    preprocess: dict | None = None,
     runtime: str | None = None,
 ) -> Path:
     """Add one version of the model to the Triton repository `out_dir`; return the version folder.
 
     The file copied and its Triton platform come from the runtime registry: the engine's runtime
     when `engine_art` is given, else the ONNX artifact's, or `runtime` (another registered runtime
-    that runs the same kind of artifact). `preprocess` (e.g. DataBundle.preprocess: size, mean,
-    std) is recorded in versions.json for clients; by default the model description's.
+    that runs the same kind of artifact). The preprocessing recorded for clients (versions.json) and
+    run by the encoded-image models is the model description's, from the manifest.
     """
     if not _NAME_RE.match(model_name):
         raise UsageError(f"Triton model name '{model_name}' may use only letters, digits, '_', '.', '-'; set [serve] model_name")
@@ -302,8 +392,8 @@ def write_triton_repo(
             f"(compute capability {info.get('gpu_capability')}), precision {info.get('precision')}:\n"
             "# serve it with a tritonserver container that ships the same TensorRT version, on the same GPU model.\n"
         )
-    preprocess = preprocess if preprocess is not None else spec.preprocess
-    see = " (versions.json 'preprocess' has the recipe)" if preprocess else ""
+    preprocess = spec.preprocess
+    see = f" (versions.json 'preprocess' has the recipe; '{model_name}{ENSEMBLE_SUFFIX}' takes encoded images)" if preprocess else ""
     header += f"# Inputs are float32 NCHW images normalized as in training{see}; output: logits.\n"
     text = render_config(
         model_name, platform, io, max_batch=hi, preferred=preferred, max_delay_us=max_delay_us,
@@ -311,6 +401,10 @@ def write_triton_repo(
         label_file=label_file, noise_tail=list(tail) if tail else None, header=header,
     )
     _write_atomic(model_dir / "config.pbtxt", text)
+    image_models = None
+    if spec.preprocess:
+        write_image_models(root, model_name, n, spec, max_batch=hi, instances=_field(serve_cfg, "instances", 1), label_file=label_file)
+        image_models = {"ensemble": model_name + ENSEMBLE_SUFFIX, "preprocess": model_name + PREPROCESS_SUFFIX}
 
     created = versions.get(str(n), {}).get("created") if same is not None else None
     versions[str(n)] = {
@@ -326,6 +420,7 @@ def write_triton_repo(
         "needs_noise": spec.needs_noise,
         "noise_shape_tail": list(tail) if tail else None,
         "preprocess": preprocess,
+        "image_models": image_models,
         "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     doc = {"model": model_name, "latest": n, "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0])))}

@@ -135,5 +135,5 @@ def test_int8_export_is_served_and_written_for_triton_and_never_reads_test_image
     for field in ("model", "test top-1", "size", "file", "time", "next"):
         assert f"│ {field}" in text, text
     assert "int8 ONNX" in text and str(art.file(ONNX_FILE)) in text and "total 15.5 s" in text and "gendd serve -p tiny" in text
-    write_triton_repo(art, None, tmp_path / "triton", "tiny", serve_cfg=ctx.recipe.serve, build_cfg=ctx.recipe.build, preprocess=ctx.data().preprocess)
+    write_triton_repo(art, None, tmp_path / "triton", "tiny", serve_cfg=ctx.recipe.serve, build_cfg=ctx.recipe.build)
     assert (tmp_path / "triton" / "tiny" / "1" / "model.onnx").read_bytes() == art.file(ONNX_FILE).read_bytes()

@@ -1,13 +1,22 @@
 """`gendd export --triton DIR`: the model repository parses with Triton's own ModelConfig protobuf
-and matches the ONNX graph; versions increase with each export and map back to artifacts."""
+and matches the ONNX graph; versions increase with each export and map back to artifacts; the
+encoded-image models (Python backend + ensemble) chain correctly, and the Python backend's
+`execute` gives the tensor model exactly what `gendd serve`'s image model gives it."""
 
+import importlib.util
+import io
 import json
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from PIL import Image
 
+from gendd_deploy.imaging import make_spec
 from gendd_deploy.spec import DeployedSpec, onnx_io
 from gendd_deploy.artifacts import Store
 from gendd_deploy.config import BuildConfig, ServeConfig
@@ -22,6 +31,7 @@ from google.protobuf import text_format  # noqa: E402  (after the skip: protobuf
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE_TAIL = [3, 2, 1, 16]
+SPEC = make_spec(1, 8, [0.5], [0.25], "torch")
 
 
 def tiny_graph(noise: bool) -> onnx.ModelProto:
@@ -61,9 +71,9 @@ def publish(store: Store, stage: str, files: dict, info: dict, fp: str):
 def arts(tmp_path):
     store = Store(tmp_path / "artifacts")
 
-    def onnx_art(noise: bool, fp: str = "a" * 64, class_names=None):
+    def onnx_art(noise: bool, fp: str = "a" * 64, class_names=None, preprocess=SPEC):
         graph = tiny_graph(noise)
-        spec = DeployedSpec.from_io(onnx_io(None, graph), class_names=tuple(class_names) if class_names else None)
+        spec = DeployedSpec.from_io(onnx_io(None, graph), class_names=tuple(class_names) if class_names else None, preprocess=preprocess)
         assert spec.noise_tail == (tuple(NOISE_TAIL) if noise else None)
         return publish(store, "onnx", {"model.onnx": graph.SerializeToString()}, {"deployed": spec.to_manifest()}, fp)
 
@@ -137,10 +147,10 @@ def test_engine_repository_uses_the_plan_and_its_profile(arts, tmp_path):
 
 def test_versions_increase_and_map_to_artifacts(arts, tmp_path):
     onnx_art, engine_art = arts
-    first = onnx_art(False, fp="1" * 64)
+    first = onnx_art(False, fp="1" * 64, preprocess=make_spec(1, 8, [0.25], [0.5], "torch"))
     second = onnx_art(True, fp="2" * 64)
     repo = tmp_path / "repo"
-    v1 = write_triton_repo(first, None, repo, "tiny", preprocess={"mean": [0.25], "std": [0.5], "image_size": 8})
+    v1 = write_triton_repo(first, None, repo, "tiny")
     v2 = write_triton_repo(second, None, repo, "tiny")
     v3 = write_triton_repo(first, engine_art(first), repo, "tiny")
     assert [v.name for v in (v1, v2, v3)] == ["1", "2", "3"]
@@ -211,3 +221,168 @@ def test_a_damaged_versions_file_is_refused_with_its_name(arts, tmp_path, text):
     (repo / "tiny" / "versions.json").write_text(text)
     with pytest.raises(UsageError, match="versions.json"):
         write_triton_repo(onnx_art(False), None, repo, "tiny")
+
+
+# ---- the encoded-image models: Python backend + ensemble ------------------------------------------
+
+
+def _maps(m) -> dict:
+    return dict(m)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["plain", "noise"])
+def test_image_models_parse_and_chain_into_the_tensor_model(arts, tmp_path, noise):
+    onnx_art, _ = arts
+    names = [f"class {i}" for i in range(10)]
+    write_triton_repo(onnx_art(noise, class_names=names), None, tmp_path / "repo", "tiny", serve_cfg=ServeConfig(instances=2), build_cfg=BuildConfig(max_batch=64))
+    repo = tmp_path / "repo"
+    tensor, pre, ens = parse(repo / "tiny" / "config.pbtxt"), parse(repo / "tiny_preprocess" / "config.pbtxt"), parse(repo / "tiny_image" / "config.pbtxt")
+    string = model_config_pb2.DataType.Value("TYPE_STRING")
+    assert pre.backend == "python" and pre.max_batch_size == 64 and pre.instance_group[0].count == 2
+    assert [(t.name, t.data_type, list(t.dims)) for t in pre.input] == [("image_bytes", string, [1])]
+    assert [(t.name, list(t.dims)) for t in pre.output] == [(t.name, list(t.dims)) for t in tensor.input]  # what the tensor model takes
+    assert sorted(p.name for p in (repo / "tiny_preprocess" / "1").iterdir()) == ["gendd_imaging.py", "model.py", "preprocess.json"]
+    recipe = json.loads((repo / "tiny_preprocess" / "1" / "preprocess.json").read_text())
+    assert recipe["preprocess"] == SPEC and (recipe["noise"] or {}).get("tail") == (NOISE_TAIL if noise else None)
+
+    assert ens.platform == "ensemble" and ens.max_batch_size == 64 and (repo / "tiny_image" / "1").is_dir()
+    assert [(t.name, t.data_type, list(t.dims)) for t in ens.input] == [("image_bytes", string, [1])]
+    from gendd_deploy.serve.protocol import ServedModel
+
+    served = ServedModel.from_meta({"name": "tiny", "preprocess": SPEC}).encoded_variant()  # gendd serve's tiny_image
+    assert served.name == ens.name and served.inputs == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1, *ens.input[0].dims]}]
+    assert [(t.name, list(t.dims), t.label_filename) for t in ens.output] == [("logits", [10], "labels.txt")]
+    assert (repo / "tiny_image" / "labels.txt").read_text().splitlines() == names
+    steps = list(ens.ensemble_scheduling.step)
+    assert [(s.model_name, s.model_version) for s in steps] == [("tiny_preprocess", -1), ("tiny", -1)]
+    # every step's input is the ensemble's input or an earlier step's output; every model input is fed
+    available = {t.name for t in ens.input}
+    configs = {"tiny_preprocess": pre, "tiny": tensor}
+    for step in steps:
+        cfg = configs[step.model_name]
+        assert set(_maps(step.input_map)) == {t.name for t in cfg.input}
+        assert set(_maps(step.input_map).values()) <= available
+        assert set(_maps(step.output_map)) <= {t.name for t in cfg.output}
+        available |= set(_maps(step.output_map).values())
+    assert {t.name for t in ens.output} <= available
+    doc = json.loads((repo / "tiny" / "versions.json").read_text())
+    assert doc["versions"]["1"]["image_models"] == {"ensemble": "tiny_image", "preprocess": "tiny_preprocess"}
+
+
+class _Tensor:
+    """The part of triton_python_backend_utils.Tensor a model uses."""
+
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+
+class _Request:
+    def __init__(self, *tensors):
+        self.tensors = {t.name(): t for t in tensors}
+
+
+class _Response:
+    def __init__(self, output_tensors, error=None):
+        self._outputs, self._error = list(output_tensors), error
+
+    def output_tensors(self):
+        return self._outputs
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+
+class _Error:
+    def __init__(self, message):
+        self._message = message
+
+    def message(self):
+        return self._message
+
+
+@pytest.fixture
+def python_model(monkeypatch):
+    """Load a written model.py as Triton's Python backend stub does, with the calls it makes of
+    triton_python_backend_utils (Triton's own module exists only inside its container)."""
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.Tensor, utils.InferenceResponse, utils.TritonError = _Tensor, _Response, _Error
+    utils.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+
+    def load(version_dir: Path, config_path: Path):
+        spec = importlib.util.spec_from_file_location("triton_model_under_test", version_dir / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        model.initialize({"model_config": json.dumps({"name": config_path.parent.name}), "model_version": version_dir.name, "model_repository": str(config_path.parent)})
+        return model
+
+    return load
+
+
+def _real_images() -> dict[str, bytes]:
+    """PNG and JPEG files as a camera or an editor writes them: the model's size, larger and
+    off-square (resized, cropped), colour (converted to grey)."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:40, 0:29]
+    photo = np.stack([(xx * 8) % 256, (yy * 6) % 256, ((xx + yy) * 3) % 256], axis=-1).astype(np.uint8)
+    out = {}
+    for name, img, fmt in [
+        ("digit.png", Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L"), "PNG"),
+        ("digit.jpg", Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L"), "JPEG"),
+        ("photo.png", Image.fromarray(photo, "RGB"), "PNG"),
+        ("photo.jpg", Image.fromarray(photo, "RGB"), "JPEG"),
+        ("big.png", Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), "RGB"), "PNG"),
+    ]:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        out[name] = buf.getvalue()
+    return out
+
+
+def test_python_backend_gives_what_gendd_serve_gives_on_png_and_jpeg(arts, tmp_path, python_model):
+    from test_serve import call, image_request, logits_of, running
+
+    from gendd_deploy.runtime.ort import OrtRunner
+    from gendd_deploy.serve.protocol import ServedModel, decode_images
+
+    onnx_art, _ = arts
+    art = onnx_art(False, class_names=[f"c{i}" for i in range(10)])
+    vdir = write_triton_repo(art, None, tmp_path / "repo", "tiny")
+    model = python_model(tmp_path / "repo" / "tiny_preprocess" / "1", tmp_path / "repo" / "tiny_preprocess" / "config.pbtxt")
+    files = _real_images()
+    blobs = np.array(list(files.values()), dtype=np.object_).reshape(-1, 1)  # [batch, 1], as Triton hands it over
+    (response,) = model.execute([_Request(_Tensor("image_bytes", blobs))])
+    assert not response.has_error()
+    (images,) = response.output_tensors()
+    assert images.name() == "images" and images.as_numpy().dtype == np.float32 and images.as_numpy().shape == (len(files), 1, 8, 8)
+
+    served = ServedModel.from_meta({"name": "tiny", "version": "1", "preprocess": SPEC, "class_names": [f"c{i}" for i in range(10)]})
+    np.testing.assert_array_equal(images.as_numpy(), decode_images(served, list(files.values())))  # the very same tensor
+    runner = OrtRunner(vdir / "model.onnx", providers=["CPUExecutionProvider"], intra_op_threads=1)
+    triton_logits = runner.run(images.as_numpy())  # the ensemble's second step: the tensor model
+    with running(runner, {"name": "tiny", "version": "1", "preprocess": SPEC, "class_names": [f"c{i}" for i in range(10)]}) as server:
+        status, _, body = call(server.port, "POST", "/v2/models/tiny_image/infer", image_request(list(files.values())))
+    assert status == 200, body
+    np.testing.assert_array_equal(triton_logits, logits_of(body))
+
+
+def test_python_backend_answers_a_bad_image_with_an_error_and_the_rest_of_the_batch(arts, tmp_path, python_model):
+    onnx_art, _ = arts
+    write_triton_repo(onnx_art(True), None, tmp_path / "repo", "tiny")
+    model = python_model(tmp_path / "repo" / "tiny_preprocess" / "1", tmp_path / "repo" / "tiny_preprocess" / "config.pbtxt")
+    good = np.array([_real_images()["digit.png"]] * 2, dtype=np.object_).reshape(-1, 1)
+    bad = np.array([_real_images()["digit.png"], b"not an image"], dtype=np.object_).reshape(-1, 1)
+    ok, refused = model.execute([_Request(_Tensor("image_bytes", good)), _Request(_Tensor("image_bytes", bad))])
+    assert not ok.has_error() and [t.name() for t in ok.output_tensors()] == ["images", "noise"]
+    assert ok.output_tensors()[1].as_numpy().shape == (2, *NOISE_TAIL)  # a sampler's fresh noise, per image
+    assert refused.has_error() and "element 1: undecodable image" in refused.error().message()
