@@ -285,7 +285,7 @@ def write_image_models(root: Path, model_name: str, n: int, spec: DeployedSpec, 
         outs.append(f'  {{ name: "{noise.name}", data_type: TYPE_FP32, dims: [ {", ".join(str(d) for d in spec.noise_tail)} ] }}')
     latest = "version_policy: { latest: { num_versions: 1 } }"
     _write_atomic(root / pre / "config.pbtxt", _config_text(
-        f"# Encoded images (PNG, JPEG, ...) -> '{model_name}''s input, preprocessed as in training; written by gendd {__version__}.\n"
+        f"# Encoded images (PNG, JPEG, ...) -> the input of '{model_name}', preprocessed as in training; written by gendd {__version__}.\n"
         "# Its version folder holds model.py, gendd_imaging.py (NumPy + Pillow) and preprocess.json (the recipe).\n",
         [f'name: "{pre}"', 'backend: "python"', f"max_batch_size: {max_batch}", latest,
          "input [\n" + image_in + "\n]", "output [\n" + ",\n".join(outs) + "\n]",
@@ -296,15 +296,15 @@ def write_image_models(root: Path, model_name: str, n: int, spec: DeployedSpec, 
     labels = f', label_filename: "{label_file}"' if label_file else ""
     if label_file:
         _write_atomic(root / ens / label_file, "".join(f"{name}\n" for name in spec.class_names))
-    first = [f'        input_map {{ key: "{IMAGE_INPUT}", value: "{IMAGE_INPUT}" }}', f'        output_map {{ key: "{spec.images.name}", value: "{spec.images.name}" }}']
-    second = [f'        input_map {{ key: "{spec.images.name}", value: "{spec.images.name}" }}']
+    first = [f'      input_map {{ key: "{IMAGE_INPUT}", value: "{IMAGE_INPUT}" }}', f'      output_map {{ key: "{spec.images.name}", value: "{spec.images.name}" }}']
+    second = [f'      input_map {{ key: "{spec.images.name}", value: "{spec.images.name}" }}']
     if noise is not None:
-        first.append(f'        output_map {{ key: "{noise.name}", value: "{noise.name}" }}')
-        second.append(f'        input_map {{ key: "{noise.name}", value: "{noise.name}" }}')
-    second.append(f'        output_map {{ key: "{spec.logits.name}", value: "{spec.logits.name}" }}')
+        first.append(f'      output_map {{ key: "{noise.name}", value: "{noise.name}" }}')
+        second.append(f'      input_map {{ key: "{noise.name}", value: "{noise.name}" }}')
+    second.append(f'      output_map {{ key: "{spec.logits.name}", value: "{spec.logits.name}" }}')
 
     def step(model: str, maps: list[str]) -> str:
-        return "      {\n" + f'        model_name: "{model}"\n        model_version: -1\n' + "\n".join(maps) + "\n      }"
+        return "    {\n" + f'      model_name: "{model}"\n      model_version: -1\n' + "\n".join(maps) + "\n    }"
 
     _write_atomic(root / ens / "config.pbtxt", _config_text(
         f"# '{ens}': encoded images -> logits, as gendd serve's '{ens}' answers them: {pre} (preprocessing) then {model_name}.\n",
