@@ -168,14 +168,27 @@ def _tag(r: Result, chosen: Result, best: Result) -> str:
     return ", ".join(tags)
 
 
+TABLE_LEGEND = (
+    "setting: sampler-steps, xN draws averaged, cfgG guidance scale, TN temperature, noise fresh / fixed / zero, "
+    "tN first timestep (none: the last), noclip; probe: the linear probe; linear fit_*: a fitted read-out. "
+    "top-1: on the calibration images. agree: share of them given the reference sampler's class. "
+    "ms: per batch. passes: head passes per token per image."
+)
+
+
 def table(results: list[Result], chosen: Result, best: Result, *, batch: int, runtime: str, top: int = 25):
-    """A rich table sorted by latency: the `top` fastest plus the reference, probe, best and chosen."""
+    """A rich table sorted by latency: the `top` fastest plus the reference, probe, best and chosen,
+    with a legend of the labels underneath. Fits 80 columns: labels never wrap."""
     ranked = sorted(results, key=lambda r: (r.latency_ms, r.setting.head_passes()))
     marked = {id(chosen), id(best)} | {id(r) for r in results if r.setting in (REFERENCE, PROBE)}
     shown = [r for i, r in enumerate(ranked) if i < top or id(r) in marked]
-    t = Table(title=f"calibration: {len(results)} settings, latency per {batch} images on {runtime} (showing {len(shown)})")
-    for col, just in (("setting", "left"), ("top-1 %", "right"), ("agree", "right"), ("ms", "right"), ("passes", "right"), ("", "left")):
-        t.add_column(col, justify=just)
+    t = Table(
+        title=f"calibration: {len(results)} settings, latency per {batch} images on {runtime} (showing {len(shown)})",
+        caption=TABLE_LEGEND, caption_justify="left",
+    )
+    for col, just in (("setting", "left"), ("top-1 %", "right"), ("agree", "right"), ("ms", "right"), ("passes", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
+    t.add_column("", justify="left", overflow="fold")
     for r in shown:
         style = "bold green" if r is chosen else None
         t.add_row(r.setting.label(), f"{r.top1:.2f}", f"{r.agreement:.3f}", f"{r.latency_ms:.3g}", str(r.setting.head_passes()), _tag(r, chosen, best), style=style)

@@ -316,3 +316,20 @@ def test_choose_prefers_deterministic_at_equal_cost():
     assert choose([fresh, linear], 0.1)[0] is linear
     # head passes decide before determinism: the fitted read-out has none
     assert choose([fresh2, linear], 0.1)[0] is linear and linear.setting.head_passes() == 0
+
+
+def test_table_fits_80_columns_with_whole_labels_and_a_legend():
+    from rich.console import Console
+
+    from gendd_deploy.calibration import TABLE_LEGEND, Result, table
+
+    long = SamplerSetting(sampler="ddim", steps=16, draws=8, guidance=2.5, temperature=0.5, noise="fresh", t_start=600, clip=False)
+    rs = [Result(REFERENCE, 95.1, 1.0, 30.0), Result(PROBE, 93.2, 0.95, 0.5), Result(long, 94.9, 0.99, 12.0), Result(SamplerSetting.fitted("fit_sampler"), 95.2, 0.99, 0.5)]
+    console = Console(width=80, record=True)
+    console.print(table(rs, rs[2], rs[3], batch=32, runtime="onnxruntime"))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for r in rs:  # every label on one line, whole
+        assert any(r.setting.label() in line for line in lines), r.setting.label()
+    legend = " ".join(" ".join(lines).split())
+    assert " ".join(TABLE_LEGEND.split()) in legend and "agree: share of them given the reference sampler's class" in legend

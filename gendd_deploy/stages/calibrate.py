@@ -177,15 +177,14 @@ class CalibrateStage(Stage):
             grid, n_candidates = build_grid(cc, T), len(set(candidates(cc, T)) | {PROBE, REFERENCE})
         else:  # a kd / ce student: its own head, then the fitted read-outs
             grid, n_candidates = [PROBE], 1
-        if cc.readouts:
-            fitted = [SamplerSetting.fitted(name) for name in sorted(getattr(student, "readouts", {}))]
-            grid, n_candidates = grid[:1] + fitted + grid[1:], n_candidates + len(fitted)
-        if n_candidates > len(grid):
+        if n_candidates > len(grid):  # max_settings caps the sampler grid; fitted read-outs come on top
             worst = max(s.head_passes() for s in grid if s != REFERENCE)
             ctx.log(
-                f"calibrate: \\[calibrate] max_settings = {cc.max_settings} keeps the {len(grid)} cheapest of {n_candidates} settings "
+                f"calibrate: \\[calibrate] max_settings = {cc.max_settings} keeps the {len(grid)} cheapest of {n_candidates} sampler settings "
                 f"(up to {worst} head passes, plus the reference); raise it or narrow the grid to search further"
             )
+        fitted = [SamplerSetting.fitted(name) for name in sorted(getattr(student, "readouts", {}))] if cc.readouts else []
+        grid = grid[:1] + fitted + grid[1:]
         results, sweep = self._sweep(ctx, student, grid)
         chosen, best = choose(results, cc.tolerance, resamples=cc.bootstrap, confidence=cc.confidence, seed=ctx.recipe.pipeline.seed)
         chosen.chosen = True
@@ -226,7 +225,7 @@ class CalibrateStage(Stage):
                     "latency_vs_probe": round(chosen.latency_ms / probe.latency_ms, 4),
                     "latency_vs_reference": round(chosen.latency_ms / ref.latency_ms, 4) if ref is not None else None,
                 },
-                "grid": {"candidates": n_candidates, "evaluated": len(grid), "max_settings": cc.max_settings},
+                "grid": {"candidates": n_candidates, "readouts": len(fitted), "evaluated": len(grid), "max_settings": cc.max_settings},
                 **sweep,
             }
         )
