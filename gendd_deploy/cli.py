@@ -35,7 +35,26 @@ from gendd_deploy.errors import DataNotFound, GenddError, MissingDependency, Usa
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 out = Console()
 
+class _FlagHelp:
+    """--help is a flag: show it without the value type typer gives the option it makes ('<bool>')."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+
+class Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=Group,
     name="gendd",
     help="Distil a trained teacher into a compiled GenDD student: teacher -> cache -> distill -> calibrate -> export -> build -> serve.",
     no_args_is_help=True,
@@ -44,17 +63,17 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-artifacts_app = typer.Typer(help="Inspect, verify and clean the artifact store.", no_args_is_help=True)
+artifacts_app = typer.Typer(cls=Group, help="Inspect, verify and clean the artifact store.", no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
 
 PipelineOpt = Annotated[
-    Optional[str], typer.Option("--pipeline", "-p", help="TOML recipe: a file, or a shipped one by name (quickstart, fashion_mnist, ...) \\[default: pipelines/quickstart.toml]", show_default=False)
+    Optional[str], typer.Option("--pipeline", "-p", help="TOML recipe: a file, or a shipped one by name (quickstart, fashion_mnist, ...) \\[default: pipelines/quickstart.toml]", show_default=False, metavar="RECIPE")
 ]
 ArtifactsOpt = Annotated[
-    Optional[str], typer.Option("--artifacts", help="artifact root \\[env GENDD_ARTIFACTS, default ./artifacts]", show_default=False)
+    Optional[str], typer.Option("--artifacts", help="artifact root \\[env GENDD_ARTIFACTS, default ./artifacts]", show_default=False, metavar="DIR")
 ]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="override any recipe field: --set distill.epochs=3 (repeatable)", show_default=False)
+    Optional[list[str]], typer.Option("--set", help="override any recipe field: --set distill.epochs=3 (repeatable)", show_default=False, metavar="KEY=VALUE")
 ]
 StageCtx = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -179,31 +198,31 @@ def _epilog(section: str) -> str:
     return f"[bold]Recipe fields of \\[{section}], settable as flags:[/]\n\n" + escape(section_help(section))
 
 
-@app.command(context_settings=StageCtx, epilog=_epilog("teacher"))
+@app.command(cls=Command, context_settings=StageCtx, epilog=_epilog("teacher"))
 def teacher(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
     """Train the teacher on the recipe's data, or load it from a checkpoint. Writes: teacher."""
     _stage_command("teacher", "teacher", ctx, pipeline, artifacts, set_)
 
 
-@app.command(context_settings=StageCtx, epilog=_epilog("cache"))
+@app.command(cls=Command, context_settings=StageCtx, epilog=_epilog("cache"))
 def cache(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
     """Run the frozen teacher once over the training split and store its features per augmented view. Reads: teacher. Writes: teacher_features."""
     _stage_command("cache", "cache", ctx, pipeline, artifacts, set_)
 
 
-@app.command(context_settings=StageCtx, epilog=_epilog("distill"))
+@app.command(cls=Command, context_settings=StageCtx, epilog=_epilog("distill"))
 def distill(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
     """Train the student with GenDD (or KD / CE for comparison). Reads: teacher, teacher_features. Writes: student."""
     _stage_command("distill", "distill", ctx, pipeline, artifacts, set_)
 
 
-@app.command(context_settings=StageCtx, epilog=_epilog("calibrate"))
+@app.command(cls=Command, context_settings=StageCtx, epilog=_epilog("calibrate"))
 def calibrate(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
     """Choose the cheapest sampler that keeps accuracy, on the calibration split. Reads: student. Writes: sampler."""
     _stage_command("calibrate", "calibrate", ctx, pipeline, artifacts, set_)
 
 
-@app.command(context_settings=StageCtx, epilog=_epilog("export"))
+@app.command(cls=Command, context_settings=StageCtx, epilog=_epilog("export"))
 def export(
     ctx: typer.Context,
     pipeline: PipelineOpt = None,
@@ -240,13 +259,13 @@ def export(
     guarded(go)
 
 
-@app.command(context_settings=StageCtx, epilog=_epilog("build"))
+@app.command(cls=Command, context_settings=StageCtx, epilog=_epilog("build"))
 def build(ctx: typer.Context, pipeline: PipelineOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None) -> None:
     """Build a TensorRT engine from the ONNX artifact (needs TensorRT and an NVIDIA GPU). Reads: onnx. Writes: engine."""
     _stage_command("build", "build", ctx, pipeline, artifacts, set_)
 
 
-bench_app = typer.Typer(help="Benchmarks that print a table and write JSON.", invoke_without_command=True)
+bench_app = typer.Typer(cls=Group, help="Benchmarks that print a table and write JSON.", invoke_without_command=True)
 app.add_typer(bench_app, name="bench")
 
 
@@ -295,7 +314,7 @@ def _bench_out(out: Optional[str], name: str, pipeline_name: str) -> Path:
     return Path(out) if out else Path("benchmarks/results") / f"{name}_{pipeline_name}.json"
 
 
-@bench_app.command("quality")
+@bench_app.command("quality", cls=Command)
 def bench_quality(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -323,7 +342,7 @@ def bench_quality(
     guarded(go)
 
 
-@bench_app.command("cache")
+@bench_app.command("cache", cls=Command)
 def bench_cache(
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -343,13 +362,13 @@ def bench_cache(
     guarded(go)
 
 
-@app.command(context_settings=StageCtx, epilog=_epilog("serve"))
+@app.command(cls=Command, context_settings=StageCtx, epilog=_epilog("serve"))
 def serve(
     ctx: typer.Context,
     pipeline: PipelineOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
-    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN); repeat for several models or versions \\[default: latest onnx of the pipeline]")] = None,
+    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", help="onnx / aoti / engine artifact to serve (pipeline/stage/vN); repeat for several models or versions \\[default: latest onnx of the pipeline]", metavar="REF")] = None,
     http_port: Annotated[Optional[int], typer.Option("--http-port", help="HTTP port, as Triton names it (same as --port) \\[default: 8000]", show_default=False)] = None,
     trust_unsigned: Annotated[bool, typer.Option("--trust-unsigned", help="load an aoti package or TensorRT engine (native code) without a signature from GENDD_TRUSTED_KEYS", metavar="")] = False,
 ) -> None:
@@ -366,7 +385,7 @@ def serve(
     guarded(go)
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
     pipeline: Annotated[Optional[str], typer.Argument(help="TOML recipe: a file, or a shipped one by name (quickstart, fashion_mnist, ...) \\[default: pipelines/quickstart.toml]", show_default=False)] = None,
     pipeline_opt: PipelineOpt = None,
@@ -479,7 +498,7 @@ def _card(ctx, built: dict, seconds: dict, recipe: str | None, artifacts: str | 
 # ---- artifacts ---------------------------------------------------------------------------------
 
 
-@artifacts_app.command("ls")
+@artifacts_app.command("ls", cls=Command)
 def artifacts_ls(
     artifacts: ArtifactsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list", metavar="")] = False,
@@ -504,7 +523,7 @@ def artifacts_ls(
     out.print(table)
 
 
-@artifacts_app.command("show")
+@artifacts_app.command("show", cls=Command)
 def artifacts_show(
     version: Annotated[str, typer.Argument(help="pipeline/stage/vN, stage/vN, vN or a fingerprint prefix")],
     artifacts: ArtifactsOpt = None,
@@ -523,7 +542,7 @@ def artifacts_show(
     guarded(go)
 
 
-@artifacts_app.command("verify")
+@artifacts_app.command("verify", cls=Command)
 def artifacts_verify(artifacts: ArtifactsOpt = None) -> None:
     """Re-hash every file of every artifact and check its signature; exit 3 naming each mismatch, each
     version folder without a manifest, each bad signature, and (with GENDD_TRUSTED_KEYS set) each
@@ -551,7 +570,7 @@ def artifacts_verify(artifacts: ArtifactsOpt = None) -> None:
     out.print(f"{len(arts)} artifacts verified, all files match their manifests; {signed} signed by a trusted key")
 
 
-@artifacts_app.command("keygen")
+@artifacts_app.command("keygen", cls=Command)
 def artifacts_keygen(folder: Annotated[str, typer.Argument(help="folder for gendd-signing.pem (private, mode 0600) and gendd-signing.pub.pem")]) -> None:
     """Make an Ed25519 key pair for signing artifacts: keep the private key off the artifact root
     (GENDD_SIGNING_KEY on the builder), list the public key in GENDD_TRUSTED_KEYS where artifacts load."""
@@ -562,7 +581,7 @@ def artifacts_keygen(folder: Annotated[str, typer.Argument(help="folder for gend
     out.print(f"public key {public} (list it in GENDD_TRUSTED_KEYS where they are loaded)")
 
 
-@artifacts_app.command("sign")
+@artifacts_app.command("sign", cls=Command)
 def artifacts_sign(
     versions: Annotated[list[str], typer.Argument(help="artifacts to sign: pipeline/stage/vN, stage/vN, vN or a fingerprint prefix")],
     artifacts: ArtifactsOpt = None,
@@ -584,7 +603,7 @@ def artifacts_sign(
     guarded(go)
 
 
-@artifacts_app.command("gc")
+@artifacts_app.command("gc", cls=Command)
 def artifacts_gc(
     artifacts: ArtifactsOpt = None,
     unreachable: Annotated[

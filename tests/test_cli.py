@@ -44,7 +44,11 @@ def test_help_shows_no_fake_flag_values_and_types_every_recipe_field():
     r = gendd("export", "--help")
     flag_lines = [ln for ln in r.stdout.splitlines() if "--aoti" in ln or "--trt " in ln]
     assert r.returncode == 0 and len(flag_lines) == 2 and not any("<bool>" in ln for ln in flag_lines), flag_lines
+    for args in (["--help"], ["serve", "--help"], ["artifacts", "ls", "--help"]):  # --help itself is a flag too
+        help_line = next(ln for ln in gendd(*args).stdout.splitlines() if "--help" in ln)
+        assert "<bool>" not in help_line, (args, help_line)
     text = " ".join(gendd("serve", "--help").stdout.split())
+    assert "--set KEY=VALUE" in text and "--artifacts DIR" in text and "--artifact REF" in text
     for field in ("--host <str>", "--grpc-port <int>", "--runtime <str>", "--max-batch <int>", "--max-delay-ms <float>", "--spinning <bool>"):
         assert field in text, field
     assert "--precision <fp32|int8|auto>" in " ".join(gendd("export", "--help").stdout.split())
