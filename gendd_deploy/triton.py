@@ -113,7 +113,7 @@ def _noise_comment(noise: dict, tail: list[int]) -> str:
         f"{noise['name']}: the sampler's noise, standard normal float32 of shape [{shape}] per image\n"
         f"(request shape [batch, {shape}]). Draw it fresh for every request, e.g.\n"
         f"numpy.random.default_rng().standard_normal((batch, {shape}), dtype=numpy.float32);\n"
-        "gendd's runners draw it with torch.randn from a seed (gendd_deploy.runtime.base.make_noise)."
+        "gendd's runners draw it from a seed with NumPy's Philox generator (gendd_deploy.runtime.base.make_noise)."
     )
 
 

@@ -179,7 +179,10 @@ def test_latency_runner_runs_the_deployed_model(runtime, tmp_path):
     noise = runner.noise(4, 7)
     assert noise.shape == model.noise_shape(4)
     expect = model(x, torch.from_numpy(noise)).numpy()
-    np.testing.assert_allclose(runner.run(x.numpy(), noise), expect, rtol=1e-4, atol=1e-4)
+    # the untrained head's logits reach ~1e4: float32 reordering error scales with each image's
+    # largest logit, as the export gate allows it (runtime/parity.py)
+    scale = np.abs(expect).max(axis=1, keepdims=True)
+    assert np.all(np.abs(runner.run(x.numpy(), noise) - expect) <= 1e-4 + 1e-5 * scale)
     assert time_runner(runner, x.numpy(), 7, min_runs=2, min_s=0.0) > 0
 
 

@@ -52,11 +52,18 @@ main()
 """
 
 
-def publish_onnx(root: Path, pipeline: str) -> Path:
-    """An onnx artifact as export writes it (spec in the manifest, stamped file), of the tiny model."""
+def publish_onnx(root: Path, pipeline: str, noise: bool = False) -> Path:
+    """An onnx artifact as export writes it (spec in the manifest, stamped file), of the tiny model;
+    with `noise`, a graph with a sampler's noise input, which the server draws for every request."""
     store = Store(root)
     with store.draft(pipeline, "onnx", "c" * 64, {"tiny": True}, []) as d:
-        path = export_tiny_onnx(d.path("model.onnx"))
+        if noise:
+            from test_triton import tiny_graph
+
+            path = d.path("model.onnx")
+            path.write_bytes(tiny_graph(True).SerializeToString())
+        else:
+            path = export_tiny_onnx(d.path("model.onnx"))
         spec = DeployedSpec.from_io(onnx_io(path), preprocess=SPEC, class_names=tuple(CLASSES), method="ce", readout="head")
         stamp_onnx(path, spec, [])
         d.info[SPEC_KEY] = spec.to_manifest()
@@ -89,8 +96,9 @@ def without_training(tmp_path: Path, args: list[str]) -> list[str]:
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe):
-    onnx_file = publish_onnx(tmp_path / "art", "tiny")
+@pytest.mark.parametrize("noise", [False, True], ids=["plain", "sampler-noise"])
+def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe, noise):
+    onnx_file = publish_onnx(tmp_path / "art", "tiny", noise)
     report = tmp_path / "imports.json"
     args = ["serve", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "art"), "--http-port", "0", "--set", "serve.grpc_port=0", "--set", "serve.host=127.0.0.1"]
     proc = subprocess.Popen(without_training(tmp_path, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -103,19 +111,19 @@ def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe
         grpc_port = int(re.search(r"gRPC on 127\.0\.0\.1:(\d+)", seen[-1]).group(1))
         runner = ort_runner(onnx_file)
         blobs = sample_images()
-        status, _, body = call(port, "POST", "/v2/models/tiny_image/infer", image_request(blobs))
+        status, _, body = call(port, "POST", "/v2/models/tiny_image/infer", image_request(blobs, parameters={"seed": 3}))
         assert status == 200, body
-        want = runner.run(np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs]))
+        want = runner.run(np.stack([preprocess_image(decode_image(b), SPEC) for b in blobs]), runner.noise(len(blobs), 3))
         np.testing.assert_allclose(logits_of(body), want, atol=1e-6)
         x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
-        status, _, body = call(port, "POST", "/v2/models/tiny/infer", tensor_request(x))
+        status, _, body = call(port, "POST", "/v2/models/tiny/infer", tensor_request(x))  # seed 0 by default
         assert status == 200, body
-        np.testing.assert_allclose(logits_of(body), runner.run(x), atol=1e-6)
+        np.testing.assert_allclose(logits_of(body), runner.run(x, runner.noise(len(x), 0)), atol=1e-6)
         grpcclient = pytest.importorskip("tritonclient.grpc")
         client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
         inp = grpcclient.InferInput("image_bytes", [len(blobs)], "BYTES")
         inp.set_data_from_numpy(np.array(blobs, dtype=np.object_))
-        result = client.infer("tiny_image", [inp], client_timeout=TIMEOUT)
+        result = client.infer("tiny_image", [inp], parameters={"seed": 3}, client_timeout=TIMEOUT)
         np.testing.assert_allclose(result.as_numpy("logits"), want, atol=1e-6)
         client.close()
         proc.send_signal(signal.SIGTERM)

@@ -1,8 +1,8 @@
 """The runner interface: one small class per inference runtime, used by calibrate, bench and serve.
 
 A runner takes float32 NCHW images as numpy and returns float32 logits. Models whose sampler
-needs noise take it as a second input; the runner makes it from a seed, exactly as PyTorch's
-generator would, so every runtime can be compared on the same noise.
+needs noise take it as a second input; the runner makes it from a seed (`make_noise`, NumPy only, so
+serving needs no torch), so every runtime can be compared on the same noise.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ import numpy as np
 
 
 def make_noise(shape: tuple, seed: int) -> np.ndarray:
-    """Standard normal noise from torch's CPU generator: the same numbers for every runtime."""
-    import torch  # on use: the registry and a serving path without noise need no torch
-
-    from gendd_deploy import seeds
-
-    return torch.randn(shape, generator=seeds.generator(seed)).numpy()
+    """Standard normal float32 noise from NumPy's Philox generator keyed by `seed`: the same numbers
+    for every runtime, every process and every machine (calibrate, bench and serve all draw here)."""
+    return np.random.Generator(np.random.Philox(key=int(seed) & (2**64 - 1))).standard_normal(shape, dtype=np.float32)
 
 
 class Runner(ABC):
