@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_serve import CLASSES, SPEC, TIMEOUT, call, export_tiny_onnx, image_request, logits_of, ort_runner, sample_images, tensor_request
+from test_serve import CLASSES, SPEC, TIMEOUT, call, child_server, export_tiny_onnx, image_request, logits_of, ort_runner, sample_images, tensor_request
 
 from gendd_deploy.artifacts import Store
 from gendd_deploy.imaging import decode_image, preprocess_image
@@ -71,21 +68,6 @@ def publish_onnx(root: Path, pipeline: str, noise: bool = False) -> Path:
     return art.file("model.onnx")
 
 
-def _port(lines: queue.Queue, seen: list[str], pattern: str) -> int | None:
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        try:
-            line = lines.get(timeout=max(0.0, end - time.monotonic()))
-        except queue.Empty:
-            return None
-        if line is None:
-            return None
-        seen.append(line)
-        if m := re.search(pattern, line):
-            return int(m.group(1))
-    return None
-
-
 def without_training(tmp_path: Path, args: list[str]) -> list[str]:
     """The command line of `gendd *args` in a process where the training packages are absent."""
     script = tmp_path / "child.py"
@@ -101,13 +83,7 @@ def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe
     onnx_file = publish_onnx(tmp_path / "art", "tiny", noise)
     report = tmp_path / "imports.json"
     args = ["serve", "-p", str(tiny_recipe), "--artifacts", str(tmp_path / "art"), "--http-port", "0", "--set", "serve.grpc_port=0", "--set", "serve.host=127.0.0.1"]
-    proc = subprocess.Popen(without_training(tmp_path, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
-    seen: list[str] = []
-    try:
-        port = _port(lines, seen, r"HTTP on http://127\.0\.0\.1:(\d+)")
-        assert port, "".join(seen)
+    with child_server(without_training(tmp_path, args), ENV, r"HTTP on http://127\.0\.0\.1:(\d+)") as (proc, port, seen):
         grpc_port = int(re.search(r"gRPC on 127\.0\.0\.1:(\d+)", seen[-1]).group(1))
         runner = ort_runner(onnx_file)
         blobs = sample_images()
@@ -128,12 +104,6 @@ def test_serving_an_onnx_artifact_imports_no_training_code(tmp_path, tiny_recipe
         client.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    while (line := lines.get(timeout=5)) is not None:
-        seen.append(line)
     assert proc.returncode == 0, "".join(seen)
     imports = json.loads(report.read_text())
     assert imports["asked"] == [], f"serving asked for training-only modules: {imports['asked']}"

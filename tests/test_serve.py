@@ -645,11 +645,11 @@ print("serve returned", flush=True)
 """
 
 
-def test_sigterm_drains_then_exits_zero(onnx_path, runner, tmp_path):
-    script = tmp_path / "serve_child.py"
-    script.write_text(SERVE_SCRIPT.format(tests=str(REPO / "tests"), onnx=str(onnx_path)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # keep the caller's path
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+@contextmanager
+def child_server(cmd: list[str], env: dict, pattern: str = r"on http://127\.0\.0\.1:(\d+)"):
+    """A server in a child process: yields (process, its HTTP port, the stderr lines read so far).
+    On leaving, a child still running is killed, and the rest of its stderr joins the same list."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
     seen: list[str] = []
@@ -663,9 +663,23 @@ def test_sigterm_drains_then_exits_zero(onnx_path, runner, tmp_path):
             if line is None:
                 break
             seen.append(line)
-            if m := re.search(r"on http://127\.0\.0\.1:(\d+)", line):
+            if m := re.search(pattern, line):
                 port = int(m.group(1))
         assert port, "".join(seen)
+        yield proc, port, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        while (line := lines.get(timeout=5)) is not None:
+            seen.append(line)
+
+
+def test_sigterm_drains_then_exits_zero(onnx_path, runner, tmp_path):
+    script = tmp_path / "serve_child.py"
+    script.write_text(SERVE_SCRIPT.format(tests=str(REPO / "tests"), onnx=str(onnx_path)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # keep the caller's path
+    with child_server([sys.executable, str(script)], env) as (proc, port, seen):
         xs = [np.full((1, 1, 8, 8), i, np.float32) for i in range(4)]
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(infer, port, tensor_request(x)) for x in xs]
@@ -675,12 +689,6 @@ def test_sigterm_drains_then_exits_zero(onnx_path, runner, tmp_path):
             results = [f.result(timeout=TIMEOUT) for f in futures]
         proc.wait(TIMEOUT)
         out = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    while (line := lines.get(timeout=5)) is not None:
-        seen.append(line)
     err = "".join(seen)
     assert proc.returncode == 0, err
     assert "serve returned" in out and "draining" in err
