@@ -38,6 +38,7 @@ def test_bench_builds_the_chain_and_reports_every_model_and_runtime(tiny_context
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["mean_ms"] > 0
         if r["runtime"] == "onnxruntime":
             assert r["model_mb"] > 0
+            assert r["onnx_exporter"] == ("torchscript" if r["model"] == "gendd reference" else "dynamo")  # what ships is the dynamo graph
         assert r["p50_ms"] > 0 and r["images_per_s"] > 0 and 0 <= r["top1"] <= 100 and r["top1_images"] == 32
         if r["runtime"] == "onnxruntime":
             # the published reference runs as the authors do (no x0 clipping, no alpha_bar floor):
