@@ -111,7 +111,9 @@ def _run(tmp_path: Path, tree: Path, teacher, student):
     ctx = Context(recipe=load_recipe(path), store=Store(tmp_path / "artifacts"), console=Console(quiet=True), recipe_path=str(path), quiet=True)
     art = run_chain(ExportStage(), ctx)
     assert verify_artifact(art) == []
-    assert art.metrics["parity"]["max_abs_diff"] <= 1e-3 and art.metrics["parity"]["top1_agreement"] == 1.0
+    # float32 error grows with the logits (an untrained sampler's reach 1e4): bounded as the export gate bounds it
+    par = art.metrics["parity"]
+    assert par["max_abs_diff"] <= 1e-3 + 1e-5 * par["logit_scale"] and par["top1_agreement"] == 1.0, par
     return ctx
 
 
