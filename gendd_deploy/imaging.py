@@ -92,6 +92,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     img = open_image(data)
     if max_pixels is not None:
         check_image_size(*img.size, max_pixels)
+    return _load(img)
+
+
+def _load(img: Image.Image) -> Image.Image:
+    """Decode an opened image's pixels; a truncated or corrupt file is refused here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -120,7 +125,7 @@ def _aa_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     them, since the weights' last bit decides the result's."""
     f32 = np.float32
     scale = f32(in_size) / f32(out_size)  # area_pixel_compute_scale<float>
-    support = f32(1.0 * float(scale)) if scale >= 1.0 else f32(1.0)  # (interp_size * 0.5) * scale
+    support = scale if scale >= 1.0 else f32(1.0)  # (interp_size * 0.5) * scale, interp_size = 2
     invscale = f32(1.0 / float(scale)) if scale >= 1.0 else f32(1.0)
     taps = int(np.ceil(float(support))) * 2 + 1
     first = np.zeros(out_size, dtype=np.int64)
@@ -244,13 +249,12 @@ def decode_batch(blobs, spec: dict, max_image_pixels: int = MAX_IMAGE_PIXELS, ma
     rows, budget = [], max_request_pixels
     for i, blob in enumerate(blobs):
         try:
-            with open_image(bytes(blob)) as probe:  # the header only
-                width, height = probe.size
-            check_image_size(width, height, max_image_pixels)
-            budget -= width * height
+            img = open_image(bytes(blob))  # the header only, until _load
+            check_image_size(*img.size, max_image_pixels)
+            budget -= img.size[0] * img.size[1]
             if budget < 0:
                 raise ImageRejected(f"the images of one request may hold {max_request_pixels} pixels in all; send fewer or smaller images per request")
-            rows.append(preprocess_image(decode_image(bytes(blob), max_image_pixels), spec))
+            rows.append(preprocess_image(_load(img), spec))
         except ImageRejected as e:
             raise ImageRejected(f"element {i}: {e}") from None
     if not rows:

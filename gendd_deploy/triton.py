@@ -42,8 +42,10 @@ from gendd_deploy.runtime import registry
 from gendd_deploy.spec import DeployedSpec, check_stamp
 
 VERSIONS_FILE = "versions.json"
+# The encoded-image model, as both gendd serve and the repository name it: '<name>_image', whose
+# one input is image_bytes; Triton's preprocessing step is '<name>_preprocess'
 PREPROCESS_SUFFIX, ENSEMBLE_SUFFIX = "_preprocess", "_image"
-IMAGE_INPUT = "image_bytes"  # the encoded-image input, as gendd serve names it (serve/protocol.py)
+IMAGE_INPUT = "image_bytes"
 PYTHON_MODEL = Path(__file__).with_name("triton_image_model.py")
 LABELS_FILE = "labels.txt"  # one class name per line: Triton's classification labels
 TRITON_TYPES = {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gendd_deploy.serve.protocol import MAX_REQUEST_PIXELS
+from gendd_deploy.imaging import MAX_REQUEST_PIXELS
 from gendd_deploy.runtime.base import Runner
 from test_serve import _good, _raw, call, encode, image_request, infer, onnx_path, runner, running, server, tensor_request  # noqa: F401  (fixtures)
 

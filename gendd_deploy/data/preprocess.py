@@ -8,7 +8,6 @@ it for torch. The recipe is the manifest's `preprocess` dict (`imaging.make_spec
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -41,13 +40,3 @@ def image_to_uint8(img: Image.Image, in_chans: int, image_size: int, backend: st
     """PIL image -> uint8 (C, S, S) tensor (`imaging.image_to_uint8`)."""
     return torch.from_numpy(imaging.image_to_uint8(img, in_chans, image_size, backend))
 
-
-def image_to_uint8_torch(img: Image.Image, in_chans: int, image_size: int) -> torch.Tensor:
-    """The "torch" backend on one PIL image, with torch's own resize: the reference that
-    `imaging.image_to_uint8(..., "torch")` repeats in NumPy (tests/test_imaging.py compares them)."""
-    img = img.convert("L" if in_chans == 1 else "RGB")
-    if min(img.size) >= 2 * image_size:
-        img = img.reduce(min(img.size) // image_size)
-    arr = torch.from_numpy(np.asarray(img).copy())
-    x = arr[None] if in_chans == 1 else arr.permute(2, 0, 1).contiguous()
-    return resize_uint8(x[None], image_size)[0]

@@ -59,11 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from gendd_deploy.imaging import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, ImageRejected, decode_batch
-from gendd_deploy.triton import model_config, triton_tensor
-
-IMAGE_INPUT = "image_bytes"
-ENCODED_SUFFIX = "_image"  # model '<name>_image' takes encoded images
+from gendd_deploy.imaging import ImageRejected, decode_batch
+from gendd_deploy.triton import ENSEMBLE_SUFFIX as ENCODED_SUFFIX  # model '<name>_image' takes encoded images
+from gendd_deploy.triton import IMAGE_INPUT, model_config, triton_tensor
 TOPK_OUTPUT = "top_k"
 SERVER_NAME = "gendd"  # server metadata, both frontends
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -314,7 +312,7 @@ def decode_images(model: ServedModel, blobs: list[bytes]) -> np.ndarray:
     if not model.preprocess:
         raise bad(f"this model has no preprocessing spec; send '{model.input_name}' FP32 tensors instead of '{IMAGE_INPUT}'")
     try:
-        arr = decode_batch(blobs, model.preprocess, MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS)
+        arr = decode_batch(blobs, model.preprocess)  # imaging's per-image and per-request pixel limits
     except ImageRejected as e:
         raise bad(f"input '{IMAGE_INPUT}' {e}") from None
     if arr.shape[1:] != model.input_shape:
